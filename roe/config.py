@@ -1,0 +1,76 @@
+"""RoEConfig: the roster's settings, validated on construction.
+
+Only what can be checked without a model is checked here (K, tau values, skips, aggregator,
+seed). What needs the model (the number of MoE layers) is checked when ``roe.roster`` resolves
+the schedule, before any compute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from roe.aggregate import AGGREGATORS
+from roe.schedule import Schedule, check_tau_value
+
+TauSpec = float | int | list | tuple | str | Path | Schedule
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoEConfig:
+    """Roster of Experts settings.
+
+    roster_size: K, the number of members averaged at each token (member 0 is clean).
+    tau: a float (uniform over the noisy MoE layers), a list/tuple (one value per MoE layer,
+        used as given), a ``Schedule``, or the path of a schedule JSON file.
+    skip_first / skip_last: MoE layers kept clean at each end when ``tau`` is a float.
+    seed: keys the noise (see roe/routing.py); same seed, same output.
+    aggregator: how member distributions combine (see roe/aggregate.py).
+    noisy_weights: gate weights from the noisy scores instead of the clean ones (off by default).
+    """
+
+    roster_size: int = 8
+    tau: TauSpec = 0.1
+    skip_first: int = 1
+    skip_last: int = 1
+    seed: int = 0
+    aggregator: str = "mean-prob"
+    noisy_weights: bool = False
+
+    def __post_init__(self) -> None:
+        _check_int("roster_size", self.roster_size, minimum=1)
+        _check_int("skip_first", self.skip_first, minimum=0)
+        _check_int("skip_last", self.skip_last, minimum=0)
+        _check_int("seed", self.seed, minimum=0)
+        if self.seed >= 1 << 63:
+            raise ValueError(f"seed must be below 2**63, got {self.seed}")
+        if self.aggregator not in AGGREGATORS:
+            raise ValueError(f"unknown aggregator {self.aggregator!r}; choose from {sorted(AGGREGATORS)}")
+        if not isinstance(self.noisy_weights, bool):
+            raise TypeError(f"noisy_weights must be a bool, got {self.noisy_weights!r}")
+        tau = self.tau
+        if isinstance(tau, (list, tuple)):
+            object.__setattr__(self, "tau", Schedule(tau=tuple(tau), provenance={"kind": "list"}))
+        elif isinstance(tau, (str, Path)):
+            object.__setattr__(self, "tau", Schedule.load(tau))
+        elif not isinstance(tau, Schedule):
+            object.__setattr__(self, "tau", check_tau_value(tau, "RoEConfig"))
+
+    def schedule(self, num_moe_layers: int) -> Schedule:
+        """The per-layer tau for a model with this many MoE layers (validated)."""
+        if self.skip_first + self.skip_last > num_moe_layers:
+            raise ValueError(
+                f"skip_first ({self.skip_first}) + skip_last ({self.skip_last}) exceeds the model's "
+                f"{num_moe_layers} MoE layers"
+            )
+        if isinstance(self.tau, Schedule):
+            self.tau.check_layers(num_moe_layers)
+            return self.tau
+        return Schedule.uniform(self.tau, num_moe_layers, skip_first=self.skip_first, skip_last=self.skip_last)
+
+
+def _check_int(name: str, value: object, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")

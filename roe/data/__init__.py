@@ -1,0 +1,1 @@
+"""Data pipeline: corpus assembly from offline package sources and tokenizer training."""

@@ -1,0 +1,221 @@
+"""Train the embedded default model: a small fine-grained OLMoE on the offline corpus.
+
+    python -m roe.data.train --preset e64k8 --minutes 95 --out runs/default
+
+Runs on CPU in fp32 for a wall-clock budget. The learning rate follows a linear warm-up
+then a cosine decay over the *time* budget (so a run ends annealed whatever the machine's
+speed), data windows are drawn from a generator seeded by ``(seed, step)``, and a checkpoint
+(model, optimiser, step, elapsed time) is written atomically every few minutes, so an
+interrupted run resumes where it stopped with ``--resume``. Validation loss is measured on
+fixed windows of the validation split. At the end the model is saved in fp16 safetensors with
+its tokenizer (``--out``/final). This module knows nothing about RoE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PRESETS = {
+    # Same active expert parameters per token (A * I) and the same total expert parameters
+    # (E * I); only the granularity differs.
+    "e32k4": dict(num_experts=32, num_experts_per_tok=4, intermediate_size=96),
+    "e64k8": dict(num_experts=64, num_experts_per_tok=8, intermediate_size=48),
+    "e16k2": dict(num_experts=16, num_experts_per_tok=2, intermediate_size=192),
+    "tiny": dict(num_experts=8, num_experts_per_tok=2, intermediate_size=16),
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    preset: str = "e64k8"
+    hidden_size: int = 256
+    num_layers: int = 6
+    num_heads: int = 4
+    seq_len: int = 256
+    batch_size: int = 16
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    aux_loss_coef: float = 0.01
+    minutes: float = 95.0
+    seed: int = 0
+    eval_every_min: float = 5.0
+    ckpt_every_min: float = 4.0
+    eval_windows: int = 64
+
+
+def build_model(cfg: TrainConfig, vocab_size: int, eos_id: int):
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+
+    moe = PRESETS[cfg.preset]
+    hidden = 32 if cfg.preset == "tiny" else cfg.hidden_size
+    config = OlmoeConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        num_hidden_layers=2 if cfg.preset == "tiny" else cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        norm_topk_prob=False,
+        output_router_logits=True,
+        router_aux_loss_coef=cfg.aux_loss_coef,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+        **moe,
+    )
+    torch.manual_seed(cfg.seed)
+    model = OlmoeForCausalLM(config)
+    model.config._experts_implementation = "grouped_mm"
+    return model
+
+
+def lr_at(cfg: TrainConfig, step: int, elapsed_s: float) -> float:
+    """Linear warm-up over steps, then cosine over the wall-clock budget down to min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, elapsed_s / (cfg.minutes * 60))
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+def batch_at(tokens: np.ndarray, cfg: TrainConfig, step: int) -> torch.Tensor:
+    """Random windows of seq_len + 1 tokens, a pure function of (seed, step)."""
+    rng = np.random.default_rng([cfg.seed, step])
+    starts = rng.integers(0, len(tokens) - cfg.seq_len - 1, size=cfg.batch_size)
+    rows = np.stack([tokens[s : s + cfg.seq_len + 1] for s in starts]).astype(np.int64)
+    return torch.from_numpy(rows)
+
+
+@torch.no_grad()
+def validation_loss(model, tokens: np.ndarray, cfg: TrainConfig) -> float:
+    """Mean next-token NLL over fixed, evenly spaced windows of the validation split."""
+    model.eval()
+    n = min(cfg.eval_windows, (len(tokens) - 1) // cfg.seq_len)
+    starts = np.linspace(0, len(tokens) - cfg.seq_len - 1, n).astype(np.int64)
+    total = 0.0
+    for chunk in np.array_split(starts, max(1, n // 16)):
+        rows = torch.from_numpy(np.stack([tokens[s : s + cfg.seq_len + 1] for s in chunk]).astype(np.int64))
+        out = model(input_ids=rows[:, :-1], labels=rows[:, 1:].clone(), output_router_logits=False)
+        total += out.loss.item() * len(chunk)
+    model.train()
+    return total / n
+
+
+def save_checkpoint(path: Path, model, optimizer, step: int, elapsed_s: float, cfg: TrainConfig) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(
+        {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+         "elapsed_s": elapsed_s, "config": asdict(cfg)},
+        tmp,
+    )
+    os.replace(tmp, path)
+
+
+def save_final(model, tokenizer, out: Path) -> None:
+    """fp16 safetensors + tokenizer; computation stays fp32 (roe.load upcasts)."""
+    final = out / "final"
+    model.half().save_pretrained(final, safe_serialization=True)
+    model.float()
+    tokenizer.save_pretrained(final)
+
+
+def load_split(data: Path, split: str) -> np.ndarray:
+    return np.fromfile(data / f"{split}.bin", dtype=np.uint16)
+
+
+def train(cfg: TrainConfig, data: Path, tokenizer_dir: Path, out: Path, resume: bool) -> None:
+    """Train for cfg.minutes of wall-clock time, resuming from out/ckpt.pt when asked."""
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    train_tokens, val_tokens = load_split(data, "train"), load_split(data, "validation")
+    model = build_model(cfg, len(tokenizer), tokenizer.eos_token_id)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
+    )
+    step, elapsed = 0, 0.0
+    ckpt = out / "ckpt.pt"
+    if resume and ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, elapsed = state["step"], state["elapsed_s"]
+        print(f"resumed at step {step}, {elapsed / 60:.1f} min")
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"params {n_params / 1e6:.2f} M, train tokens {len(train_tokens) / 1e6:.2f} M", flush=True)
+    log = (out / "log.jsonl").open("a")
+    model.train()
+    budget = cfg.minutes * 60
+    last_eval = last_ckpt = elapsed
+    bar = tqdm(total=int(budget), initial=int(elapsed), unit="s", mininterval=30)
+    t0 = time.perf_counter() - elapsed
+    while elapsed < budget:
+        rows = batch_at(train_tokens, cfg, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(cfg, step, elapsed)
+        out_ = model(input_ids=rows[:, :-1], labels=rows[:, 1:])
+        out_.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        now = time.perf_counter() - t0
+        bar.update(int(now) - int(elapsed))
+        elapsed = now
+        record = {"step": step, "min": round(elapsed / 60, 2), "loss": round(out_.loss.item(), 4),
+                  "aux": round(out_.aux_loss.item(), 4), "lr": optimizer.param_groups[0]["lr"],
+                  "tokens": step * cfg.batch_size * cfg.seq_len}
+        if elapsed - last_eval >= cfg.eval_every_min * 60 or elapsed >= budget:
+            record["val_loss"] = round(validation_loss(model, val_tokens, cfg), 4)
+            last_eval = elapsed
+            bar.set_postfix(loss=record["loss"], val=record["val_loss"])
+            print(json.dumps(record), flush=True)
+        if step % 10 == 0 or "val_loss" in record:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+        if elapsed - last_ckpt >= cfg.ckpt_every_min * 60:
+            save_checkpoint(ckpt, model, optimizer, step, elapsed, cfg)
+            last_ckpt = elapsed
+    bar.close()
+    save_checkpoint(ckpt, model, optimizer, step, elapsed, cfg)
+    save_final(model, tokenizer, out)
+    print(f"done: {step} steps, {step * cfg.batch_size * cfg.seq_len / 1e6:.2f} M tokens, {elapsed / 60:.1f} min")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=Path("data/tokens"))
+    parser.add_argument("--tokenizer", type=Path, default=Path("data/tokenizer"))
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    for field, default in asdict(TrainConfig()).items():
+        parser.add_argument(f"--{field.replace('_', '-')}", type=type(default), default=default)
+    args = vars(parser.parse_args(argv))
+    data, tok, out, resume, threads = (args.pop(k) for k in ("data", "tokenizer", "out", "resume", "threads"))
+    torch.set_num_threads(threads)
+    cfg = TrainConfig(**args)
+    if cfg.preset not in PRESETS:
+        parser.error(f"unknown preset {cfg.preset!r}; choose from {sorted(PRESETS)}")
+    train(cfg, data, tok, out, resume)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""Prefill + batched decode loop: the roster's ``generate``.
+
+Shapes: B prompts, K members, P stored positions, V vocab.
+
+1. Prefill: each prompt but its last token runs once, clean, at batch 1 (so a prompt's
+   history never depends on its batch-mates), and the histories are stacked left-padded into
+   one ``CleanCache``.
+2. Decode: every step feeds each prompt's current token K times at the same position in ONE
+   forward of B x K rows (members folded into the sequence axis, roe/cache.py); member 0's keys
+   and values are committed, the others dropped. The K distributions are aggregated
+   (roe/aggregate.py) and the next token is drawn from the aggregate: argmax by default, or
+   temperature / top-p sampling with a keyed uniform (roe/routing.py), so sampling too is a pure
+   function of (seed, position) and independent of the batch.
+
+This module knows nothing about routers; the roster's ``forward`` carries the noise plan.
+It runs its own loop instead of ``model.generate`` (DESIGN §5: keep the grouped_mm experts
+path, one forward per step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from roe.cache import CleanCache, member_masks
+from roe.roster import Roster, check_inputs
+from roe.routing import sampling_uniform
+
+
+def prefill(roster: Roster, rows: list[torch.Tensor]) -> tuple[CleanCache, torch.Tensor, torch.Tensor]:
+    """Clean batch-1 prefill of every prompt minus its last token.
+
+    Returns the stacked cache and, per stored slot, its position and validity [B, P].
+    """
+    caches, lengths = [], []
+    for row in rows:
+        cache = CleanCache()
+        if len(row) > 1:
+            prefix = row[:-1][None]
+            roster.clean_forward(prefix, torch.ones_like(prefix, dtype=torch.bool), cache)
+        caches.append(cache)
+        lengths.append(len(row) - 1)
+    width = max(lengths)
+    slot_P = torch.arange(width)
+    start_B = width - torch.tensor(lengths)
+    valid_BP = slot_P[None, :] >= start_B[:, None]
+    pos_BP = (slot_P[None, :] - start_B[:, None]).clamp(min=0)
+    return CleanCache.left_padded(caches, lengths), pos_BP, valid_BP
+
+
+def decode_step(roster: Roster, cache: CleanCache, tokens_B, pos_B, past_pos_BP, past_valid_BP) -> torch.Tensor:
+    """One roster step for all B x K rows; returns the aggregated log-probs [B, V]."""
+    K = roster.members
+    B = tokens_B.shape[0]
+    pos_BK = pos_B[:, None].expand(B, K)
+    dtype = roster.model.get_output_embeddings().weight.dtype
+    masks = member_masks(roster.windows, past_pos_BP, past_valid_BP, pos_BK, dtype)
+    cache.commit = 1
+    logits_BKV = roster.forward(
+        member_BQ=torch.arange(K).expand(B, K), position_BQ=pos_BK,
+        input_ids=tokens_B[:, None].expand(B, K), attention_mask=masks, past_key_values=cache,
+    ).logits
+    agg = roster.aggregator
+    return agg.finish(agg.partial(torch.log_softmax(logits_BKV.float(), dim=-1), dim=1), K)
+
+
+def choose_next(logprobs_BV, *, do_sample: bool, temperature: float, top_p: float, uniform_B) -> torch.Tensor:
+    """Greedy argmax, or inverse-CDF sampling from the tempered, nucleus-truncated aggregate."""
+    if not do_sample:
+        return logprobs_BV.argmax(dim=-1)
+    probs_BV = torch.softmax(logprobs_BV / temperature, dim=-1)
+    sorted_BV, order_BV = probs_BV.sort(dim=-1, descending=True)
+    cum_BV = sorted_BV.cumsum(dim=-1)
+    sorted_BV = sorted_BV.masked_fill(cum_BV - sorted_BV >= top_p, 0.0)
+    cdf_BV = sorted_BV.cumsum(dim=-1)
+    pick_B = torch.searchsorted(cdf_BV, (uniform_B * cdf_BV[:, -1])[:, None]).clamp(max=cdf_BV.shape[-1] - 1)
+    return order_BV.gather(-1, pick_B)[:, 0]
+
+
+def _check_options(max_new_tokens, do_sample, temperature, top_p, stop_strings, tokenizer) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if do_sample and not (temperature > 0):
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    if not (0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if stop_strings and tokenizer is None:
+        raise ValueError("stop_strings needs tokenizer= to decode the generated text")
+
+
+def _as_set(token_ids) -> set[int]:
+    if token_ids is None:
+        return set()
+    return {int(token_ids)} if isinstance(token_ids, int) else {int(t) for t in token_ids}
+
+
+@torch.no_grad()
+def generate(
+    roster: Roster,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    max_new_tokens: int = 64,
+    *,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    stop_strings: Sequence[str] | None = None,
+    tokenizer=None,
+    streamer=None,
+    callback: Callable[[torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Generate up to ``max_new_tokens`` per prompt with the roster; returns [B, S + new].
+
+    Prompts are left-padded rows of ``input_ids`` with ``attention_mask``. Stops per prompt at
+    ``eos_token_id`` (default: the model's generation config) or when the decoded continuation
+    contains one of ``stop_strings`` (needs ``tokenizer``); finished prompts are padded with
+    ``pad_token_id``. ``streamer`` is a transformers streamer (``put``/``end``); ``callback``
+    receives each step's tokens [B].
+    """
+    mask_BS = check_inputs(input_ids, attention_mask)
+    _check_options(max_new_tokens, do_sample, temperature, top_p, stop_strings, tokenizer)
+    gen_config = getattr(roster.model, "generation_config", None)
+    eos = _as_set(eos_token_id if eos_token_id is not None else getattr(gen_config, "eos_token_id", None))
+    pad = pad_token_id if pad_token_id is not None else getattr(gen_config, "pad_token_id", None)
+    pad = pad if pad is not None else (min(eos) if eos else 0)
+    rows = [ids[m] for ids, m in zip(input_ids, mask_BS)]
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    if max_new_tokens == 0:
+        return input_ids.clone()
+    cache, past_pos_BP, past_valid_BP = prefill(roster, rows)
+    tokens_B = torch.stack([row[-1] for row in rows])
+    pos_B = torch.tensor([len(row) - 1 for row in rows])
+    done_B = torch.zeros(len(rows), dtype=torch.bool)
+    eos_V = torch.tensor(sorted(eos), dtype=torch.long)
+    new_tokens = []
+    for _ in range(max_new_tokens):
+        logprobs_BV = decode_step(roster, cache, tokens_B, pos_B, past_pos_BP, past_valid_BP)
+        uniform_B = sampling_uniform(roster.cfg.seed, pos_B) if do_sample else None
+        chosen_B = choose_next(logprobs_BV, do_sample=do_sample, temperature=temperature, top_p=top_p,
+                               uniform_B=uniform_B)
+        chosen_B = torch.where(done_B, torch.full_like(chosen_B, pad), chosen_B)
+        new_tokens.append(chosen_B)
+        past_pos_BP = torch.cat([past_pos_BP, pos_B[:, None]], dim=1)
+        past_valid_BP = torch.cat([past_valid_BP, torch.ones_like(done_B)[:, None]], dim=1)
+        tokens_B, pos_B = chosen_B, pos_B + 1
+        if streamer is not None:
+            streamer.put(chosen_B.cpu())
+        if callback is not None:
+            callback(chosen_B)
+        done_B |= torch.isin(chosen_B, eos_V)
+        if stop_strings:
+            done_B |= _hit_stop(tokenizer, torch.stack(new_tokens, dim=1), stop_strings)
+        if done_B.all():
+            break
+    if streamer is not None:
+        streamer.end()
+    return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
+
+
+def _hit_stop(tokenizer, new_BN: torch.Tensor, stop_strings: Sequence[str]) -> torch.Tensor:
+    texts = tokenizer.batch_decode(new_BN, skip_special_tokens=True)
+    return torch.tensor([any(s in text for s in stop_strings) for text in texts])

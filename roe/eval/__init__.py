@@ -1,0 +1,1 @@
+"""Evaluation: held-out perplexity, built-in tasks, and the lm-eval model."""

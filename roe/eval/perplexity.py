@@ -1,0 +1,73 @@
+"""Held-out perplexity of a roster against the untouched model, with paired standard errors.
+
+Windows: the token stream is cut into consecutive, non-overlapping windows of ``length + 1``
+tokens; each window is scored on its own (no carried context), predicting its last ``length``
+tokens from the ones before. Every configuration is scored on the *same* windows, so the
+difference against K = 1 is a paired per-window difference and its standard error is
+sd(delta_w) / sqrt(n_windows), far smaller than the SE of either NLL alone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from roe.config import RoEConfig
+from roe.roster import roster
+
+
+def make_windows(tokens: np.ndarray, length: int, max_windows: int | None = None) -> torch.Tensor:
+    """[N, length + 1] consecutive windows; raises if the text is shorter than one window."""
+    n = (len(tokens) - 1) // length
+    if n < 1:
+        raise ValueError(f"the text has {len(tokens)} tokens, fewer than one window of {length + 1}")
+    if max_windows is not None:
+        n = min(n, max_windows)
+    rows = [tokens[i * length : i * length + length + 1] for i in range(n)]
+    return torch.from_numpy(np.stack(rows).astype(np.int64))
+
+
+@torch.no_grad()
+def window_nll(score_fn, windows_NW: torch.Tensor, batch_size: int = 4, progress=None) -> torch.Tensor:
+    """Mean next-token NLL of each window [N] under ``score_fn(ids) -> logprobs``."""
+    out = []
+    for start in range(0, len(windows_NW), batch_size):
+        rows = windows_NW[start : start + batch_size]
+        logprobs_BSV = score_fn(rows[:, :-1])
+        nll_BS = -logprobs_BSV.gather(-1, rows[:, 1:, None])[..., 0]
+        out.append(nll_BS.mean(dim=1))
+        if progress is not None:
+            progress.update(len(rows))
+    return torch.cat(out).double()
+
+
+def clean_score_fn(model):
+    return lambda ids: torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PerplexityRow:
+    K: int
+    nll: float
+    ppl: float
+    bpb: float
+    delta_nll: float
+    delta_se: float
+    tau: object = None
+
+
+def summarise(K: int, nll_N: torch.Tensor, base_N: torch.Tensor, bytes_per_token: float, tau=None) -> PerplexityRow:
+    delta_N = nll_N - base_N
+    n = len(nll_N)
+    se = float(delta_N.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
+    nll = float(nll_N.mean())
+    return PerplexityRow(K=K, nll=nll, ppl=math.exp(nll), bpb=nll / math.log(2) / bytes_per_token,
+                         delta_nll=float(delta_N.mean()), delta_se=se, tau=tau)
+
+
+def roster_nll(model, cfg: RoEConfig, windows_NW: torch.Tensor, batch_size: int = 4, progress=None) -> torch.Tensor:
+    with roster(model, cfg) as r:
+        return window_nll(r.score, windows_NW, batch_size, progress)

@@ -1,0 +1,190 @@
+"""roster(): install RoE on a model, own the member row layout, and score teacher-forced text.
+
+Shapes: B prompts, K members, S positions, Q query rows of one forward, V vocab, L MoE layers.
+
+``roster(model, cfg)`` validates everything before any compute, finds and self-tests the
+routers (roe/adapters), and replaces each router instance's ``forward`` by a wrapper that
+re-selects experts when the current forward carries a ``NoisePlan``. Leaving the context (also
+through an exception) deletes the wrappers: the model's modules, parameters and buffers are
+exactly as before.
+
+Row layout: a forward sees B x Q rows, batch-major. ``forward`` takes the member and position
+of every row; member 0 is clean. ``score`` is generation's semantics at every position at
+once: a clean forward stores the clean history and gives member 0; the noisy members of all
+positions then run in a few folded forwards, each query row seeing the clean history before
+its position plus itself (roe/cache.py).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+from roe import adapters
+from roe.aggregate import AGGREGATORS
+from roe.cache import CleanCache, attention_windows, member_masks
+from roe.config import RoEConfig
+from roe.routing import NoisePlan
+
+SCORE_ROWS = 4096  # query rows per folded scoring forward (bounds the mask and logits memory)
+
+
+def check_model(model) -> None:
+    """A transformers causal LM, not a base model or an encoder."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"roe.roster needs a transformers PreTrainedModel, got {type(model).__name__}")
+    if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
+        raise TypeError(f"{type(model).__name__} is not a causal language model (it has no LM head); "
+                        "load it with AutoModelForCausalLM")
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise TypeError(f"{type(model).__name__} is an encoder-decoder model; roe supports decoder-only causal LMs")
+
+
+def positions_from_mask(mask_BS: torch.Tensor) -> torch.Tensor:
+    """Positions of left-padded rows: real tokens count from 0; pads get 0."""
+    return (mask_BS.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def check_inputs(input_ids, attention_mask) -> torch.Tensor:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype != torch.long or input_ids.dim() != 2:
+        raise TypeError("input_ids must be a LongTensor of shape (batch, seq)")
+    if input_ids.shape[1] == 0:
+        raise ValueError("input_ids is empty")
+    if attention_mask is None:
+        return torch.ones_like(input_ids, dtype=torch.bool)
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}")
+    mask = attention_mask.bool()
+    if (mask[:, :-1] & ~mask[:, 1:]).any():
+        raise ValueError("attention_mask must use left padding (zeros before the tokens, none after)")
+    if not mask.any(dim=1).all():
+        raise ValueError("every row needs at least one token (a row of attention_mask is all zeros)")
+    return mask
+
+
+class Roster:
+    """A model with RoE installed. Use through ``roe.roster(model, cfg)``."""
+
+    def __init__(self, model, cfg: RoEConfig) -> None:
+        if not isinstance(cfg, RoEConfig):
+            raise TypeError(f"cfg must be a roe.RoEConfig, got {type(cfg).__name__}")
+        check_model(model)
+        self.model, self.cfg = model, cfg
+        self.text_config = model.config.get_text_config()
+        self.slots = adapters.find_routers(model)
+        self.schedule = cfg.schedule(len(self.slots))
+        self.windows = attention_windows(self.text_config)
+        adapters.resolve_rules(model, self.slots)
+        self.plan: NoisePlan | None = None
+        self.tau_L = self.schedule.tau
+        self._install()
+
+    @property
+    def members(self) -> int:
+        """Members actually computed: with no noisy layer every member equals the clean one."""
+        return 1 if self.schedule.is_clean else self.cfg.roster_size
+
+    @property
+    def aggregator(self):
+        return AGGREGATORS[self.cfg.aggregator]
+
+    def _install(self) -> None:
+        for slot in self.slots:
+            original = slot.module.forward
+
+            def forward(*args, _slot=slot, _original=original, **kwargs):
+                output = _original(*args, **kwargs)
+                plan = self.plan
+                if plan is None:
+                    return output
+                noise_TE = plan.noise(_slot.layer, _slot.rule.logits(_slot.module, output))
+                if noise_TE is None:
+                    return output
+                return _slot.rule.reroute(_slot.module, output, noise_TE, plan.noisy_weights)
+
+            slot.saved_forward = slot.module.__dict__.get("forward")
+            slot.module.forward = forward
+
+    def close(self) -> None:
+        """Uninstall: remove the wrappers (and restore any instance forward that was there)."""
+        for slot in self.slots:
+            if slot.saved_forward is None:
+                slot.module.__dict__.pop("forward", None)
+            else:
+                slot.module.forward = slot.saved_forward
+        self.plan = None
+
+    def forward(self, *, member_BQ: torch.Tensor, position_BQ: torch.Tensor, **model_kwargs):
+        """One model forward whose rows carry (member, position); member 0 rows stay clean."""
+        self.plan = NoisePlan.for_rows(
+            seed=self.cfg.seed, member_T=member_BQ.reshape(-1), position_T=position_BQ.reshape(-1),
+            tau_L=self.tau_L, noisy_weights=self.cfg.noisy_weights,
+        )
+        try:
+            return self.model(position_ids=position_BQ, use_cache=True, output_router_logits=False, **model_kwargs)
+        finally:
+            self.plan = None
+
+    def clean_forward(self, input_ids, mask_BS, cache: CleanCache):
+        """The untouched model on (left-padded) rows, storing every position in ``cache``."""
+        cache.commit = None
+        return self.model(input_ids=input_ids, attention_mask=mask_BS.long(), position_ids=positions_from_mask(mask_BS),
+                          past_key_values=cache, use_cache=True, output_router_logits=False)
+
+    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 64, **kwargs) -> torch.Tensor:
+        """RoE generation; see ``roe.engine.generate`` for the options."""
+        from roe.engine import generate
+
+        return generate(self, input_ids, attention_mask, max_new_tokens, **kwargs)
+
+    @torch.no_grad()
+    def score(self, input_ids, attention_mask=None) -> torch.Tensor:
+        """Teacher-forced RoE log-probs [B, S, V]: position t is the distribution of token t + 1.
+
+        Position t equals what ``generate`` computes at the step that feeds token t given the
+        prefix (clean history, noisy current token), member for member and noise for noise.
+        """
+        mask_BS = check_inputs(input_ids, attention_mask)
+        cache = CleanCache()
+        logits_BSV = self.clean_forward(input_ids, mask_BS, cache).logits
+        logprobs_BSV = torch.log_softmax(logits_BSV.float(), dim=-1)
+        if self.members == 1:
+            return logprobs_BSV
+        agg = self.aggregator
+        state = agg.partial(logprobs_BSV[:, None], dim=1)
+        B, S = input_ids.shape
+        pos_BS = positions_from_mask(mask_BS)
+        chunk = max(1, SCORE_ROWS // (B * S))
+        cache.commit = 0
+        for first in range(1, self.members, chunk):
+            members = torch.arange(first, min(first + chunk, self.members))
+            logprobs_BMSV = self._score_members(input_ids, pos_BS, mask_BS, members, cache)
+            state = agg.merge(state, agg.partial(logprobs_BMSV, dim=1))
+        return agg.finish(state, self.members)
+
+    def _score_members(self, input_ids, pos_BS, mask_BS, members, cache) -> torch.Tensor:
+        """Log-probs [B, M, S, V] of members M at every position, against the clean history."""
+        B, S = input_ids.shape
+        M = len(members)
+        ids_BQ = input_ids.repeat(1, M)
+        pos_BQ = pos_BS.repeat(1, M)
+        member_BQ = members.repeat_interleave(S).expand(B, -1)
+        dtype = self.model.get_output_embeddings().weight.dtype
+        masks = member_masks(self.windows, pos_BS, mask_BS, pos_BQ, dtype)
+        logits = self.forward(member_BQ=member_BQ, position_BQ=pos_BQ, input_ids=ids_BQ,
+                              attention_mask=masks, past_key_values=cache).logits
+        return torch.log_softmax(logits.float(), dim=-1).view(B, M, S, -1)
+
+
+@contextmanager
+def roster(model, cfg: RoEConfig | None = None) -> Iterator[Roster]:
+    """Install RoE on ``model`` for the duration of the block; the model is restored on exit."""
+    r = Roster(model, cfg if cfg is not None else RoEConfig())
+    try:
+        yield r
+    finally:
+        r.close()

@@ -1,0 +1,107 @@
+"""Pure tensor functions for noisy expert selection: keyed Gumbel noise and its bookkeeping.
+
+Shapes: T flattened rows (batch x positions as the router sees them), E experts, A experts per
+token, L MoE layers.
+
+RoE perturbs the expert *selection* of member k at position t in MoE layer l:
+
+    idx_A = TopK(r_E + tau_l * G_E, A),     G ~ Gumbel(0, 1) i.i.d.
+
+which, by the Gumbel-top-k trick, draws A experts without replacement from softmax(r / tau).
+
+NOTE: the noise is a *counter-based* random stream: G is a pure function of
+``(seed, member, position, layer, expert)`` computed with a SplitMix64 hash. A
+``torch.Generator`` carries hidden state, so the noise a row receives would depend on how many
+rows were drawn before it (other prompts in the batch, the order of the scoring chunks). A keyed
+stream makes three guarantees hold by construction rather than by careful bookkeeping: a
+prompt's output does not depend on its batch-mates; ``score()`` sees exactly the noise
+``generate()`` sees at the same position; and the slow reference reproduces the fast path
+draw for draw. Members never share noise because ``member`` is part of the key. Nothing here
+touches torch's global RNG.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+_MIX1 = 0xBF58476D1CE4E5B9
+_MIX2 = 0x94D049BB133111EB
+_SAMPLING_STREAM = 0x5A3D  # a member id no roster uses: the stream for token sampling
+
+
+def _signed(value: int) -> int:
+    """A 64-bit unsigned constant as the int64 torch stores (two's complement)."""
+    value &= _MASK64
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _shr(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def mix64(z: torch.Tensor) -> torch.Tensor:
+    """SplitMix64 finaliser on int64 tensors (multiplication wraps modulo 2^64)."""
+    z = z + _signed(_GOLDEN)
+    z = (z ^ _shr(z, 30)) * _signed(_MIX1)
+    z = (z ^ _shr(z, 27)) * _signed(_MIX2)
+    return z ^ _shr(z, 31)
+
+
+def row_keys(seed: int, member_T: torch.Tensor, position_T: torch.Tensor) -> torch.Tensor:
+    """One int64 key per row from (seed, member, position); layers and experts are mixed in later."""
+    seed_key = mix64(torch.tensor(seed, dtype=torch.int64, device=member_T.device))
+    return mix64(mix64(seed_key + member_T.long()) + position_T.long())
+
+
+def uniform_from_keys(keys: torch.Tensor) -> torch.Tensor:
+    """Uniform(0, 1) floats, open at both ends: the top 24 bits of each key, centred in their bin."""
+    return (_shr(keys, 40).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+def keyed_gumbel(keys_T: torch.Tensor, layer: int, num_experts: int) -> torch.Tensor:
+    """Gumbel(0, 1) noise [T, E] for MoE layer ``layer``, a pure function of the row keys."""
+    expert_E = torch.arange(num_experts, dtype=torch.int64, device=keys_T.device)
+    layer_keys_T = mix64(keys_T + _signed(layer * _MIX2))
+    uniform_TE = uniform_from_keys(mix64(layer_keys_T[:, None] + expert_E))
+    return -torch.log(-torch.log(uniform_TE))
+
+
+def sampling_uniform(seed: int, position_B: torch.Tensor) -> torch.Tensor:
+    """Uniform(0, 1) per prompt for drawing the next token at the given positions."""
+    member_B = torch.full_like(position_B, _SAMPLING_STREAM)
+    return uniform_from_keys(mix64(row_keys(seed, member_B, position_B)))
+
+
+@dataclass(frozen=True, kw_only=True)
+class NoisePlan:
+    """What the routers of one forward need: per-row keys and which rows are noisy.
+
+    ``keys_T`` and ``noisy_T`` follow the flattened row order the routers see
+    (batch-major, then sequence). ``tau_L`` has one entry per MoE layer. Member 0 rows are
+    never noisy; ``noisy_weights`` selects the gate-weight variant (see adapters/base.py).
+    """
+
+    keys_T: torch.Tensor
+    noisy_T: torch.Tensor
+    tau_L: tuple[float, ...]
+    noisy_weights: bool = False
+
+    def noise(self, layer: int, logits_TE: torch.Tensor) -> torch.Tensor | None:
+        """tau_l * G on the noisy rows, exact zeros on the clean ones; None if the layer is clean."""
+        tau = self.tau_L[layer]
+        if tau == 0.0:
+            return None
+        gumbel_TE = keyed_gumbel(self.keys_T, layer, logits_TE.shape[-1])
+        scale_T = self.noisy_T.to(torch.float32) * tau
+        return (gumbel_TE * scale_T[:, None]).to(logits_TE.dtype)
+
+    @classmethod
+    def for_rows(cls, *, seed: int, member_T: torch.Tensor, position_T: torch.Tensor,
+                 tau_L: tuple[float, ...], noisy_weights: bool = False) -> NoisePlan:
+        return cls(keys_T=row_keys(seed, member_T, position_T), noisy_T=member_T != 0,
+                   tau_L=tau_L, noisy_weights=noisy_weights)

@@ -1,0 +1,90 @@
+"""Per-layer temperature schedules: one tau per MoE layer, JSON-serialisable with provenance.
+
+A schedule is the vector tau_L of DESIGN §1: entry l is the Gumbel temperature of the l-th
+*MoE* layer (dense layers have no entry). ``Schedule.uniform`` builds the paper's shape: the
+first ``skip_first`` and last ``skip_last`` MoE layers at 0, one value in between. Calibrated
+schedules (``roe calibrate``) are stored as JSON with where they came from.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEDULE_FORMAT = "roe.schedule/1"
+
+
+def check_tau_value(tau: Any, where: str) -> float:
+    """A temperature must be a finite real number >= 0; bools and strings are refused."""
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)):
+        raise TypeError(f"{where}: tau must be a number, got {type(tau).__name__} {tau!r}")
+    tau = float(tau)
+    if math.isnan(tau) or math.isinf(tau) or tau < 0:
+        raise ValueError(f"{where}: tau must be finite and >= 0, got {tau}")
+    return tau
+
+
+@dataclass(frozen=True, kw_only=True)
+class Schedule:
+    """tau for each MoE layer, in layer order, plus free-form provenance."""
+
+    tau: tuple[float, ...]
+    provenance: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tau, (tuple, list)) or len(self.tau) == 0:
+            raise ValueError(f"a schedule needs one tau per MoE layer, got {self.tau!r}")
+        values = tuple(check_tau_value(t, f"schedule layer {i}") for i, t in enumerate(self.tau))
+        object.__setattr__(self, "tau", values)
+        if not isinstance(self.provenance, dict):
+            raise TypeError("schedule provenance must be a dict")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.tau)
+
+    @property
+    def is_clean(self) -> bool:
+        """True when no layer is noisy: every member then equals the clean member."""
+        return all(t == 0.0 for t in self.tau)
+
+    @classmethod
+    def uniform(cls, tau: float, num_layers: int, *, skip_first: int = 1, skip_last: int = 1,
+                provenance: dict[str, Any] | None = None) -> Schedule:
+        """One tau on the middle layers; the first skip_first and last skip_last MoE layers at 0."""
+        tau = check_tau_value(tau, "uniform schedule")
+        if skip_first + skip_last > num_layers:
+            raise ValueError(
+                f"skip_first ({skip_first}) + skip_last ({skip_last}) exceeds the {num_layers} MoE layers"
+            )
+        values = [tau if skip_first <= i < num_layers - skip_last else 0.0 for i in range(num_layers)]
+        return cls(tau=tuple(values), provenance=provenance or {"kind": "uniform", "tau": tau})
+
+    def check_layers(self, num_layers: int) -> None:
+        if self.num_layers != num_layers:
+            raise ValueError(
+                f"the schedule has {self.num_layers} entries but the model has {num_layers} MoE layers"
+                + (f" (schedule made for {self.provenance['model']})" if "model" in self.provenance else "")
+            )
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": SCHEDULE_FORMAT, "tau": list(self.tau), "provenance": self.provenance}
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Schedule:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"schedule file not found: {path}")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from None
+        if not isinstance(data, dict) or data.get("format") != SCHEDULE_FORMAT or "tau" not in data:
+            raise ValueError(f"{path} is not a roe schedule (expected format {SCHEDULE_FORMAT!r} and a 'tau' list)")
+        return cls(tau=tuple(data["tau"]), provenance=data.get("provenance", {}))
