@@ -81,18 +81,18 @@ class CleanCache(Cache):
         return batch
 
 
-def attention_windows(config) -> dict[str, int | None]:
-    """Window of each attention type the model uses (None = full causal attention)."""
+def attention_windows(config) -> dict[str, int | None] | None:
+    """Window of each attention type the model uses (None = full causal attention).
+
+    Returns None when some layers are not softmax attention (linear attention, Mamba, ...):
+    their state cannot hold members side by side, so such models cannot fold.
+    """
     window = getattr(config, "sliding_window", None) or None
     layer_types = getattr(config, "layer_types", None)
     if not layer_types:
         return {"full_attention": window}
-    unknown = sorted(set(layer_types) - set(ATTENTION_TYPES))
-    if unknown:
-        raise ValueError(
-            f"{config.model_type}: layer types {unknown} are not supported by the clean cache yet "
-            "(roe folds members over attention layers only)"
-        )
+    if set(layer_types) - set(ATTENTION_TYPES):
+        return None
     return {t: (window if t == "sliding_attention" else None) for t in dict.fromkeys(layer_types)}
 
 

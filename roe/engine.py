@@ -3,12 +3,13 @@
 Shapes: B prompts, K members, P stored positions, V vocab.
 
 1. Prefill: each prompt but its last token runs once, clean, at batch 1 (so a prompt's
-   history never depends on its batch-mates), and the histories are stacked left-padded into
-   one ``CleanCache``.
-2. Decode: every step feeds each prompt's current token K times at the same position in ONE
-   forward of B x K rows (members folded into the sequence axis, roe/cache.py); member 0's keys
-   and values are committed, the others dropped. The K distributions are aggregated
-   (roe/aggregate.py) and the next token is drawn from the aggregate: argmax by default, or
+   history never depends on its batch-mates).
+2. Decode: every step feeds each prompt's current token to the K members. Attention-only
+   models fold the members into the sequence axis and run ONE forward of B x K rows over one
+   clean cache (``FoldedDecoder``, roe/cache.py); hybrid recurrent models copy the clean state
+   to K rows and re-sync it to member 0 after the step (``ExpandedDecoder``). The K
+   distributions are aggregated (roe/aggregate.py) and the next token is drawn from the
+   aggregate: argmax by default, or
    temperature / top-p sampling with a keyed uniform (roe/routing.py), so sampling too is a pure
    function of (seed, position) and independent of the batch.
 
@@ -19,6 +20,7 @@ path, one forward per step).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -28,41 +30,97 @@ from roe.roster import Roster, check_inputs
 from roe.routing import sampling_uniform
 
 
-def prefill(roster: Roster, rows: list[torch.Tensor]) -> tuple[CleanCache, torch.Tensor, torch.Tensor]:
-    """Clean batch-1 prefill of every prompt minus its last token.
+class FoldedDecoder:
+    """Attention-only models: one clean cache, the K members folded into the sequence axis.
 
-    Returns the stacked cache and, per stored slot, its position and validity [B, P].
+    Prefill: each prompt but its last token, clean, at batch 1; the histories are stacked
+    left-padded. Step: ONE forward of B x K rows; member 0's keys/values are committed.
     """
-    caches, lengths = [], []
-    for row in rows:
-        cache = CleanCache()
-        if len(row) > 1:
-            prefix = row[:-1][None]
-            roster.clean_forward(prefix, torch.ones_like(prefix, dtype=torch.bool), cache)
-        caches.append(cache)
-        lengths.append(len(row) - 1)
-    width = max(lengths)
-    slot_P = torch.arange(width)
-    start_B = width - torch.tensor(lengths)
-    valid_BP = slot_P[None, :] >= start_B[:, None]
-    pos_BP = (slot_P[None, :] - start_B[:, None]).clamp(min=0)
-    return CleanCache.left_padded(caches, lengths), pos_BP, valid_BP
+
+    def __init__(self, roster: Roster, rows: list[torch.Tensor]) -> None:
+        self.roster = roster
+        caches, lengths = [], []
+        for row in rows:
+            cache = CleanCache()
+            if len(row) > 1:
+                prefix = row[:-1][None]
+                roster.clean_forward(prefix, torch.ones_like(prefix, dtype=torch.bool), cache)
+            caches.append(cache)
+            lengths.append(len(row) - 1)
+        slot_P = torch.arange(max(lengths))
+        start_B = max(lengths) - torch.tensor(lengths)
+        self.valid_BP = slot_P[None, :] >= start_B[:, None]
+        self.pos_BP = (slot_P[None, :] - start_B[:, None]).clamp(min=0)
+        self.cache = CleanCache.left_padded(caches, lengths)
+
+    def step(self, tokens_B: torch.Tensor, pos_B: torch.Tensor) -> torch.Tensor:
+        """Aggregated log-probs [B, V] after feeding each prompt's token at its position."""
+        roster, K, B = self.roster, self.roster.members, tokens_B.shape[0]
+        pos_BK = pos_B[:, None].expand(B, K)
+        dtype = roster.model.get_output_embeddings().weight.dtype
+        masks = member_masks(roster.windows, self.pos_BP, self.valid_BP, pos_BK, dtype)
+        self.cache.commit = 1
+        logits_BKV = roster.forward(
+            member_BQ=torch.arange(K).expand(B, K), position_BQ=pos_BK,
+            input_ids=tokens_B[:, None].expand(B, K), attention_mask=masks, past_key_values=self.cache,
+        ).logits
+        self.pos_BP = torch.cat([self.pos_BP, pos_B[:, None]], dim=1)
+        self.valid_BP = torch.cat([self.valid_BP, torch.ones(B, 1, dtype=torch.bool)], dim=1)
+        return roster.combine(logits_BKV, dim=1)
 
 
-def decode_step(roster: Roster, cache: CleanCache, tokens_B, pos_B, past_pos_BP, past_valid_BP) -> torch.Tensor:
-    """One roster step for all B x K rows; returns the aggregated log-probs [B, V]."""
-    K = roster.members
-    B = tokens_B.shape[0]
-    pos_BK = pos_B[:, None].expand(B, K)
-    dtype = roster.model.get_output_embeddings().weight.dtype
-    masks = member_masks(roster.windows, past_pos_BP, past_valid_BP, pos_BK, dtype)
-    cache.commit = 1
-    logits_BKV = roster.forward(
-        member_BQ=torch.arange(K).expand(B, K), position_BQ=pos_BK,
-        input_ids=tokens_B[:, None].expand(B, K), attention_mask=masks, past_key_values=cache,
-    ).logits
-    agg = roster.aggregator
-    return agg.finish(agg.partial(torch.log_softmax(logits_BKV.float(), dim=-1), dim=1), K)
+class ExpandedDecoder:
+    """Hybrid models with recurrent / linear-attention state, which cannot fold members.
+
+    Per prompt, the model's own cache holds the clean state at batch 1. A step copies it to K
+    batch rows, runs the K members, and keeps row 0 (the clean member): the state is re-synced
+    to the clean member every step. Costs K x the state memory during the step and one
+    forward per prompt.
+    """
+
+    def __init__(self, roster: Roster, rows: list[torch.Tensor]) -> None:
+        from transformers import DynamicCache
+
+        self.roster, self.caches = roster, []
+        for row in rows:
+            cache = DynamicCache(config=roster.model.config)
+            if len(row) > 1:
+                roster.model(input_ids=row[None, :-1], past_key_values=cache, use_cache=True)
+            self.caches.append(cache)
+
+    def step(self, tokens_B: torch.Tensor, pos_B: torch.Tensor) -> torch.Tensor:
+        K = self.roster.members
+        out = []
+        for cache, token, pos in zip(self.caches, tokens_B, pos_B):
+            if cache.get_seq_length() > 0:
+                cache.reorder_cache(torch.zeros(K, dtype=torch.long))
+            logits_KV = self.roster.forward(
+                member_BQ=torch.arange(K)[:, None], position_BQ=pos.expand(K, 1),
+                input_ids=token.expand(K, 1), past_key_values=cache,
+            ).logits[:, -1]
+            cache.reorder_cache(torch.zeros(1, dtype=torch.long))
+            out.append(self.roster.combine(logits_KV, dim=0))
+        return torch.stack(out)
+
+
+DECODERS = {"fold": FoldedDecoder, "expand": ExpandedDecoder}
+
+
+@torch.no_grad()
+def score_stepwise(roster: Roster, input_ids: torch.Tensor, mask_BS: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced log-probs [B, S, V] one position at a time (models that cannot fold).
+
+    Positions under padding hold the uniform distribution.
+    """
+    B, S = input_ids.shape
+    vocab = roster.model.get_output_embeddings().weight.shape[0]
+    out = torch.full((B, S, vocab), -math.log(vocab))
+    for b in range(B):
+        row = input_ids[b][mask_BS[b]]
+        decoder = ExpandedDecoder(roster, [row[:1]])
+        for t in range(len(row)):
+            out[b, S - len(row) + t] = decoder.step(row[t : t + 1], torch.tensor([t]))[0]
+    return out
 
 
 def choose_next(logprobs_BV, *, do_sample: bool, temperature: float, top_p: float, uniform_B) -> torch.Tensor:
@@ -131,21 +189,19 @@ def generate(
         streamer.put(input_ids.cpu())
     if max_new_tokens == 0:
         return input_ids.clone()
-    cache, past_pos_BP, past_valid_BP = prefill(roster, rows)
+    decoder = DECODERS[roster.strategy](roster, rows)
     tokens_B = torch.stack([row[-1] for row in rows])
     pos_B = torch.tensor([len(row) - 1 for row in rows])
     done_B = torch.zeros(len(rows), dtype=torch.bool)
     eos_V = torch.tensor(sorted(eos), dtype=torch.long)
     new_tokens = []
     for _ in range(max_new_tokens):
-        logprobs_BV = decode_step(roster, cache, tokens_B, pos_B, past_pos_BP, past_valid_BP)
+        logprobs_BV = decoder.step(tokens_B, pos_B)
         uniform_B = sampling_uniform(roster.cfg.seed, pos_B) if do_sample else None
         chosen_B = choose_next(logprobs_BV, do_sample=do_sample, temperature=temperature, top_p=top_p,
                                uniform_B=uniform_B)
         chosen_B = torch.where(done_B, torch.full_like(chosen_B, pad), chosen_B)
         new_tokens.append(chosen_B)
-        past_pos_BP = torch.cat([past_pos_BP, pos_B[:, None]], dim=1)
-        past_valid_BP = torch.cat([past_valid_BP, torch.ones_like(done_B)[:, None]], dim=1)
         tokens_B, pos_B = chosen_B, pos_B + 1
         if streamer is not None:
             streamer.put(chosen_B.cpu())

@@ -78,6 +78,7 @@ class Roster:
         self.slots = adapters.find_routers(model)
         self.schedule = cfg.schedule(len(self.slots))
         self.windows = attention_windows(self.text_config)
+        self.strategy = "fold" if self.windows is not None else "expand"
         adapters.resolve_rules(model, self.slots)
         self.plan: NoisePlan | None = None
         self.tau_L = self.schedule.tau
@@ -91,6 +92,12 @@ class Roster:
     @property
     def aggregator(self):
         return AGGREGATORS[self.cfg.aggregator]
+
+    def combine(self, logits, dim: int) -> torch.Tensor:
+        """Aggregate member logits held along ``dim`` into log-probs."""
+        agg = self.aggregator
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        return agg.finish(agg.partial(logprobs, dim=dim), logprobs.shape[dim])
 
     def _install(self) -> None:
         for slot in self.slots:
@@ -149,6 +156,10 @@ class Roster:
         prefix (clean history, noisy current token), member for member and noise for noise.
         """
         mask_BS = check_inputs(input_ids, attention_mask)
+        if self.strategy == "expand" and self.members > 1:
+            from roe.engine import score_stepwise
+
+            return score_stepwise(self, input_ids, mask_BS)
         cache = CleanCache()
         logits_BSV = self.clean_forward(input_ids, mask_BS, cache).logits
         logprobs_BSV = torch.log_softmax(logits_BSV.float(), dim=-1)

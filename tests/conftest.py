@@ -25,3 +25,32 @@ def olmoe():
 @pytest.fixture
 def prompt_ids():
     return torch.randint(2, 128, (1, 9), generator=torch.Generator().manual_seed(7))
+
+
+def tiny_tokenizer():
+    """A byte-level BPE trained in milliseconds on a few sentences (no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = ["To be, or not to be, that is the question.", "In the beginning was the word.",
+            "The quick brown fox jumps over the lazy dog."] * 20
+    tok.train_from_iterator(text, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   bos_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="session")
+def saved_model(tmp_path_factory):
+    """A tiny OLMoE and its tokenizer saved to disk, as a user's checkpoint directory."""
+    path = tmp_path_factory.mktemp("tiny-olmoe")
+    tokenizer = tiny_tokenizer()
+    model = tiny_olmoe(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

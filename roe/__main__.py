@@ -1,0 +1,3 @@
+from roe.cli import main
+
+main()
