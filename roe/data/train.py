@@ -131,6 +131,17 @@ def save_final(model, tokenizer, out: Path) -> None:
     tokenizer.save_pretrained(final)
 
 
+def load_checkpoint_model(out: Path, tokenizer_dir: Path):
+    """The fp32 model stored in out/ckpt.pt (for evaluating a run while it trains)."""
+    from transformers import AutoTokenizer
+
+    state = torch.load(out / "ckpt.pt", weights_only=False)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model = build_model(TrainConfig(**state["config"]), len(tokenizer), tokenizer.eos_token_id)
+    model.load_state_dict(state["model"])
+    return model.eval(), state
+
+
 def load_split(data: Path, split: str) -> np.ndarray:
     return np.fromfile(data / f"{split}.bin", dtype=np.uint16)
 
