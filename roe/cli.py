@@ -73,7 +73,83 @@ def models(*, json_out: bool = False) -> None:
     print(markdown_table(rows))
 
 
-COMMANDS = {"generate": generate, "models": models}
+def evaluate(*, model: str | None = None, text: str | None = None, ks: str = "1,2,4,8,16,32", tau: float = 0.1,
+         schedule: str | None = None, seed: int = 0, window: int = 256, max_windows: int = 200,
+         batch_size: int = 4, json_out: bool = False, plot: str | None = None) -> None:
+    """Held-out perplexity and bits per byte of the untouched model and of RoE over a K grid.
+
+    Text: --text FILE (UTF-8; .gz allowed; documents separated by two blank lines), default the
+    embedded model's test split. Windows: the token stream is cut into consecutive,
+    non-overlapping windows of --window + 1 tokens (at most --max-windows, spread evenly), each
+    scored on its own, predicting its last --window tokens. Every K is scored on the same
+    windows, so delta_nll (against K = 1) is a paired per-window difference and delta_se its
+    standard error, sd(per-window delta) / sqrt(windows). Temperatures: --schedule FILE, else
+    the embedded model's shipped schedule when no --model is given, else a uniform --tau.
+    """
+    import math as _math
+
+    import numpy as np
+
+    import roe
+    from roe.eval.perplexity import make_windows, perplexity_sweep, text_tokens, window_bytes
+    from roe.loading import default_schedule_path, default_split_path
+
+    grid = _parse_ks(ks)
+    lm, tokenizer = roe.load(model)
+    if text is None and model is not None:
+        raise ValueError("--text FILE is required with --model (the built-in test split belongs to the default model)")
+    source = text or default_split_path("test")
+    if schedule is None and model is None and default_schedule_path().is_file():
+        schedule = str(default_schedule_path())
+    _roe_config(roster_size=1, tau=tau, schedule=schedule, seed=seed)
+    windows = make_windows(text_tokens(tokenizer, source), window)
+    if max_windows and len(windows) > max_windows:
+        windows = windows[np.linspace(0, len(windows) - 1, max_windows).astype(int)]
+    rows = perplexity_sweep(lm, windows, grid, lambda K: _roe_config(K, tau, schedule, seed), batch_size,
+                            bytes_total=window_bytes(tokenizer, windows))
+    conditions = {"model": model or "embedded default", "text": str(source), "windows": len(windows),
+                  "window_tokens": window, "tokens": int(windows[:, 1:].numel()), "seed": seed,
+                  "schedule": schedule or f"uniform tau={tau}", "dtype": "float32", **_versions()}
+    print(_table(["K", "nll", "ppl", "bpb", "delta_nll", "delta_se"],
+                 [[r.K, r.nll, r.ppl, r.bpb, r.delta_nll, r.delta_se] for r in rows]))
+    if plot:
+        from roe.plots import plot_nll_vs_k
+
+        plot_nll_vs_k(rows, plot, title=f"{conditions['model']}: held-out NLL vs roster size")
+    if json_out:
+        print(json.dumps({"rows": [{k: v for k, v in r.__dict__.items() if k != "tau"} for r in rows],
+                          "conditions": conditions}, default=lambda x: None if _math.isnan(x) else x))
+
+
+COMMANDS = {"generate": generate, "eval": evaluate, "models": models}
+
+
+def _parse_ks(ks: str) -> list[int]:
+    try:
+        grid = [int(k) for k in ks.split(",") if k.strip()]
+    except ValueError:
+        raise ValueError(f"--ks must be comma-separated integers, got {ks!r}") from None
+    if not grid or min(grid) < 1:
+        raise ValueError(f"--ks needs roster sizes >= 1, got {ks!r}")
+    return sorted(set(grid))
+
+
+def _versions() -> dict:
+    import platform
+
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "machine": platform.machine(),
+            "threads": torch.get_num_threads()}
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    cells = [[f"{v:.5f}" if isinstance(v, float) else str(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
 
 
 def _annotation_type(annotation) -> type:

@@ -25,3 +25,13 @@ def load(path: str | Path | None = None, *, dtype: torch.dtype = torch.float32, 
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
     return model, tokenizer
+
+
+def default_split_path(split: str) -> Path:
+    """The embedded model's held-out text (validation or test split), shipped gzipped."""
+    return DEFAULT_MODEL / "data" / f"{split}.txt.gz"
+
+
+def default_schedule_path() -> Path:
+    """The calibrated temperature schedule shipped with the embedded model."""
+    return DEFAULT_MODEL / "schedule.json"

@@ -42,3 +42,37 @@ def test_help_comes_from_the_docstring(capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--help"])
     assert "untouched model and with RoE" in capsys.readouterr().out
+
+
+def test_eval_reports_paired_rows(capsys, saved_model, tmp_path):
+    text = tmp_path / "held_out.txt"
+    text.write_text("To be, or not to be, that is the question. " * 40)
+    plot = tmp_path / "nll.png"
+    out = run_json(capsys, ["eval", "--model", str(saved_model), "--text", str(text), "--ks", "1,3",
+                            "--tau", "0.8", "--window", "16", "--max-windows", "6", "--json", "--plot", str(plot)])
+    rows = {r["K"]: r for r in out["rows"]}
+    assert rows[1]["delta_nll"] == 0.0 and rows[1]["delta_se"] == 0.0
+    assert rows[3]["nll"] == pytest.approx(rows[1]["nll"] + rows[3]["delta_nll"])
+    assert rows[3]["delta_nll"] != 0.0 and rows[3]["delta_se"] > 0
+    assert out["conditions"]["windows"] == 6 and out["conditions"]["tokens"] == 6 * 16
+    assert plot.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--text", "nope.txt"], "text file not found"),
+    (["--ks", "0,2"], "roster sizes >= 1"),
+    (["--window", "5000"], "fewer than one window"),
+])
+def test_eval_bad_input(saved_model, tmp_path, argv, message):
+    text = tmp_path / "t.txt"
+    text.write_text("short text " * 30)
+    args = ["eval", "--model", str(saved_model), "--text", str(text), *argv]
+    with pytest.raises(SystemExit, match=message):
+        main(args)
+
+
+def test_eval_empty_text_is_refused(saved_model, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    with pytest.raises(SystemExit, match="is empty"):
+        main(["eval", "--model", str(saved_model), "--text", str(empty)])

@@ -71,3 +71,48 @@ def summarise(K: int, nll_N: torch.Tensor, base_N: torch.Tensor, bytes_per_token
 def roster_nll(model, cfg: RoEConfig, windows_NW: torch.Tensor, batch_size: int = 4, progress=None) -> torch.Tensor:
     with roster(model, cfg) as r:
         return window_nll(r.score, windows_NW, batch_size, progress)
+
+
+def text_tokens(tokenizer, path) -> np.ndarray:
+    """Token ids of a UTF-8 text file (gzip allowed), with clear errors for missing or empty files."""
+    import gzip
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"text file not found: {path}")
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    text = raw.decode("utf-8", errors="replace")
+    if not text.strip():
+        raise ValueError(f"{path} is empty")
+    docs = [d for d in text.split("\n\n\n") if d.strip()]
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for doc_ids in tokenizer(docs, add_special_tokens=False).input_ids:
+        ids.extend(doc_ids)
+        if eos is not None:
+            ids.append(eos)
+    return np.asarray(ids, dtype=np.int64)
+
+
+def window_bytes(tokenizer, windows_NW: torch.Tensor) -> int:
+    """UTF-8 bytes of the predicted tokens of every window (for bits per byte)."""
+    texts = tokenizer.batch_decode(windows_NW[:, 1:], skip_special_tokens=True)
+    return sum(len(t.encode("utf-8")) for t in texts)
+
+
+def perplexity_sweep(model, windows_NW, ks, make_cfg, batch_size: int = 4, bytes_total: int | None = None,
+                     progress: bool = True) -> list[PerplexityRow]:
+    """Base (K = 1) and RoE rows over the K grid, all on the same windows."""
+    from tqdm import tqdm
+
+    tokens = windows_NW[:, 1:].numel()
+    bytes_per_token = (bytes_total / tokens) if bytes_total else 1.0
+    bar = tqdm(total=len(windows_NW) * len(ks), desc="windows", disable=not progress, unit="win")
+    base = window_nll(clean_score_fn(model), windows_NW, batch_size, bar)
+    rows = []
+    for K in ks:
+        nll = base if K == 1 else roster_nll(model, make_cfg(K), windows_NW, batch_size, bar)
+        rows.append(summarise(K, nll, base, bytes_per_token))
+    bar.close()
+    return rows
