@@ -52,6 +52,7 @@ class TrainConfig:
     eval_every_min: float = 5.0
     ckpt_every_min: float = 4.0
     eval_windows: int = 64
+    max_steps: int = 0  # 0: stop on the time budget only
 
 
 def build_model(cfg: TrainConfig, vocab_size: int, eos_id: int):
@@ -91,10 +92,13 @@ def lr_at(cfg: TrainConfig, step: int, elapsed_s: float) -> float:
 
 
 def batch_at(tokens: np.ndarray, cfg: TrainConfig, step: int) -> torch.Tensor:
-    """Random windows of seq_len + 1 tokens, a pure function of (seed, step)."""
+    """Random windows of seq_len tokens, a pure function of (seed, step).
+
+    NOTE: transformers shifts ``labels`` inside the loss, so a window is both input and labels.
+    """
     rng = np.random.default_rng([cfg.seed, step])
-    starts = rng.integers(0, len(tokens) - cfg.seq_len - 1, size=cfg.batch_size)
-    rows = np.stack([tokens[s : s + cfg.seq_len + 1] for s in starts]).astype(np.int64)
+    starts = rng.integers(0, len(tokens) - cfg.seq_len, size=cfg.batch_size)
+    rows = np.stack([tokens[s : s + cfg.seq_len] for s in starts]).astype(np.int64)
     return torch.from_numpy(rows)
 
 
@@ -103,11 +107,11 @@ def validation_loss(model, tokens: np.ndarray, cfg: TrainConfig) -> float:
     """Mean next-token NLL over fixed, evenly spaced windows of the validation split."""
     model.eval()
     n = min(cfg.eval_windows, (len(tokens) - 1) // cfg.seq_len)
-    starts = np.linspace(0, len(tokens) - cfg.seq_len - 1, n).astype(np.int64)
+    starts = np.linspace(0, len(tokens) - cfg.seq_len, n).astype(np.int64)
     total = 0.0
     for chunk in np.array_split(starts, max(1, n // 16)):
-        rows = torch.from_numpy(np.stack([tokens[s : s + cfg.seq_len + 1] for s in chunk]).astype(np.int64))
-        out = model(input_ids=rows[:, :-1], labels=rows[:, 1:].clone(), output_router_logits=False)
+        rows = torch.from_numpy(np.stack([tokens[s : s + cfg.seq_len] for s in chunk]).astype(np.int64))
+        out = model(input_ids=rows, labels=rows, output_router_logits=False)
         total += out.loss.item() * len(chunk)
     model.train()
     return total / n
@@ -177,11 +181,11 @@ def train(cfg: TrainConfig, data: Path, tokenizer_dir: Path, out: Path, resume: 
     last_eval = last_ckpt = elapsed
     bar = tqdm(total=int(budget), initial=int(elapsed), unit="s", mininterval=30)
     t0 = time.perf_counter() - elapsed
-    while elapsed < budget:
+    while elapsed < budget and not (cfg.max_steps and step >= cfg.max_steps):
         rows = batch_at(train_tokens, cfg, step)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(cfg, step, elapsed)
-        out_ = model(input_ids=rows[:, :-1], labels=rows[:, 1:])
+        out_ = model(input_ids=rows, labels=rows)
         out_.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -193,7 +197,8 @@ def train(cfg: TrainConfig, data: Path, tokenizer_dir: Path, out: Path, resume: 
         record = {"step": step, "min": round(elapsed / 60, 2), "loss": round(out_.loss.item(), 4),
                   "aux": round(out_.aux_loss.item(), 4), "lr": optimizer.param_groups[0]["lr"],
                   "tokens": step * cfg.batch_size * cfg.seq_len}
-        if elapsed - last_eval >= cfg.eval_every_min * 60 or elapsed >= budget:
+        final = elapsed >= budget or (cfg.max_steps and step >= cfg.max_steps)
+        if elapsed - last_eval >= cfg.eval_every_min * 60 or final:
             record["val_loss"] = round(validation_loss(model, val_tokens, cfg), 4)
             last_eval = elapsed
             bar.set_postfix(loss=record["loss"], val=record["val_loss"])
