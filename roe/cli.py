@@ -121,7 +121,97 @@ def evaluate(*, model: str | None = None, text: str | None = None, ks: str = "1,
                           "conditions": conditions}, default=lambda x: None if _math.isnan(x) else x))
 
 
-COMMANDS = {"generate": generate, "eval": evaluate, "models": models}
+def bench(*, model: str | None = None, ks: str = "1,2,4,8,16,32,64", prompt_tokens: int = 128,
+          new_tokens: int = 64, methods: str = "roster,separate,batched-own-cache,recompute", tau: float = 0.1,
+          schedule: str | None = None, seed: int = 0, time_box: float = 15.0, threads: int = 0,
+          json_out: bool = False, plot: str | None = None) -> None:
+    """Cost of RoE against K: decode-step time, time to first token, tokens/s, peak memory, KV bytes.
+
+    Methods (all compute the same RoE step): roster (ours: one clean cache, members folded into
+    one forward), separate (K forwards per step, each member with its own KV cache),
+    batched-own-cache (one forward of K batch rows, each with its own cache), recompute (no
+    cache, the whole sequence re-run for K members each step). Each (method, K) runs a clean
+    prefill of --prompt-tokens tokens and up to --new-tokens greedy steps, cut at --time-box
+    seconds; the decode step is the median over the steps. A warm-up run comes first; K=1 is
+    measured first and every row also shows its ratio to K=1 of the same method. Temperatures:
+    --schedule, else the embedded model's shipped schedule (no --model), else uniform --tau.
+    """
+    import platform
+
+    import torch
+
+    import roe
+    from roe.bench import METHODS, measure
+
+    grid, names = _parse_ks(ks), [m.strip() for m in methods.split(",") if m.strip()]
+    unknown = sorted(set(names) - set(METHODS))
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
+    if threads:
+        torch.set_num_threads(threads)
+    lm, tokenizer = roe.load(model)
+    schedule = schedule or _default_schedule(model)
+    prompt = _bench_prompt(lm, tokenizer, model, prompt_tokens)
+    with roe.roster(lm, _roe_config(1, tau, schedule, seed)) as r:
+        measure("roster", r, prompt, 4)
+    rows = []
+    for name in names:
+        for K in grid:
+            with roe.roster(lm, _roe_config(K, tau, schedule, seed)) as r:
+                rows.append(measure(name, r, prompt, new_tokens, time_box).__dict__)
+            print(f"  {name:18s} K={K:<3d} step {rows[-1]['decode_step_ms']:8.2f} ms", file=sys.stderr)
+    for row in rows:
+        first = next(r for r in rows if r["method"] == row["method"])
+        row["step_ratio"] = row["decode_step_ms"] / first["decode_step_ms"]
+        row["rss_ratio"] = row["peak_rss_mb"] / first["peak_rss_mb"]
+    params = sum(p.numel() for p in lm.parameters())
+    conditions = {"model": model or "embedded default", "params": params, "prompt_tokens": len(prompt),
+                  "new_tokens": new_tokens, "schedule": schedule or f"uniform tau={tau}", "dtype": "float32",
+                  "cpu": platform.processor() or platform.machine(), "cores": _cores(), "time_box_s": time_box,
+                  **_versions()}
+    print("  ".join(f"{k}={v}" for k, v in conditions.items()))
+    print(_table(["method", "K", "step_ms", "x K=1", "ttft_ms", "tok/s", "peak_rss_mb", "x K=1", "kv_bytes", "steps"],
+                 [[r["method"], r["K"], r["decode_step_ms"], r["step_ratio"], r["ttft_ms"], r["tokens_per_s"],
+                   r["peak_rss_mb"], r["rss_ratio"], r["kv_bytes"], r["steps"]] for r in rows]))
+    if plot:
+        from roe.plots import plot_cost_vs_k
+
+        plot_cost_vs_k(rows, plot, title=f"{conditions['model']}: decode cost vs roster size")
+    if json_out:
+        print(json.dumps({"rows": rows, "conditions": conditions}))
+
+
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def _default_schedule(model: str | None) -> str | None:
+    from roe.loading import default_schedule_path
+
+    return str(default_schedule_path()) if model is None and default_schedule_path().is_file() else None
+
+
+def _bench_prompt(lm, tokenizer, model, prompt_tokens: int):
+    """The first tokens of the embedded test split, or seeded random ids for other models."""
+    import torch
+
+    from roe.loading import default_split_path
+
+    if prompt_tokens < 1:
+        raise ValueError("--prompt-tokens must be >= 1")
+    if model is None and default_split_path("test").is_file():
+        from roe.eval.perplexity import text_tokens
+
+        ids = torch.from_numpy(text_tokens(tokenizer, default_split_path("test"))[:prompt_tokens])
+        if len(ids) == prompt_tokens:
+            return ids
+    vocab = lm.get_output_embeddings().weight.shape[0]
+    return torch.randint(0, vocab, (prompt_tokens,), generator=torch.Generator().manual_seed(0))
+
+
+COMMANDS = {"generate": generate, "eval": evaluate, "bench": bench, "models": models}
 
 
 def _parse_ks(ks: str) -> list[int]:

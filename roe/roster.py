@@ -111,7 +111,7 @@ class Roster:
                 noise_TE = plan.noise(_slot.layer, _slot.rule.logits(_slot.module, output))
                 if noise_TE is None:
                     return output
-                return _slot.rule.reroute(_slot.module, output, noise_TE, plan.noisy_weights)
+                return _slot.rule.reroute(_slot.module, output, noise_TE, plan.noisy_weights, args, kwargs)
 
             slot.saved_forward = slot.module.__dict__.get("forward")
             slot.module.forward = forward
@@ -132,7 +132,8 @@ class Roster:
             tau_L=self.tau_L, noisy_weights=self.cfg.noisy_weights,
         )
         try:
-            return self.model(position_ids=position_BQ, use_cache=True, output_router_logits=False, **model_kwargs)
+            model_kwargs.setdefault("use_cache", True)
+            return self.model(position_ids=position_BQ, output_router_logits=False, **model_kwargs)
         finally:
             self.plan = None
 
@@ -160,11 +161,13 @@ class Roster:
             from roe.engine import score_stepwise
 
             return score_stepwise(self, input_ids, mask_BS)
+        if self.members == 1:  # the untouched model, without a cache (MiniMax accepts only its own)
+            logits_BSV = self.model(input_ids=input_ids, attention_mask=mask_BS.long(),
+                                    position_ids=positions_from_mask(mask_BS), use_cache=False).logits
+            return torch.log_softmax(logits_BSV.float(), dim=-1)
         cache = CleanCache()
         logits_BSV = self.clean_forward(input_ids, mask_BS, cache).logits
         logprobs_BSV = torch.log_softmax(logits_BSV.float(), dim=-1)
-        if self.members == 1:
-            return logprobs_BSV
         agg = self.aggregator
         state = agg.partial(logprobs_BSV[:, None], dim=1)
         B, S = input_ids.shape

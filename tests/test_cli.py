@@ -76,3 +76,17 @@ def test_eval_empty_text_is_refused(saved_model, tmp_path):
     empty.write_text("  \n")
     with pytest.raises(SystemExit, match="is empty"):
         main(["eval", "--model", str(saved_model), "--text", str(empty)])
+
+
+def test_bench_rows_for_every_method(capsys, saved_model, tmp_path):
+    plot = tmp_path / "cost.png"
+    out = run_json(capsys, ["bench", "--model", str(saved_model), "--ks", "1,4", "--prompt-tokens", "12",
+                            "--new-tokens", "4", "--time-box", "5", "--json", "--plot", str(plot)])
+    rows = {(r["method"], r["K"]): r for r in out["rows"]}
+    assert set(rows) == {(m, k) for m in ("roster", "separate", "batched-own-cache", "recompute") for k in (1, 4)}
+    assert rows[("roster", 4)]["kv_bytes"] == rows[("roster", 1)]["kv_bytes"] > 0
+    assert rows[("separate", 4)]["kv_bytes"] == 4 * rows[("separate", 1)]["kv_bytes"]
+    assert rows[("batched-own-cache", 4)]["kv_bytes"] == 4 * rows[("batched-own-cache", 1)]["kv_bytes"]
+    assert rows[("recompute", 4)]["kv_bytes"] == 0
+    assert all(r["steps"] == 3 and r["decode_step_ms"] > 0 for r in out["rows"])
+    assert plot.stat().st_size > 1000
