@@ -69,6 +69,22 @@ class FoldedDecoder:
         return roster.combine(logits_BKV, dim=1)
 
 
+def keep_rows(cache, rows: torch.Tensor) -> None:
+    """Keep (or repeat) the given batch rows of a model's own cache, in place.
+
+    NOTE: ``reorder_cache`` reaches every state held in ``cache.layers`` (keys/values, conv and
+    recurrent states). MiniMaxCache keeps its linear-attention states outside ``layers``, which its
+    ``reorder_cache`` misses (transformers 5.23); a cache class that overrides
+    ``batch_select_indices`` knows its own layout, so that is used instead.
+    """
+    from transformers.cache_utils import Cache
+
+    if type(cache).batch_select_indices is not Cache.batch_select_indices:
+        cache.batch_select_indices(rows)
+    else:
+        cache.reorder_cache(rows)
+
+
 class ExpandedDecoder:
     """Hybrid models with recurrent / linear-attention state, which cannot fold members.
 
@@ -79,27 +95,26 @@ class ExpandedDecoder:
     """
 
     def __init__(self, roster: Roster, rows: list[torch.Tensor]) -> None:
-        from transformers import DynamicCache
-
         self.roster, self.caches = roster, []
         for row in rows:
-            cache = DynamicCache(config=roster.model.config)
+            cache = None  # the model creates its own cache class (MiniMax refuses a DynamicCache)
             if len(row) > 1:
-                roster.model(input_ids=row[None, :-1], past_key_values=cache, use_cache=True)
+                cache = roster.model(input_ids=row[None, :-1], use_cache=True).past_key_values
             self.caches.append(cache)
 
     def step(self, tokens_B: torch.Tensor, pos_B: torch.Tensor) -> torch.Tensor:
         K = self.roster.members
         out = []
-        for cache, token, pos in zip(self.caches, tokens_B, pos_B):
-            if cache.get_seq_length() > 0:
-                cache.reorder_cache(torch.zeros(K, dtype=torch.long))
-            logits_KV = self.roster.forward(
+        for b, (token, pos) in enumerate(zip(tokens_B, pos_B, strict=True)):
+            if self.caches[b] is not None:
+                keep_rows(self.caches[b], torch.zeros(K, dtype=torch.long))
+            outputs = self.roster.forward(
                 member_BQ=torch.arange(K)[:, None], position_BQ=pos.expand(K, 1),
-                input_ids=token.expand(K, 1), past_key_values=cache,
-            ).logits[:, -1]
-            cache.reorder_cache(torch.zeros(1, dtype=torch.long))
-            out.append(self.roster.combine(logits_KV, dim=0))
+                input_ids=token.expand(K, 1), past_key_values=self.caches[b],
+            )
+            self.caches[b] = outputs.past_key_values
+            keep_rows(self.caches[b], torch.zeros(1, dtype=torch.long))
+            out.append(self.roster.combine(outputs.logits[:, -1], dim=0))
         return torch.stack(out)
 
 
@@ -184,7 +199,7 @@ def generate(
     eos = _as_set(eos_token_id if eos_token_id is not None else getattr(gen_config, "eos_token_id", None))
     pad = pad_token_id if pad_token_id is not None else getattr(gen_config, "pad_token_id", None)
     pad = pad if pad is not None else (min(eos) if eos else 0)
-    rows = [ids[m] for ids, m in zip(input_ids, mask_BS)]
+    rows = [ids[m] for ids, m in zip(input_ids, mask_BS, strict=True)]
     if streamer is not None:
         streamer.put(input_ids.cpu())
     if max_new_tokens == 0:

@@ -9,6 +9,10 @@ one layer of each attention kind (sliding + full, linear + full, mamba + attenti
 
 ``build(name)`` seeds torch, builds the model in fp32 with ``AutoModelForCausalLM.from_config``
 (direct class for the few families missing from the auto mapping) and returns it in eval mode.
+Router weights that ``_init_weights`` leaves at exactly zero (AfMoE) are re-drawn N(0, 0.02) so
+routing is not decided by ties. Every routing-bias tensor (``e_score_correction_bias``, also
+Ernie's ``moe_statics``; ``expert_bias``; Zaya's ``balancing_biases``) gets N(0, 0.1) added, so the
+bias path of each rule is really exercised (they initialise to zeros).
 ``EXCLUDED`` lists the MoE families found in the scan but not included, with the reason.
 
 Run ``python tests/families.py`` to build every family, check the router count, run a forward on
@@ -23,7 +27,6 @@ import importlib
 from collections.abc import Callable
 
 import torch
-
 import transformers
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
@@ -230,7 +233,7 @@ FAMILIES: dict[str, Callable[[], PretrainedConfig]] = {
         topk_method="group_limited_greedy", n_group=2, topk_group=1, routed_scaling_factor=1.0,
     ),
     "mistral4": lambda: _cls("Mistral4Config")(
-        **_mla(), **_dsv3_moe(), num_hidden_layers=2, first_k_dense_replace=0, n_group=1, topk_group=1,
+        **_mla(), **_dsv3_moe(), num_hidden_layers=2, first_k_dense_replace=0, n_group=2, topk_group=1,
     ),  # keep the default YaRN rope: the "default" rope ignores partial_rotary_factor and breaks MLA shapes
     "longcat_flash": lambda: _cls("LongcatFlashConfig")(
         **_mla(), head_dim=8, num_layers=2, ffn_hidden_size=INTER, expert_ffn_hidden_size=MOE_INTER,
@@ -390,27 +393,98 @@ DIRECT_CLASS: dict[str, tuple[str, str]] = {
 EXCLUDED: dict[str, str] = {
     # encoder-decoder MoE
     "nllb_moe": "encoder-decoder (NllbMoeForConditionalGeneration); old-style NllbMoeTop2Router, recorder index 2",
-    "switch_transformers": "encoder-decoder (SwitchTransformersForConditionalGeneration); SwitchTransformersTop1Router, recorder index 2",
+    "switch_transformers": "encoder-decoder (SwitchTransformersForConditionalGeneration);"
+                           " SwitchTransformersTop1Router, recorder index 2",
     # multimodal / omni without a standalone text *ForCausalLM
-    "qwen3_vl_moe": "VLM only (Qwen3VLMoeForConditionalGeneration); text router Qwen3VLMoeTextTopKRouter = Qwen3.5 rule",
+    "qwen3_vl_moe": "VLM only (Qwen3VLMoeForConditionalGeneration);"
+                    " text router Qwen3VLMoeTextTopKRouter = Qwen3.5 rule",
     "qwen3_omni_moe": "omni only (thinker/talker ForConditionalGeneration); routers = Qwen2-MoE / Qwen3.5 rules",
     "glm4v_moe": "VLM only (Glm4vMoeForConditionalGeneration); Glm4vMoeTextTopkRouter = DeepSeek-V3 rule",
     "glm5_next": "VLM only (Glm5NextForConditionalGeneration); Glm5NextTextTopkRouter = DeepSeek-V3 rule",
-    "ernie4_5_vl_moe": "VLM only (Ernie4_5_VLMoeForConditionalGeneration); recorder points at the MoE block (index 1); Ernie-4.5 rule",
+    "ernie4_5_vl_moe": "VLM only (Ernie4_5_VLMoeForConditionalGeneration); recorder points at the MoE block (index 1);"
+                       " Ernie-4.5 rule",
     "deepseek_ocr2": "OCR VLM only (DeepseekOcr2ForConditionalGeneration); DeepSeek-V2 rule",
     "unlimited_ocr": "OCR VLM only (UnlimitedOcrForConditionalGeneration); DeepSeek-V2 rule",
-    "mistral_large4": "VLM only (MistralLarge4ForConditionalGeneration); Mistral4 rule with fp32 logits and renorm always on",
-    "muse_spark": "multimodal only (MuseSparkForConditionalGeneration); MiniMax-M2-like sigmoid+bias router with output_multiplier",
+    "mistral_large4": "VLM only (MistralLarge4ForConditionalGeneration);"
+                      " Mistral4 rule with fp32 logits and renorm always on",
+    "muse_spark": "multimodal only (MuseSparkForConditionalGeneration);"
+                  " MiniMax-M2-like sigmoid+bias router with output_multiplier",
     "step3p7": "VLM only (Step3p7ForConditionalGeneration); MiniMax-M3 rule (sigmoid + bias, renorm)",
     "diffusion_gemma": "diffusion encoder/decoder LM, no *ForCausalLM; Gemma4 router rule",
     # not a causal LM / not a token router
-    "openai_privacy_filter": "token classifier only (OpenAIPrivacyFilterForTokenClassification); GPT-OSS rule / top_k",
+    "openai_privacy_filter": "token classifier only (OpenAIPrivacyFilterForTokenClassification);"
+                             " GPT-OSS rule, fp32, weights / top_k",
     "granite_docling": "GraniteDoclingDensityRouter is a per-image vision-path gate, not an expert router",
     "doge": "DogeCDMoE: product-key retrieval of embedding experts inside the block (router_gate nn.Linear, "
             "no router module; recorder targets the block, index 1); is_moe=False by default",
     "bamba": "mentions experts but hard-codes num_experts = 1 (dense)",
 }
 
+
+# Routing-rule class of each family (ids as in /tmp/families_report.md §2):
+#   S1 softmax->topk (+renorm flag/always/never)  S1g Gemma4  S1d DBRX (routing in DbrxFFN)
+#   T1 topk(logits)->softmax over k  T1l Llama4 dense sigmoid  T1o JetMoe old-style dispatch tuple
+#   G DeepSeek-V3 sigmoid+bias+groups  B score+bias without groups  S2 softmax+bias choice
+#   S3 softmax+group limit (no bias)  P PhiMoE sparsemixer  I Inkling  Z Zaya
+RULE: dict[str, str] = {
+    "olmoe": "S1",
+    "flex_olmo": "S1",
+    "mixtral": "S1",
+    "minimax": "S1",
+    "qwen2_moe": "S1",
+    "qwen3_moe": "S1",
+    "qwen3_next": "S1",
+    "qwen3_5_moe": "S1",
+    "qwen4_exp": "S1",
+    "mellum": "S1",
+    "hunyuan_v1_moe": "S1",
+    "jamba": "S1",
+    "gemma4": "S1g",
+    "dbrx": "S1d",
+    "gpt_oss": "T1",
+    "granitemoe": "T1",
+    "granitemoeshared": "T1",
+    "granitemoe_swa": "T1",
+    "granitemoehybrid": "T1",
+    "aria": "T1",
+    "cohere2_moe": "T1",
+    "llama4": "T1l",
+    "jetmoe": "T1o",
+    "deepseek_v3": "G",
+    "deepseek_v32": "G",
+    "glm_moe_dsa": "G",
+    "axk1": "G",
+    "axk2": "G",
+    "glm4_moe": "G",
+    "glm4_moe_lite": "G",
+    "dots1": "G",
+    "dots3_note": "G",
+    "exaone_moe": "G",
+    "hy_v4": "G",
+    "kimi_linear": "G",
+    "bailing_hybrid": "G",
+    "mimo_v2_flash": "G",
+    "nemotron_h": "G",
+    "solar_open": "G",
+    "beam": "G",
+    "minimax_m2": "B",
+    "minimax_m3_vl": "B",
+    "hy_v3": "B",
+    "afmoe": "B",
+    "lfm2_moe": "B",
+    "laguna": "B",
+    "deepseek_v4": "B",
+    "inkling2": "B",
+    "flint": "B",
+    "kolibri1": "B",
+    "ernie4_5_moe": "S2",
+    "longcat_flash": "S2",
+    "deepseek_v2": "S3",
+    "mistral4": "S3",
+    "phimoe": "P",
+    "inkling": "I",
+    "zaya": "Z",
+}
 
 def causal_lm_class(name: str):
     if name in DIRECT_CLASS:
@@ -432,11 +506,34 @@ def build(name: str, seed: int = 0):
                 model = direct._from_config(cfg, dtype=torch.float32)
             else:
                 model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+            _redraw_zero_router_weights(model)
+            _perturb_routing_biases(model)
             return model.eval()
         except (ValueError, NotImplementedError) as err:  # sdpa not supported -> eager
             last_err = err
             torch.manual_seed(seed)
     raise last_err
+
+
+def _redraw_zero_router_weights(model, std: float = 0.02) -> None:
+    """AfMoE's _init_weights zero-fills AfmoeTokenChoiceRouter.gate.weight: every logit is 0 and top-k
+    is decided by ties. Re-draw any all-zero 2-D router weight N(0, std) (deterministic under the seed)."""
+    with torch.no_grad():
+        for _, mod, _ in router_modules(model):
+            for pname, p in mod.named_parameters():
+                if pname.endswith("weight") and p.dim() == 2 and not p.any():
+                    p.normal_(0.0, std)
+
+
+BIAS_NAMES = ("e_score_correction_bias", "expert_bias", "balancing_biases")
+
+
+def _perturb_routing_biases(model, std: float = 0.1) -> None:
+    """Add N(0, std) to every routing-bias buffer or parameter (all zeros at init; Zaya's skip class -1)."""
+    with torch.no_grad():
+        for name, tensor in [*model.named_buffers(), *model.named_parameters()]:
+            if name.rsplit(".", 1)[-1] in BIAS_NAMES:
+                tensor.add_(torch.randn(tensor.shape, dtype=torch.float32).to(tensor.dtype) * std)
 
 
 def router_modules(model) -> list[tuple[str, torch.nn.Module, int]]:

@@ -2,7 +2,7 @@
 
 For the step that feeds token t of a single prompt:
 
-    history = the untouched model run on tokens[:t]           (a fresh DynamicCache each time)
+    history = the untouched model run on tokens[:t]           (a fresh cache of the model's own class)
     for k in 0..K-1:  logits_k = model(tokens[t], past = copy(history), member k's noise at t)
     logprobs_t = aggregate(log_softmax(logits_k) for all k)
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 
 import torch
-from transformers import DynamicCache
 
 from roe.aggregate import aggregate
 from roe.roster import Roster
@@ -28,12 +27,10 @@ def step_logprobs(roster: Roster, tokens: torch.Tensor) -> torch.Tensor:
     """Aggregated log-probs [V] of the token after ``tokens`` (1-D, no padding)."""
     model = roster.model
     t = len(tokens) - 1
-    history = DynamicCache(config=model.config)
-    if t > 0:
-        model(input_ids=tokens[None, :t], past_key_values=history, use_cache=True)
+    history = model(input_ids=tokens[None, :t], use_cache=True).past_key_values if t > 0 else None
     members = []
     for k in range(roster.cfg.roster_size):
-        past = copy.deepcopy(history) if t > 0 else DynamicCache(config=model.config)
+        past = copy.deepcopy(history)
         logits = roster.forward(
             member_BQ=torch.tensor([[k]]), position_BQ=torch.tensor([[t]]),
             input_ids=tokens[None, t:], past_key_values=past,

@@ -17,8 +17,8 @@ its position plus itself (roe/cache.py).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 

@@ -15,6 +15,9 @@ renormalises; softmax over the selected logits for top-k-then-softmax routers; s
 scaling for DeepSeek-style routers). With ``noisy_weights`` the weights are evaluated on the
 perturbed logits instead; it is an option, off by default.
 
+``reroute`` also receives the router call's ``args``/``kwargs``: ``bind`` lets a rule take what
+the block passes in (a correction bias given as a forward argument, the hidden states).
+
 Because clean rows get an exact-zero perturbation and ``select``/``weights`` repeat the
 router's own operations, a rule reproduces the router bit for bit at tau = 0. ``install``
 checks exactly that on each router before enabling it (the tau = 0 self-test), and picks among
@@ -63,12 +66,20 @@ class Rule:
         """Rebuild the router's output with the new weights and indices (same dtypes)."""
         return (output[0], weights_TA.to(output[1].dtype), idx_TA.to(output[2].dtype))
 
-    def reroute(self, router: torch.nn.Module, output: Any, noise_TE: torch.Tensor, noisy_weights: bool) -> Any:
-        logits_TE = self.logits(router, output)
+    def bind(self, router: torch.nn.Module, args: tuple, kwargs: dict) -> Rule:
+        """This rule for one call of the router: a rule that needs something the block passes in
+        (a correction bias given as a forward argument, the hidden states) returns a copy holding it."""
+        return self
+
+    def reroute(self, router: torch.nn.Module, output: Any, noise_TE: torch.Tensor, noisy_weights: bool,
+                args: tuple = (), kwargs: dict | None = None) -> Any:
+        """Re-select from ``logits + noise``; ``args``/``kwargs`` are the router call's arguments."""
+        rule = self.bind(router, args, kwargs or {})
+        logits_TE = rule.logits(router, output)
         noisy_TE = logits_TE + noise_TE
-        idx_TA = self.select(router, noisy_TE)
-        weights_TA = self.weights(router, noisy_TE if noisy_weights else logits_TE, idx_TA)
-        return self.pack(router, output, weights_TA, idx_TA)
+        idx_TA = rule.select(router, noisy_TE)
+        weights_TA = rule.weights(router, noisy_TE if noisy_weights else logits_TE, idx_TA)
+        return rule.pack(router, output, weights_TA, idx_TA)
 
     def describe(self) -> str:
         return self.name
@@ -80,15 +91,15 @@ def outputs_equal(a: Any, b: Any) -> bool:
         return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
                 and a.dtype == b.dtype and torch.equal(a, b))
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
-        return len(a) == len(b) and all(outputs_equal(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(outputs_equal(x, y) for x, y in zip(a, b, strict=True))
     return a == b
 
 
-def self_test(rule: Rule, router: torch.nn.Module, output: Any) -> bool:
-    """tau = 0: the rule must reproduce the router's own output exactly."""
-    logits_TE = rule.logits(router, output)
+def self_test(rule: Rule, router: torch.nn.Module, output: Any, args: tuple = (), kwargs: dict | None = None) -> bool:
+    """tau = 0: the rule must reproduce the router's own output (from the same call) exactly."""
     try:
-        rerouted = rule.reroute(router, output, torch.zeros_like(logits_TE), False)
-    except (RuntimeError, IndexError, ValueError, TypeError, AttributeError):
+        logits_TE = rule.logits(router, output)
+        rerouted = rule.reroute(router, output, torch.zeros_like(logits_TE), False, args, kwargs)
+    except (RuntimeError, IndexError, ValueError, TypeError, AttributeError, KeyError):
         return False
     return outputs_equal(rerouted, output)

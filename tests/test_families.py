@@ -1,0 +1,75 @@
+"""Every MoE family of transformers 5.23 (roe/families.py): the fast paths agree with the slow reference.
+
+Per family: a tiny random model (routing biases non-zero), K = 3, tau = 1 on every MoE layer.
+``score`` equals ``reference.score`` and greedy ``generate`` equals ``reference.generate_greedy``;
+the noise really changes the routing (the roster's log-probs differ from the clean model's); and
+the routing rule the self-test picks is the one the family's router implements. A family roe
+cannot support exactly is refused with a clear error.
+"""
+
+import pytest
+import torch
+
+import roe
+from roe import families, reference
+
+NOISY = roe.RoEConfig(roster_size=3, tau=1.0, skip_first=0, skip_last=0)
+
+# The roe rule each routing-rule id of ``families.RULE`` must resolve to.
+RULE_NAMES = {
+    "S1": "softmax-topk", "S1g": "probs-topk", "T1": "topk-softmax", "T1l": "topk-dense-sigmoid",
+    "T1o": "topk-softmax-dispatch", "G": "sigmoid-bias-groups", "B": "sigmoid-bias", "S2": "softmax-bias",
+    "S3": "softmax-groups", "P": "sparsemixer", "I": "sigmoid-bias-shared", "Z": "softmax-bias-skip",
+}
+RULE_EXCEPTIONS = {"kolibri1": "logit-bias"}  # B, but the bias is added to the logits
+
+# Families refused with a clear error, and the reason the message must give.
+REFUSED = {"dbrx": "returns only its logits"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls: one intra-op thread is ~100x faster than two on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def prompt():
+    return torch.randint(3, families.VOCAB, (1, 6), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("name", [n for n in families.FAMILIES if n not in REFUSED])
+def test_family_matches_reference(name, prompt):
+    model = families.build(name)
+    with torch.no_grad():
+        clean_SV = torch.log_softmax(model(prompt).logits[0].float(), dim=-1)
+    with roe.roster(model, NOISY) as r:
+        expected_rule = RULE_EXCEPTIONS.get(name, RULE_NAMES[families.RULE[name]])
+        assert {slot.rule.name for slot in r.slots} == {expected_rule}
+        score_SV = r.score(prompt)[0]
+        torch.testing.assert_close(score_SV, reference.score(r, prompt[0]), rtol=0, atol=1e-5)
+        assert (score_SV - clean_SV).abs().max() > 1e-4, "tau = 1 changed no expert selection"
+        assert torch.equal(r.generate(prompt, max_new_tokens=4)[0], reference.generate_greedy(r, prompt[0], 4))
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_refused_family_raises_a_clear_error(name):
+    model = families.build(name)
+    with pytest.raises(ValueError, match=REFUSED[name]) as err, roe.roster(model, NOISY):
+        pass
+    assert type(model).__name__ in str(err.value)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_hash_routed_layers_stay_clean():
+    """DeepSeek-V4: the hash-routed layer (experts fixed by token id) is not a roster layer."""
+    model = families.build("deepseek_v4")
+    hash_routers = [m for m in model.modules() if hasattr(m, "tid2eid")]
+    assert len(hash_routers) == 1
+    with roe.roster(model, NOISY) as r:
+        assert len(r.slots) == 2
+        assert all(not hasattr(slot.module, "tid2eid") for slot in r.slots)
+        assert "forward" not in hash_routers[0].__dict__
