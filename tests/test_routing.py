@@ -1,6 +1,7 @@
 """Keyed Gumbel noise and noisy top-k selection."""
 
 import itertools
+
 import torch
 
 from roe.routing import NoisePlan, keyed_gumbel, row_keys, sampling_uniform

@@ -393,7 +393,7 @@ def fetch_perl_docs(cache: Path) -> dict[str, str]:
         raw = gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()
         docs[p.name.split(".pod")[0]] = clean_pod(raw.decode("utf-8", errors="replace"))
     if not docs:
-        raise RuntimeError(f"source 'perl_docs': no .pod files in perl-doc")
+        raise RuntimeError("source 'perl_docs': no .pod files in perl-doc")
     return _select_prose(docs, PERL_MAX_BYTES, min_score=0.5)
 
 
@@ -405,7 +405,8 @@ SOURCES = {
     "python_docs": (fetch_python_docs, "PSF-2.0",
                     "Python 3.11 documentation reST sources (Debian python3.11-doc), one document per file"),
     "linux_docs": (fetch_linux_docs, "GPL-2.0",
-                   f"Linux 6.1 kernel documentation (Debian linux-doc-6.1), prose-like files, <= {LINUX_MAX_BYTES} bytes"),
+                   f"Linux 6.1 kernel documentation (Debian linux-doc-6.1), prose-like files, "
+                   f"<= {LINUX_MAX_BYTES} bytes"),
     "perl_docs": (fetch_perl_docs, "GPL-1.0-or-later OR Artistic-1.0",
                   f"Perl 5.36 documentation POD (Debian perl-doc), prose-like files, <= {PERL_MAX_BYTES} bytes"),
 }
