@@ -24,7 +24,8 @@ def eval_table(doc: dict) -> str:
     lines = [f"{c['windows']} windows x {c['window_tokens']} tokens = {c['tokens']:,} predicted tokens of "
              f"`{Path(c['text']).name}`; schedule: {Path(str(c['schedule'])).name}; seed {c['seed']}; "
              f"torch {c['torch']}, transformers {c['transformers']}.", "",
-             "| K | NLL | perplexity | bits/byte | change vs K=1 | SE (paired) |", "| --- | --- | --- | --- | --- | --- |"]
+             "| K | NLL | perplexity | bits/byte | change vs K=1 | SE (paired) |",
+             "| --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['K']} | {r['nll']:.4f} | {r['ppl']:.3f} | {r['bpb']:.4f} | {r['delta_nll']:+.5f} | "
               f"{r['delta_se']:.5f} |" for r in doc["rows"]]
     return "\n".join(lines)

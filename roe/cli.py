@@ -181,6 +181,177 @@ def bench(*, model: str | None = None, ks: str = "1,2,4,8,16,32,64", prompt_toke
         print(json.dumps({"rows": rows, "conditions": conditions}))
 
 
+def calibrate(*, model: str | None = None, text: str | None = None, roster_size: int = 8, tau_max: float = 0.3,
+              skip_first: int = 1, skip_last: int = 1, trials: int = 50, seed: int = 0, window: int = 256,
+              max_windows: int = 100, batch_size: int = 4, uniform: bool = False,
+              grid: str = "0,0.02,0.05,0.08,0.1,0.15,0.2,0.3", out: str = "schedule.json", json_out: bool = False,
+              plot: str | None = None) -> None:
+    """Search a per-layer temperature schedule with Optuna TPE on validation NLL; write it as JSON.
+
+    Search space: tau in [0, --tau-max] for each MoE layer except the first --skip-first and last
+    --skip-last (kept at 0). Objective: mean next-token NLL of a roster of -K members over windows
+    of --window + 1 tokens of --text FILE (default: the embedded model's validation split;
+    --model requires --text), at most --max-windows spread evenly. Every trial scores the same
+    windows with the same --seed (also the TPE seed), so trials are compared paired. --uniform
+    also sweeps one tau on all noisy layers over --grid (paper App. B) and seeds TPE with its best
+    point, so TPE never ends worse than the best uniform tau. Writes the schedule with its
+    provenance to --out (use it with --schedule in generate/eval/bench).
+    """
+    import datetime
+
+    import numpy as np
+
+    import roe
+    from roe.calibrate import SearchSpace, num_moe_layers, search_schedule
+    from roe.eval.perplexity import make_windows, text_tokens
+    from roe.loading import default_split_path
+    from roe.schedule import Schedule
+
+    if roster_size < 1:
+        raise ValueError(f"--roster-size must be >= 1, got {roster_size}")
+    if text is None and model is not None:
+        raise ValueError("--text FILE is required with --model (the built-in validation split belongs to the "
+                         "default model)")
+    points = _parse_grid(grid) if uniform else []
+    lm, tokenizer = roe.load(model)
+    space = SearchSpace(num_layers=num_moe_layers(lm), tau_max=tau_max, skip_first=skip_first, skip_last=skip_last)
+    source = text or default_split_path("validation")
+    windows = make_windows(text_tokens(tokenizer, source), window)
+    if max_windows and len(windows) > max_windows:
+        windows = windows[np.linspace(0, len(windows) - 1, max_windows).astype(int)]
+    result = search_schedule(lm, windows, space, K=roster_size, trials=trials, seed=seed, grid=points,
+                             batch_size=batch_size)
+    import optuna
+
+    best_uniform = result.best_uniform
+    provenance = {"model": model or "embedded default", "data": str(source), "windows": len(windows),
+                  "window_tokens": window, "tokens": int(windows[:, 1:].numel()), "K": roster_size,
+                  "objective": "validation_nll", "trials": trials, "tau_max": tau_max, "skip_first": skip_first,
+                  "skip_last": skip_last, "best_value": result.best_value, "base_value": result.base_value,
+                  "best_delta_se": result.best_delta_se,
+                  "best_uniform_tau": best_uniform[0] if best_uniform else None,
+                  "best_uniform_value": best_uniform[1] if best_uniform else None,
+                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  "versions": {**_versions(), "optuna": optuna.__version__}, "seed": seed}
+    schedule = Schedule(tau=tuple(result.tau), provenance=provenance)
+    schedule.save(out)
+    rows = [["base (K=1)", "-", result.base_value, 0.0]]
+    rows += [[f"uniform K={roster_size}", tau, value, value - result.base_value] for tau, value in result.uniform]
+    rows.append([f"TPE K={roster_size}", "per-layer", result.best_value, result.best_value - result.base_value])
+    print(_table(["schedule", "tau", "nll", "delta_nll"], rows))
+    print(f"best per-layer tau: {[round(t, 4) for t in result.tau]}  (delta se {result.best_delta_se:.5f})")
+    print(f"wrote {out}")
+    if plot:
+        from roe.plots import plot_calibration
+
+        plot_calibration(result, plot, title=f"{provenance['model']}: temperature search, K={roster_size}")
+    if json_out:
+        print(json.dumps({"tau": list(result.tau), "trial_values": result.trial_values,
+                          "uniform": [{"tau": t, "nll": v} for t, v in result.uniform], "schedule_path": str(out),
+                          "provenance": provenance}))
+
+
+def _parse_grid(grid: str) -> list[float]:
+    try:
+        points = sorted({float(t) for t in grid.split(",") if t.strip()})
+    except ValueError:
+        raise ValueError(f"--grid must be comma-separated numbers, got {grid!r}") from None
+    if not points:
+        raise ValueError("--grid is empty")
+    return points
+
+
+def tasks(*, model: str | None = None, text: str | None = None, roster_size: int = 8, tau: float = 0.1,
+          schedule: str | None = None, seed: int = 0, items: int = 200, task: str = "next-line,last-word",
+          context_tokens: int = 200, batch_size: int = 8, export: str | None = None, json_out: bool = False) -> None:
+    """Accuracy of the untouched model (K=1) and of RoE at -K on built-in tasks from held-out text.
+
+    Text: --text FILE (default: the embedded model's test split; --model requires --text).
+    next-line: the previous lines as context (at most --context-tokens tokens), the true next
+    line and 3 seeded distractor lines from elsewhere in the file; each candidate is scored by
+    the summed log-likelihood of its tokens (as lm-eval does); correct when the true line wins.
+    last-word: a passage ending right before the last word (>= 4 letters) of a line; greedy
+    generation; correct when the first generated word equals the true word. --items per task.
+    Reports accuracy with a 95% Wilson interval and the paired comparison on the same items
+    (McNemar counts and exact p-value). --export DIR writes the items as JSONL and lm-eval task
+    YAMLs (lm_eval --include_path DIR --tasks roe_next_line,roe_last_word).
+    Temperatures: --schedule FILE, else the embedded model's shipped schedule, else uniform --tau.
+    """
+    from tqdm import tqdm
+
+    import roe
+    from roe.eval import tasks as builtin
+    from roe.loading import default_split_path
+
+    names = [t.strip() for t in task.split(",") if t.strip()]
+    if not names or set(names) - {"next-line", "last-word"}:
+        raise ValueError(f"--task must be a comma-separated subset of next-line,last-word, got {task!r}")
+    if items < 1:
+        raise ValueError(f"--items must be >= 1, got {items}")
+    if text is None and model is not None:
+        raise ValueError("--text FILE is required with --model (the built-in test split belongs to the default model)")
+    schedule = schedule or _default_schedule(model)
+    cfg = _roe_config(roster_size, tau, schedule, seed)
+    lm, tokenizer = roe.load(model)
+    source = text or default_split_path("test")
+    docs = builtin.read_documents(source)
+    made = {"next-line": builtin.next_line_items(docs, tokenizer, items, seed, context_tokens) if "next-line" in names
+            else [], "last-word": builtin.last_word_items(docs, tokenizer, items, seed, context_tokens)
+            if "last-word" in names else []}
+    for name in names:
+        if not made[name]:
+            raise ValueError(f"{source} yields no {name} items (it needs documents of several distinct lines of "
+                             ">= 20 characters; last-word also needs lines ending in a word of >= 4 letters)")
+    if export:
+        for path in builtin.export_lm_eval(export, made["next-line"], made["last-word"]):
+            print(f"wrote {path}", file=sys.stderr)
+    bar = tqdm(total=2 * sum(len(made[n]) for n in names), desc="items", unit="item")
+    rows = []
+    for name in names:
+        base = builtin.correct(lm, tokenizer, name, made[name], _roe_config(1, tau, schedule, seed), batch_size, bar)
+        ours = builtin.correct(lm, tokenizer, name, made[name], cfg, batch_size, bar)
+        n = len(base)
+        for label, right in (("base", base), (f"roe K={roster_size}", ours)):
+            low, high = builtin.wilson(sum(right), n)
+            rows.append({"task": name, "model": label, "items": n, "accuracy": sum(right) / n, "ci_low": low,
+                         "ci_high": high})
+        rows[-1].update({"delta": (sum(ours) - sum(base)) / n, **builtin.mcnemar(base, ours)})
+    bar.close()
+    print(_table(["task", "model", "items", "accuracy", "ci_low", "ci_high", "delta", "base_only", "roe_only",
+                  "p_value"],
+                 [[r["task"], r["model"], r["items"], r["accuracy"], r["ci_low"], r["ci_high"], r.get("delta", ""),
+                   r.get("base_only", ""), r.get("roe_only", ""), r.get("p_value", "")] for r in rows]))
+    if json_out:
+        conditions = {"model": model or "embedded default", "text": str(source), "roster_size": roster_size,
+                      "schedule": schedule or f"uniform tau={tau}", "seed": seed, "context_tokens": context_tokens,
+                      **_versions()}
+        print(json.dumps({"rows": rows, "conditions": conditions}))
+
+
+def serve(*, model: str | None = None, host: str = "127.0.0.1", port: int = 8000, roster_size: int = 8,
+          tau: float = 0.1, schedule: str | None = None, seed: int = 0, max_batch: int = 8, max_queue: int = 64,
+          timeout: float = 60.0, max_tokens_limit: int = 512, threads: int = 0) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (needs: pip install 'roe[serve]').
+
+    Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions
+    (streaming with "stream": true). -K, --tau, --schedule and --seed are the defaults of
+    requests that do not send roster_size, tau, schedule or seed as extra fields (the untouched
+    model is roster_size 1). One worker thread owns the model and batches queued requests that
+    share their RoE and sampling settings, up to --max-batch; beyond --max-queue waiting choices
+    the server answers 429, after --timeout seconds 504. max_tokens is capped by
+    --max-tokens-limit.
+    """
+    from roe.serve import ServeConfig, run
+
+    cfg = ServeConfig(model_id=model or "roe-default", roster_size=roster_size, tau=tau, schedule=schedule, seed=seed,
+                      max_batch=max_batch, max_queue=max_queue, timeout=timeout, max_tokens_limit=max_tokens_limit,
+                      threads=threads)
+    try:
+        run(model=model, host=host, port=port, cfg=cfg)
+    except ImportError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
 def _cores() -> int:
     import os
 
@@ -211,7 +382,8 @@ def _bench_prompt(lm, tokenizer, model, prompt_tokens: int):
     return torch.randint(0, vocab, (prompt_tokens,), generator=torch.Generator().manual_seed(0))
 
 
-COMMANDS = {"generate": generate, "eval": evaluate, "bench": bench, "models": models}
+COMMANDS = {"generate": generate, "eval": evaluate, "bench": bench, "models": models, "calibrate": calibrate,
+            "tasks": tasks, "serve": serve}
 
 
 def _parse_ks(ks: str) -> list[int]:

@@ -50,3 +50,38 @@ def plot_cost_vs_k(rows, path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_calibration(result, path, title: str) -> None:
+    """Temperature search: objective per trial with running best, best per-layer tau, NLL vs uniform tau."""
+    import itertools
+
+    plt = _pyplot()
+    panels = 3 if result.uniform else 2
+    fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 4))
+    history, layers = axes[0], axes[1]
+    trials = range(len(result.trial_values))
+    delta = [(v - result.base_value) * 1e3 for v in result.trial_values]
+    history.plot(trials, delta, "o", ms=3, alpha=0.6, label="trial")
+    history.plot(trials, list(itertools.accumulate(delta, min)), color="C3", label="running best")
+    history.axhline(0, color="grey", lw=0.8)
+    history.set_xlabel("TPE trial")
+    history.set_ylabel("NLL change vs K=1 (1e-3 nats/token)")
+    history.legend()
+    layers.bar(range(len(result.tau)), result.tau)
+    layers.set_xlabel("MoE layer")
+    layers.set_ylabel("tau (best schedule)")
+    if result.uniform:
+        taus, values = zip(*result.uniform, strict=True)
+        axes[2].plot(taus, [(v - result.base_value) * 1e3 for v in values], marker="o", label="uniform tau")
+        axes[2].axhline((result.best_value - result.base_value) * 1e3, color="C3", ls="--", label="TPE best")
+        axes[2].axhline(0, color="grey", lw=0.8)
+        axes[2].set_xlabel("uniform tau on the noisy layers")
+        axes[2].set_ylabel("NLL change vs K=1 (1e-3 nats/token)")
+        axes[2].legend()
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -166,3 +166,23 @@ def test_sliding_window_olmoe_like_mixtral_matches_reference():
     with roe.roster(model, roe.RoEConfig(**NOISY)) as r:
         torch.testing.assert_close(r.score(ids)[0], reference.score(r, ids[0]), rtol=0, atol=1e-5)
         assert torch.equal(r.generate(ids, max_new_tokens=8)[0], reference.generate_greedy(r, ids[0], 8))
+
+
+def test_transformers_streamer_receives_prompt_then_each_token(olmoe, prompt_ids):
+    from transformers.generation.streamers import BaseStreamer
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.chunks, self.ended = [], False
+
+        def put(self, value):
+            self.chunks.append(value.clone())
+
+        def end(self):
+            self.ended = True
+
+    streamer = Collect()
+    with roe.roster(olmoe, roe.RoEConfig(**NOISY)) as r:
+        out = r.generate(prompt_ids, max_new_tokens=5, streamer=streamer)
+    assert streamer.ended and torch.equal(streamer.chunks[0], prompt_ids)
+    assert torch.cat([c.reshape(-1) for c in streamer.chunks[1:]]).tolist() == out[0, prompt_ids.shape[1]:].tolist()

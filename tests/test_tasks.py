@@ -1,0 +1,91 @@
+"""`roe tasks` on the tiny checkpoint: deterministic items, K=1 equals the plain model, lm-eval export."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+import roe
+from roe.cli import main
+from roe.eval import tasks
+from roe.schedule import Schedule
+
+LINES = ["To be, or not to be, that is the question.", "In the beginning was the word of the people.",
+         "The quick brown fox jumps over the lazy dog.", "Whether tis nobler in the mind to suffer.",
+         "The slings and arrows of outrageous fortune.", "Or to take arms against a sea of troubles."]
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    docs = ["\n".join(LINES[i:] + LINES[:i]) for i in range(len(LINES))]
+    path = tmp_path / "test.txt"
+    path.write_text("\n\n\n".join(docs))
+    return path
+
+
+def test_items_are_deterministic_and_well_formed(saved_model, text_file):
+    _, tokenizer = roe.load(saved_model)
+    docs = tasks.read_documents(text_file)
+    first = tasks.next_line_items(docs, tokenizer, 10, seed=3)
+    assert first == tasks.next_line_items(docs, tokenizer, 10, seed=3) and len(first) == 10
+    for item in first:
+        assert len(item.choices) == 4 and len(set(item.choices)) == 4 and item.context.endswith("\n")
+    words = tasks.last_word_items(docs, tokenizer, 10, seed=3)
+    assert len(words) == 10 and all(len(w.answer) >= 4 and w.answer.isalpha() for w in words)
+    assert tasks.first_word(" question. And") == "question" and tasks.first_word("\nword") == ""
+
+
+def test_k1_accuracy_equals_the_plain_model(saved_model, text_file):
+    model, tokenizer = roe.load(saved_model)
+    items = tasks.next_line_items(tasks.read_documents(text_file), tokenizer, 4, seed=0)
+    got = tasks.correct(model, tokenizer, "next-line", items, roe.RoEConfig(roster_size=1))
+    want = []
+    with torch.no_grad():
+        for item in items:
+            scores = []
+            for choice in item.choices:
+                ctx, cont = tasks.encode_pair(tokenizer, item.context, choice)
+                logprobs = torch.log_softmax(model(torch.tensor([ctx + cont]), use_cache=False).logits[0].float(), -1)
+                scores.append(float(logprobs[len(ctx) - 1 : -1].gather(-1, torch.tensor(cont)[:, None]).sum()))
+            want.append(max(range(4), key=scores.__getitem__) == item.answer)
+    assert got == want
+
+
+def test_statistics():
+    low, high = tasks.wilson(50, 100)
+    assert low == pytest.approx(0.4038, abs=1e-3) and high == pytest.approx(0.5962, abs=1e-3)
+    counts = tasks.mcnemar([True, True, False, False], [True, False, True, True])
+    assert counts == {"both_right": 1, "base_only": 1, "roe_only": 2, "both_wrong": 0, "p_value": 1.0}
+
+
+def test_tasks_command_reports_and_exports(capsys, saved_model, text_file, tmp_path):
+    main(["tasks", "--model", str(saved_model), "--text", str(text_file), "-K", "3", "--tau", "0.5",
+          "--items", "6", "--export", str(tmp_path / "lm_eval"), "--json"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = {(r["task"], r["model"]): r for r in out["rows"]}
+    assert set(rows) == {("next-line", "base"), ("next-line", "roe K=3"), ("last-word", "base"),
+                         ("last-word", "roe K=3")}
+    roe_row = rows[("next-line", "roe K=3")]
+    assert roe_row["items"] == 6 and roe_row["ci_low"] <= roe_row["accuracy"] <= roe_row["ci_high"]
+    assert sum(roe_row[k] for k in ("both_right", "base_only", "roe_only", "both_wrong")) == 6
+    for name in ("roe_next_line", "roe_last_word"):
+        config = yaml.safe_load((tmp_path / "lm_eval" / f"{name}.yaml").read_text())
+        assert config["task"] == name
+        lines = (tmp_path / "lm_eval" / f"{name}.jsonl").read_text().splitlines()
+        assert len(lines) == 6 and "context" in json.loads(lines[0])
+    assert config["output_type"] == "generate_until" and config["generation_kwargs"]["until"] == ["\n"]
+
+
+def test_tasks_bad_input_is_a_clear_error(saved_model, text_file):
+    with pytest.raises(SystemExit, match="--task must be"):
+        main(["tasks", "--model", str(saved_model), "--text", str(text_file), "--task", "hellaswag"])
+    with pytest.raises(SystemExit, match="has 2 entries but the model has 3"):
+        main(["tasks", "--model", str(saved_model), "--text", str(text_file), "--items", "2", "--schedule",
+              str(_schedule(text_file.parent))])
+
+
+def _schedule(directory):
+    path = directory / "short.json"
+    Schedule(tau=(0.0, 0.1)).save(path)
+    return path
