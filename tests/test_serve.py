@@ -1,0 +1,237 @@
+"""roe serve: a real uvicorn server on loopback, driven by the official openai client.
+
+The server answers every request with exactly what offline ``Roster.generate`` gives for the
+same settings, alone or batched with other requests; bad input is a 4xx in OpenAI's error
+shape and the server keeps answering.
+"""
+
+import dataclasses
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from types import SimpleNamespace
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+from openai import OpenAI
+
+import roe
+from roe.serve import ServeConfig, chat_prompt_ids, create_app
+
+SETTINGS = dict(roster_size=3, tau=0.5, seed=0)
+
+
+@contextmanager
+def running(app):
+    """uvicorn serving ``app`` on a free loopback port in a background thread; yields (server, url)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not srv.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield srv, f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        srv.should_exit = True
+        thread.join(20)
+        assert not thread.is_alive()
+
+
+@pytest.fixture(scope="module")
+def server(saved_model):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # here and in the worker: both compute at once on a small machine
+    model, tokenizer = roe.load(saved_model)
+    cfg = ServeConfig(model_id="tiny", **SETTINGS, max_tokens_limit=32, max_queue=8, max_batch=4, threads=1)
+    app = create_app(model, tokenizer, cfg)
+    with running(app) as (_, url):
+        yield SimpleNamespace(url=url, app=app, client=OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0))
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def offline_model(saved_model):
+    """A second copy: the server's worker owns the first."""
+    return roe.load(saved_model)
+
+
+def offline_text(offline_model, ids, *, max_tokens, roster_size=3, tau=0.5, seed=0, temperature=0.0, top_p=1.0):
+    model, tokenizer = offline_model
+    with roe.roster(model, roe.RoEConfig(roster_size=roster_size, tau=tau, seed=seed)) as r:
+        out = r.generate(torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=temperature > 0,
+                         temperature=temperature or 1.0, top_p=top_p)
+    new = out[0, len(ids):].tolist()
+    new = new[: new.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in new else new
+    return tokenizer.decode(new, skip_special_tokens=True)
+
+
+def assert_alive(server):
+    assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
+
+
+def test_health_and_models(server):
+    assert_alive(server)
+    assert [m.id for m in server.client.models.list()] == ["tiny"]
+
+
+@pytest.mark.parametrize("extra", [{"seed": 5}, {"seed": 2, "temperature": 0.9, "top_p": 0.9},
+                                   {"roster_size": 1, "tau": 0.0}])
+def test_completion_equals_offline_generate(server, offline_model, extra):
+    prompt = "To be, or not to be"
+    body = {k: v for k, v in extra.items() if k not in ("seed", "temperature", "top_p")}
+    got = server.client.completions.create(model="tiny", prompt=prompt, max_tokens=8, seed=extra.get("seed"),
+                                           temperature=extra.get("temperature", 0), top_p=extra.get("top_p", 1),
+                                           extra_body=body)
+    ids = offline_model[1](prompt).input_ids
+    want = offline_text(offline_model, ids, max_tokens=8, **{**SETTINGS, **extra})
+    assert got.choices[0].text == want
+    assert got.choices[0].finish_reason in ("stop", "length")
+    assert got.usage.prompt_tokens == len(ids)
+
+
+def test_chat_uses_the_builtin_template(server, offline_model):
+    messages = [{"role": "user", "content": "In the beginning"}]
+    got = server.client.chat.completions.create(model="tiny", messages=messages, max_tokens=6,
+                                                extra_body={"roster_size": 2, "tau": 0.3})
+    ids = chat_prompt_ids(offline_model[1], messages)
+    assert offline_model[1].decode(ids) == "user: In the beginning\nassistant:"
+    assert got.choices[0].message.role == "assistant"
+    assert got.choices[0].message.content == offline_text(offline_model, ids, max_tokens=6, roster_size=2, tau=0.3)
+
+
+def test_streaming_equals_non_streaming(server):
+    kwargs = dict(model="tiny", prompt="The quick brown fox", max_tokens=10, n=2, seed=3, temperature=0.8)
+    whole = server.client.completions.create(**kwargs)
+    pieces, finish = ["", ""], [None, None]
+    for chunk in server.client.completions.create(**kwargs, stream=True):
+        for c in chunk.choices:
+            pieces[c.index] += c.text
+            finish[c.index] = c.finish_reason or finish[c.index]
+    assert pieces == [c.text for c in whole.choices]
+    assert finish == [c.finish_reason for c in whole.choices]
+    messages = [{"role": "user", "content": "the word"}]
+    chat = server.client.chat.completions.create(model="tiny", messages=messages, max_tokens=8)
+    stream = server.client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, stream=True)
+    streamed = "".join(c.choices[0].delta.content or "" for c in stream)
+    assert streamed == chat.choices[0].message.content
+
+
+def test_seed_determinism_and_n_choices(server):
+    kwargs = dict(model="tiny", prompt="that is the question", max_tokens=8, temperature=1.0)
+    two = server.client.completions.create(**kwargs, n=2, seed=11)
+    again = server.client.completions.create(**kwargs, n=2, seed=11)
+    second_alone = server.client.completions.create(**kwargs, seed=12)
+    assert [c.text for c in two.choices] == [c.text for c in again.choices]
+    assert two.choices[1].text == second_alone.choices[0].text
+
+
+def test_stop_strings_cut_the_text(server):
+    full = server.client.completions.create(model="tiny", prompt="To be", max_tokens=12).choices[0].text
+    if len(full) < 4:
+        pytest.skip("the tiny model stopped too early to test a stop string")
+    stop = full[2:4]
+    got = server.client.completions.create(model="tiny", prompt="To be", max_tokens=12, stop=[stop]).choices[0]
+    assert got.text == full[: full.find(stop)] and got.finish_reason == "stop"
+
+
+def test_concurrent_requests_match_sequential_answers(server):
+    prompts = ["To be", "In the beginning was", "The lazy dog", "or not to be, that", "quick", "brown fox jumps"]
+
+    def ask(prompt):
+        return server.client.completions.create(model="tiny", prompt=prompt, max_tokens=6, seed=1).choices[0].text
+
+    alone = [ask(p) for p in prompts]
+    batches_before = server.app.state.service.worker.batches
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        together = list(pool.map(ask, prompts))
+    assert together == alone
+    assert server.app.state.service.worker.batches - batches_before <= len(prompts)
+
+
+BAD = [
+    ({"prompt": "hi", "model": "gpt-4"}, 404, "model"),
+    ({"prompt": "hi", "roster_size": 0}, 400, "roster_size"),
+    ({"prompt": "hi", "roster_size": 65}, 400, "roster_size"),
+    ({"prompt": "hi", "tau": "hot"}, 400, "tau"),
+    ({"prompt": "hi", "tau": -1}, 400, "tau"),
+    ({"prompt": "hi", "max_tokens": 33}, 400, "max_tokens"),
+    ({"prompt": ""}, 400, "prompt"),
+    ({"prompt": []}, 400, "prompt"),
+    ({"prompt": list(range(2, 252)), "max_tokens": 8}, 400, "prompt"),
+    ({"prompt": "hi", "logprobs": 2}, 400, "logprobs"),
+    ({"prompt": "hi", "schedule": "/no/such/schedule.json"}, 400, "schedule"),
+    ({"prompt": "hi", "skip_first": 2, "skip_last": 2}, 400, None),
+    ({"prompt": "hi", "temperature": "warm"}, 400, "temperature"),
+    ({"prompt": "hi", "stop": 3}, 400, "stop"),
+    ({"prompt": "hi", "n": 9}, 429, None),  # more choices than the queue holds
+]
+
+
+@pytest.mark.parametrize("body, status, param", BAD)
+def test_bad_input_is_an_openai_error_and_the_server_stays_up(server, body, status, param):
+    response = httpx.post(f"{server.url}/v1/completions", json={"model": "tiny", **body})
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param
+    assert_alive(server)
+
+
+@pytest.mark.parametrize("content, kwargs", [
+    (b"{not json", {}),
+    (b"[1, 2]", {}),
+    (json.dumps({"model": "tiny", "messages": []}).encode(), {"chat": True}),
+    (json.dumps({"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}).encode(), {"chat": True}),
+])
+def test_malformed_requests_are_400(server, content, kwargs):
+    path = "/v1/chat/completions" if kwargs.get("chat") else "/v1/completions"
+    response = httpx.post(f"{server.url}{path}", content=content, headers={"content-type": "application/json"})
+    assert response.status_code == 400 and "error" in response.json()
+    assert_alive(server)
+
+
+def test_openai_client_sees_typed_errors(server):
+    with pytest.raises(openai.BadRequestError, match="roster_size"):
+        server.client.completions.create(model="tiny", prompt="hi", extra_body={"roster_size": 0})
+    with pytest.raises(openai.NotFoundError):
+        server.client.completions.create(model="other", prompt="hi")
+    assert httpx.get(f"{server.url}/nowhere").json()["error"]["message"]
+
+
+def test_timeout_is_504(server):
+    service = server.app.state.service
+    cfg = service.cfg
+    service.cfg = dataclasses.replace(cfg, timeout=1e-4)
+    try:
+        with pytest.raises(openai.APIStatusError) as err:
+            server.client.completions.create(model="tiny", prompt="To be", max_tokens=32)
+        assert err.value.status_code == 504
+    finally:
+        service.cfg = cfg
+    assert server.client.completions.create(model="tiny", prompt="To be", max_tokens=2).choices
+
+
+def test_shutdown_lets_in_flight_requests_finish(saved_model):
+    model, tokenizer = roe.load(saved_model)
+    app = create_app(model, tokenizer, ServeConfig(model_id="tiny", threads=1, max_tokens_limit=64))
+    with running(app) as (srv, url):
+        client = OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        with ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(client.completions.create, model="tiny", prompt=p, max_tokens=64,
+                                   extra_body={"roster_size": 8}) for p in ("To be", "the word", "lazy dog")]
+            while app.state.service.worker.submitted < 3:
+                time.sleep(0.01)
+            srv.should_exit = True
+            answers = [f.result(timeout=30) for f in futures]
+    assert all(a.choices[0].finish_reason in ("stop", "length") for a in answers)
+    assert not app.state.service.worker.thread.is_alive()
