@@ -30,12 +30,14 @@ def generate(prompt: str, *, model: str | None = None, roster_size: int = 8, tau
 
     --model is a local checkpoint directory or hub id (default: the embedded model). -K is the
     roster size, --tau a uniform temperature on the middle MoE layers, --schedule a schedule
-    JSON file (overrides --tau). Same seed, same output.
+    JSON file (overrides --tau; the embedded model uses its shipped schedule unless --schedule
+    is given). Same seed, same output.
     """
     import torch
 
     import roe
 
+    schedule = schedule or _default_schedule(model)
     cfg = _roe_config(roster_size, tau, schedule, seed)
     lm, tokenizer = roe.load(model)
     ids = tokenizer(prompt, return_tensors="pt").input_ids
