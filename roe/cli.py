@@ -226,7 +226,8 @@ def calibrate(*, model: str | None = None, text: str | None = None, roster_size:
     import optuna
 
     best_uniform = result.best_uniform
-    provenance = {"model": model or "embedded default", "data": str(source), "windows": len(windows),
+    provenance = {"model": model or "embedded default", "data": str(text) if text else "embedded validation split",
+                  "windows": len(windows),
                   "window_tokens": window, "tokens": int(windows[:, 1:].numel()), "K": roster_size,
                   "objective": "validation_nll", "trials": trials, "tau_max": tau_max, "skip_first": skip_first,
                   "skip_last": skip_last, "best_value": result.best_value, "base_value": result.base_value,
