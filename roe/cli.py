@@ -109,9 +109,9 @@ def evaluate(*, model: str | None = None, text: str | None = None, ks: str = "1,
         windows = windows[np.linspace(0, len(windows) - 1, max_windows).astype(int)]
     rows = perplexity_sweep(lm, windows, grid, lambda K: _roe_config(K, tau, schedule, seed), batch_size,
                             bytes_total=window_bytes(tokenizer, windows))
-    conditions = {"model": model or "embedded default", "text": str(source), "windows": len(windows),
+    conditions = {"model": model or "embedded default", "text": _shown_path(source), "windows": len(windows),
                   "window_tokens": window, "tokens": int(windows[:, 1:].numel()), "seed": seed,
-                  "schedule": schedule or f"uniform tau={tau}", "dtype": "float32", **_versions()}
+                  "schedule": _shown_schedule(schedule, tau), "dtype": "float32", **_versions()}
     print(_table(["K", "nll", "ppl", "bpb", "delta_nll", "delta_se"],
                  [[r.K, r.nll, r.ppl, r.bpb, r.delta_nll, r.delta_se] for r in rows]))
     if plot:
@@ -168,7 +168,7 @@ def bench(*, model: str | None = None, ks: str = "1,2,4,8,16,32,64", prompt_toke
         row["rss_ratio"] = row["peak_rss_mb"] / first["peak_rss_mb"]
     params = sum(p.numel() for p in lm.parameters())
     conditions = {"model": model or "embedded default", "params": params, "prompt_tokens": len(prompt),
-                  "new_tokens": new_tokens, "schedule": schedule or f"uniform tau={tau}", "dtype": "float32",
+                  "new_tokens": new_tokens, "schedule": _shown_schedule(schedule, tau), "dtype": "float32",
                   "cpu": platform.processor() or platform.machine(), "cores": _cores(), "time_box_s": time_box,
                   **_versions()}
     print("  ".join(f"{k}={v}" for k, v in conditions.items()))
@@ -325,8 +325,8 @@ def tasks(*, model: str | None = None, text: str | None = None, roster_size: int
                  [[r["task"], r["model"], r["items"], r["accuracy"], r["ci_low"], r["ci_high"], r.get("delta", ""),
                    r.get("base_only", ""), r.get("roe_only", ""), r.get("p_value", "")] for r in rows]))
     if json_out:
-        conditions = {"model": model or "embedded default", "text": str(source), "roster_size": roster_size,
-                      "schedule": schedule or f"uniform tau={tau}", "seed": seed, "context_tokens": context_tokens,
+        conditions = {"model": model or "embedded default", "text": _shown_path(source), "roster_size": roster_size,
+                      "schedule": _shown_schedule(schedule, tau), "seed": seed, "context_tokens": context_tokens,
                       **_versions()}
         print(json.dumps({"rows": rows, "conditions": conditions}))
 
@@ -353,6 +353,19 @@ def serve(*, model: str | None = None, host: str = "127.0.0.1", port: int = 8000
         run(model=model, host=host, port=port, cfg=cfg)
     except ImportError as err:
         raise SystemExit(f"error: {err}") from None
+
+
+def _shown_schedule(schedule, tau) -> str:
+    return _shown_path(schedule) if schedule else f"uniform tau={tau}"
+
+
+def _shown_path(path) -> str:
+    """A path as reported in results: relative to the package for embedded files (no machine paths)."""
+    from pathlib import Path as _Path
+
+    package = _Path(__file__).resolve().parent.parent
+    resolved = _Path(path).resolve()
+    return str(resolved.relative_to(package)) if resolved.is_relative_to(package) else str(path)
 
 
 def _cores() -> int:
