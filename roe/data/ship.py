@@ -65,6 +65,17 @@ def _row_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _verdict(rows: list[dict]) -> str:
+    """One measured sentence on the best K: its change in NLL in standard errors."""
+    best = min((r for r in rows if r["K"] > 1), key=lambda r: r["delta_nll"], default=None)
+    if best is None or not best["delta_se"]:
+        return ""
+    z = best["delta_nll"] / best["delta_se"]
+    verdict = "significant at 2 SE" if z <= -2 else "not significant at 2 SE"
+    return (f"Best roster: K={best['K']}, NLL change {best['delta_nll']:+.5f} nats/token "
+            f"({z:+.1f} SE): {verdict}. On this small, briefly trained model the RoE effect is tiny.\n")
+
+
 def model_card(run: Path, corpus: Path, tokens: Path, out: Path, eval_json: Path | None,
                val_json: Path | None) -> str:
     manifest = json.loads((corpus / "manifest.json").read_text())
@@ -123,15 +134,18 @@ def model_card(run: Path, corpus: Path, tokens: Path, out: Path, eval_json: Path
                          f"{c['windows']} windows of {c['window_tokens']} tokens ({c['tokens']:,} predicted tokens), "
                          f"schedule {c['schedule']}, seed {c['seed']}. Negative changes are improvements; SE is the "
                          "standard error of the paired per-window difference.\n",
-                         _row_table(result["rows"]) + "\n"]
+                         _row_table(result["rows"]) + "\n", _verdict(result["rows"])]
     sections += [
         "## Reproduce\n",
         "```\npython -m roe.data.corpus --out data/corpus\n"
         "python -m roe.data.tokenizer --corpus data/corpus --vocab-size 8192 --out data/tokenizer --encode\n"
         f"python -m roe.data.train --preset {cfg['preset']} --minutes {cfg['minutes']} --lr {cfg['lr']} "
         "--out runs/default\n"
+        "roe calibrate -K 8 --trials 3 --uniform --grid 0,0.05,0.1,0.2 --max-windows 32 "
+        "--out roe/assets/default/schedule.json\n"
+        "roe eval --ks 1,2,4,8,16 --max-windows 64 --json | tail -n1 > benchmarks/results/eval_test.json\n"
         "python -m roe.data.ship --run runs/default --corpus data/corpus --tokens data/tokens "
-        "--eval-json runs/eval_test.json\n```\n",
+        "--eval-json benchmarks/results/eval_test.json\n```\n",
         "The run shipped here was trained in two launches (8 minutes in the granularity comparison, then resumed "
         "with `--resume`); the wall-clock cosine schedule makes re-runs close but not bit-identical.\n",
     ]
