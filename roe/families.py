@@ -421,7 +421,7 @@ EXCLUDED: dict[str, str] = {
 }
 
 
-# Routing-rule class of each family (ids as in /tmp/families_report.md §2):
+# Routing-rule class of each family (the survey ids; the rules themselves live in roe/adapters):
 #   S1 softmax->topk (+renorm flag/always/never)  S1g Gemma4  S1d DBRX (routing in DbrxFFN)
 #   T1 topk(logits)->softmax over k  T1l Llama4 dense sigmoid  T1o JetMoe old-style dispatch tuple
 #   G DeepSeek-V3 sigmoid+bias+groups  B score+bias without groups  S2 softmax+bias choice
