@@ -57,8 +57,7 @@ class FoldedDecoder:
         """Aggregated log-probs [B, V] after feeding each prompt's token at its position."""
         roster, K, B = self.roster, self.roster.members, tokens_B.shape[0]
         pos_BK = pos_B[:, None].expand(B, K)
-        dtype = roster.model.get_output_embeddings().weight.dtype
-        masks = member_masks(roster.windows, self.pos_BP, self.valid_BP, pos_BK, dtype)
+        masks = member_masks(roster.windows, self.pos_BP, self.valid_BP, pos_BK, roster.mask_dtype)
         self.cache.commit = 1
         logits_BKV = roster.forward(
             member_BQ=torch.arange(K).expand(B, K), position_BQ=pos_BK,

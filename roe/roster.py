@@ -79,6 +79,7 @@ class Roster:
         self.schedule = cfg.schedule(len(self.slots))
         self.windows = attention_windows(self.text_config)
         self.strategy = "fold" if self.windows is not None else "expand"
+        self.mask_dtype = model.get_output_embeddings().weight.dtype
         adapters.resolve_rules(model, self.slots)
         self.plan: NoisePlan | None = None
         self.tau_L = self.schedule.tau
@@ -187,8 +188,7 @@ class Roster:
         ids_BQ = input_ids.repeat(1, M)
         pos_BQ = pos_BS.repeat(1, M)
         member_BQ = members.repeat_interleave(S).expand(B, -1)
-        dtype = self.model.get_output_embeddings().weight.dtype
-        masks = member_masks(self.windows, pos_BS, mask_BS, pos_BQ, dtype)
+        masks = member_masks(self.windows, pos_BS, mask_BS, pos_BQ, self.mask_dtype)
         logits = self.forward(member_BQ=member_BQ, position_BQ=pos_BQ, input_ids=ids_BQ,
                               attention_mask=masks, past_key_values=cache).logits
         return torch.log_softmax(logits.float(), dim=-1).view(B, M, S, -1)
