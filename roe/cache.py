@@ -25,6 +25,71 @@ from transformers.cache_utils import Cache, DynamicLayer
 ATTENTION_TYPES = ("full_attention", "sliding_attention")
 
 
+class BufferLayer(DynamicLayer):
+    """A cache layer stored in a buffer with spare capacity: appending writes in place.
+
+    ``keys``/``values`` are views of the first ``length`` slots. ``append`` writes the new
+    positions after them (growing the buffer by doubling when full), returns the view of
+    history + new positions, and keeps the first ``commit`` of the new ones. The uncommitted
+    slots are scratch: the next forward overwrites them. So a decode step copies only its K new
+    rows, never the history (``DynamicLayer`` re-concatenates the whole history every step).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._keys = self._values = None
+        self.length = 0
+
+    @property
+    def keys(self):
+        return None if self._keys is None else self._keys[..., : self.length, :]
+
+    @keys.setter
+    def keys(self, tensor):
+        self._keys = tensor
+        self.length = 0 if tensor is None else tensor.shape[-2]
+
+    @property
+    def values(self):
+        return None if self._values is None else self._values[..., : self.length, :]
+
+    @values.setter
+    def values(self, tensor):
+        self._values = tensor
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def capacity(self) -> int:
+        return 0 if self._keys is None else self._keys.shape[-2]
+
+    def append(self, key_states, value_states, commit: int | None):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        past, new = self.length, key_states.shape[-2]
+        if self._keys is None or self._keys.shape[0] != key_states.shape[0]:
+            if past:
+                raise ValueError("the batch size of a cache cannot change between forwards")
+            self._keys = self._values = None
+        if past + new > self.capacity():
+            size = max(past + new, 2 * self.capacity(), 64)
+            keys = key_states.new_empty(key_states.shape[:-2] + (size, key_states.shape[-1]))
+            values = value_states.new_empty(value_states.shape[:-2] + (size, value_states.shape[-1]))
+            if past:
+                keys[..., :past, :] = self._keys[..., :past, :]
+                values[..., :past, :] = self._values[..., :past, :]
+            self._keys, self._values = keys, values
+        self._keys[..., past : past + new, :] = key_states
+        self._values[..., past : past + new, :] = value_states
+        out = self._keys[..., : past + new, :], self._values[..., : past + new, :]
+        self.length = past + (new if commit is None else min(commit, new))
+        return out
+
+    def get_seq_length(self) -> int:
+        return self.length if self.is_initialized else 0
+
+
 class CleanCache(Cache):
     """A cache whose ``update`` keeps the clean history only.
 
@@ -33,28 +98,17 @@ class CleanCache(Cache):
     """
 
     def __init__(self) -> None:
-        super().__init__(layer_class_to_replicate=DynamicLayer)
+        super().__init__(layer_class_to_replicate=BufferLayer)
         self.commit: int | None = None
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        if self.commit is None:
-            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
         while len(self.layers) <= layer_idx:
-            self.layers.append(DynamicLayer())
-        layer = self.layers[layer_idx]
-        if not layer.is_initialized:
-            layer.lazy_initialization(key_states, value_states)
-        past = layer.get_seq_length()
-        keys = torch.cat([layer.keys, key_states], dim=-2) if past else key_states
-        values = torch.cat([layer.values, value_states], dim=-2) if past else value_states
-        if self.commit:
-            layer.keys = keys[..., : past + self.commit, :].clone()
-            layer.values = values[..., : past + self.commit, :].clone()
-        return keys, values
+            self.layers.append(BufferLayer())
+        return self.layers[layer_idx].append(key_states, value_states, self.commit)
 
     def kv_bytes(self) -> int:
-        """Bytes of stored keys and values."""
-        return sum(t.numel() * t.element_size() for layer in self.layers if layer.is_initialized
+        """Bytes of the stored keys and values (the clean history; buffers keep spare capacity)."""
+        return sum(t.numel() * t.element_size() for layer in self.layers if layer.is_initialized and layer.length
                    for t in (layer.keys, layer.values))
 
     @classmethod
@@ -74,7 +128,7 @@ class CleanCache(Cache):
                 if n > 0:
                     keys[b, :, width - n:] = cache.layers[layer_idx].keys[0]
                     values[b, :, width - n:] = cache.layers[layer_idx].values[0]
-            layer = DynamicLayer()
+            layer = BufferLayer()
             layer.lazy_initialization(keys, values)
             layer.keys, layer.values = keys, values
             batch.layers.append(layer)

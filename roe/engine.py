@@ -37,8 +37,8 @@ class FoldedDecoder:
     left-padded. Step: ONE forward of B x K rows; member 0's keys/values are committed.
     """
 
-    def __init__(self, roster: Roster, rows: list[torch.Tensor]) -> None:
-        self.roster = roster
+    def __init__(self, roster: Roster, rows: list[torch.Tensor], fan_out: bool = True) -> None:
+        self.roster, self.fan_out = roster, fan_out
         caches, lengths = [], []
         for row in rows:
             cache = CleanCache()
@@ -59,10 +59,17 @@ class FoldedDecoder:
         pos_BK = pos_B[:, None].expand(B, K)
         masks = member_masks(roster.windows, self.pos_BP, self.valid_BP, pos_BK, roster.mask_dtype)
         self.cache.commit = 1
-        logits_BKV = roster.forward(
-            member_BQ=torch.arange(K).expand(B, K), position_BQ=pos_BK,
-            input_ids=tokens_B[:, None].expand(B, K), attention_mask=masks, past_key_values=self.cache,
-        ).logits
+        if K > 1 and self.fan_out and roster.can_fan_out:
+            masks_1 = member_masks(roster.windows, self.pos_BP, self.valid_BP, pos_B[:, None], roster.mask_dtype)
+            logits_BKV = roster.fan_out_forward(
+                member_BK=torch.arange(K).expand(B, K), position_B=pos_B, input_ids_B=tokens_B,
+                masks_1=masks_1, masks_K=masks, cache=self.cache,
+            ).logits
+        else:
+            logits_BKV = roster.forward(
+                member_BQ=torch.arange(K).expand(B, K), position_BQ=pos_BK,
+                input_ids=tokens_B[:, None].expand(B, K), attention_mask=masks, past_key_values=self.cache,
+            ).logits
         self.pos_BP = torch.cat([self.pos_BP, pos_B[:, None]], dim=1)
         self.valid_BP = torch.cat([self.valid_BP, torch.ones(B, 1, dtype=torch.bool)], dim=1)
         return roster.combine(logits_BKV, dim=1)
@@ -183,6 +190,7 @@ def generate(
     tokenizer=None,
     streamer=None,
     callback: Callable[[torch.Tensor], None] | None = None,
+    on_step: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Generate up to ``max_new_tokens`` per prompt with the roster; returns [B, S + new].
 
@@ -190,7 +198,8 @@ def generate(
     ``eos_token_id`` (default: the model's generation config) or when the decoded continuation
     contains one of ``stop_strings`` (needs ``tokenizer``); finished prompts are padded with
     ``pad_token_id``. ``streamer`` is a transformers streamer (``put``/``end``); ``callback``
-    receives each step's tokens [B].
+    receives each step's tokens [B]; ``on_step`` receives the tokens and the aggregated RoE
+    log-probs [B, V] they were chosen from (before temperature and top-p).
     """
     mask_BS = check_inputs(input_ids, attention_mask)
     _check_options(max_new_tokens, do_sample, temperature, top_p, stop_strings, tokenizer)
@@ -221,6 +230,8 @@ def generate(
             streamer.put(chosen_B.cpu())
         if callback is not None:
             callback(chosen_B)
+        if on_step is not None:
+            on_step(chosen_B, logprobs_BV)
         done_B |= torch.isin(chosen_B, eos_V)
         if stop_strings:
             done_B |= _hit_stop(tokenizer, torch.stack(new_tokens, dim=1), stop_strings)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 
@@ -83,7 +84,27 @@ class Roster:
         adapters.resolve_rules(model, self.slots)
         self.plan: NoisePlan | None = None
         self.tau_L = self.schedule.tau
+        self.clean_prefix = self._clean_prefix()
+        self._axes: dict[tuple, int | None] | None = None  # found on first use (_query_axes)
         self._install()
+
+    def _clean_prefix(self) -> tuple[torch.nn.ModuleList, int] | None:
+        """The decoder layers and the index of the first one with a noisy router, when some come before it.
+
+        Every layer before it computes the same thing for all members, so a decode step can run
+        them once per prompt and fan the hidden states out to the K members there (``fan_out``).
+        """
+        noisy = [slot for slot, tau in zip(self.slots, self.tau_L, strict=True) if tau > 0]
+        if not noisy:
+            return None
+        parts = noisy[0].path.split(".")
+        for cut in range(len(parts) - 1, 0, -1):
+            parent = self.model.get_submodule(".".join(parts[:cut - 1])) if cut > 1 else self.model
+            holder = getattr(parent, parts[cut - 1], None)
+            if isinstance(holder, torch.nn.ModuleList) and parts[cut].isdigit():
+                start = int(parts[cut])
+                return (holder, start) if start > 0 else None
+        return None
 
     @property
     def members(self) -> int:
@@ -137,6 +158,111 @@ class Roster:
             return self.model(position_ids=position_BQ, output_router_logits=False, **model_kwargs)
         finally:
             self.plan = None
+
+    def _query_axes(self) -> dict[tuple, int | None] | None:
+        """Where each input of the first noisy layer holds the query rows, found by probing.
+
+        Two clean decode-like forwards (1 and 2 query rows over a stored 2-token history)
+        capture that layer's inputs; an input whose shape differs in exactly one axis holds the
+        query rows there, one whose shape does not differ is shared. Returns None (no fan-out)
+        if some input changes in another way and is not one of the masks we pass in.
+        """
+        layers, start = self.clean_prefix
+        seen: list[tuple[dict, set[int]]] = []
+        for q in (1, 2):
+            cache = CleanCache()
+            prefix = torch.zeros(1, 2, dtype=torch.long)
+            self.clean_forward(prefix, torch.ones_like(prefix, dtype=torch.bool), cache)
+            cache.commit = 1
+            masks = member_masks(self.windows, torch.arange(2)[None], torch.ones(1, 2, dtype=torch.bool),
+                                 torch.full((1, q), 2), self.mask_dtype)
+            captured: dict[tuple, torch.Tensor] = {}
+
+            def capture(_module, args, kwargs, into=captured):
+                into.update(_leaves(("args",), args) | _leaves(("kwargs",), kwargs))
+
+            handle = layers[start].register_forward_pre_hook(capture, with_kwargs=True)
+            try:
+                with torch.no_grad():
+                    self.model(input_ids=torch.zeros(1, q, dtype=torch.long), position_ids=torch.full((1, q), 2),
+                               attention_mask=masks, past_key_values=cache, use_cache=True, output_router_logits=False)
+            finally:
+                handle.remove()
+            seen.append((captured, {id(m) for m in _mask_values(masks)}))
+        (one, masks_one), (two, masks_two) = seen
+        axes: dict[tuple, int | None] = {}
+        for path, t1 in one.items():
+            t2 = two.get(path)
+            if id(t1) in masks_one and t2 is not None and id(t2) in masks_two:
+                continue
+            if t2 is None or t1.dim() != t2.dim():
+                return None
+            changed = [i for i, (a, b) in enumerate(zip(t1.shape, t2.shape, strict=True)) if a != b]
+            if not changed:
+                axes[path] = None
+            elif len(changed) == 1 and t1.shape[changed[0]] == 1 and t2.shape[changed[0]] == 2:
+                axes[path] = changed[0]
+            else:
+                return None
+        return axes
+
+    def fan_out_forward(self, *, member_BK: torch.Tensor, position_B: torch.Tensor, input_ids_B: torch.Tensor,
+                        masks_1, masks_K, cache: CleanCache):
+        """A decode step that runs the clean prefix layers once per prompt, then the K members.
+
+        The model sees one query row per prompt (``masks_1``); a pre-hook on every layer from
+        the first one with a noisy router repeats the hidden states and per-query inputs to the
+        K member rows (the query axis of each input found by ``_query_axes``) and swaps in the
+        K-row masks. Layers before it are identical for all members, so the result equals
+        ``forward`` on K rows while those layers cost 1/K.
+        """
+        layers, start = self.clean_prefix
+        if self._axes is None:
+            self._axes = self._query_axes() or {}
+        if not self._axes:
+            raise RuntimeError("fan-out is not available for this model")
+        B, K = member_BK.shape
+        swaps = {id(m1): mk for m1, mk in zip(_mask_values(masks_1), _mask_values(masks_K), strict=True)}
+
+        def widen(path: tuple, value: Any) -> Any:
+            if isinstance(value, torch.Tensor):
+                if id(value) in swaps:
+                    return swaps[id(value)]
+                axis = self._axes.get(path)
+                if axis is None:
+                    return value
+                shape = list(value.shape)
+                shape[axis] = K
+                swaps[id(value)] = wide = value.expand(shape).contiguous()
+                return wide
+            if isinstance(value, (tuple, list)):
+                return type(value)(widen(path + (i,), v) for i, v in enumerate(value))
+            return value
+
+        def hook(_module, args, kwargs):
+            return widen(("args",), args), {k: widen(("kwargs", k), v) for k, v in kwargs.items()}
+
+        handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers[start:]]
+        self.plan = NoisePlan.for_rows(
+            seed=self.cfg.seed, member_T=member_BK.reshape(-1), position_T=position_B[:, None].expand(B, K).reshape(-1),
+            tau_L=self.tau_L, noisy_weights=self.cfg.noisy_weights,
+        )
+        try:
+            return self.model(input_ids=input_ids_B[:, None], position_ids=position_B[:, None], attention_mask=masks_1,
+                              past_key_values=cache, use_cache=True, output_router_logits=False)
+        finally:
+            self.plan = None
+            for handle in handles:
+                handle.remove()
+
+    @property
+    def can_fan_out(self) -> bool:
+        """True when decode steps can run the clean prefix layers once (see ``fan_out_forward``)."""
+        if self.clean_prefix is None or self.strategy != "fold":
+            return False
+        if self._axes is None:
+            self._axes = self._query_axes() or {}
+        return bool(self._axes)
 
     def clean_forward(self, input_ids, mask_BS, cache: CleanCache):
         """The untouched model on (left-padded) rows, storing every position in ``cache``."""
@@ -192,6 +318,21 @@ class Roster:
         logits = self.forward(member_BQ=member_BQ, position_BQ=pos_BQ, input_ids=ids_BQ,
                               attention_mask=masks, past_key_values=cache).logits
         return torch.log_softmax(logits.float(), dim=-1).view(B, M, S, -1)
+
+
+def _leaves(path: tuple, value: Any) -> dict[tuple, torch.Tensor]:
+    """The tensors inside nested tuples/lists/dicts, by path."""
+    if isinstance(value, torch.Tensor):
+        return {path: value}
+    if isinstance(value, (tuple, list)):
+        return {k: v for i, item in enumerate(value) for k, v in _leaves(path + (i,), item).items()}
+    if isinstance(value, dict):
+        return {k: v for name, item in value.items() for k, v in _leaves(path + (name,), item).items()}
+    return {}
+
+
+def _mask_values(masks) -> list[torch.Tensor]:
+    return list(masks.values()) if isinstance(masks, dict) else [masks]
 
 
 @contextmanager

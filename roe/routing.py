@@ -22,7 +22,7 @@ touches torch's global RNG.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -63,12 +63,18 @@ def uniform_from_keys(keys: torch.Tensor) -> torch.Tensor:
     return (_shr(keys, 40).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
 
 
-def keyed_gumbel(keys_T: torch.Tensor, layer: int, num_experts: int) -> torch.Tensor:
-    """Gumbel(0, 1) noise [T, E] for MoE layer ``layer``, a pure function of the row keys."""
+def keyed_gumbel(keys_T: torch.Tensor, layer: int | list[int], num_experts: int) -> torch.Tensor:
+    """Gumbel(0, 1) noise [T, E] for MoE layer ``layer``, a pure function of the row keys.
+
+    Given a list of layers, returns [L, T, E] for all of them in one pass (same values).
+    """
+    layers = [layer] if isinstance(layer, int) else layer
     expert_E = torch.arange(num_experts, dtype=torch.int64, device=keys_T.device)
-    layer_keys_T = mix64(keys_T + _signed(layer * _MIX2))
-    uniform_TE = uniform_from_keys(mix64(layer_keys_T[:, None] + expert_E))
-    return -torch.log(-torch.log(uniform_TE))
+    offset_L = torch.tensor([_signed(lay * _MIX2) for lay in layers], dtype=torch.int64, device=keys_T.device)
+    layer_keys_LT = mix64(keys_T[None, :] + offset_L[:, None])
+    uniform_LTE = uniform_from_keys(mix64(layer_keys_LT[..., None] + expert_E))
+    gumbel_LTE = -torch.log(-torch.log(uniform_LTE))
+    return gumbel_LTE[0] if isinstance(layer, int) else gumbel_LTE
 
 
 def sampling_uniform(seed: int, position_B: torch.Tensor) -> torch.Tensor:
@@ -90,15 +96,25 @@ class NoisePlan:
     noisy_T: torch.Tensor
     tau_L: tuple[float, ...]
     noisy_weights: bool = False
+    _drawn: dict = field(default_factory=dict, repr=False, compare=False)
 
     def noise(self, layer: int, logits_TE: torch.Tensor) -> torch.Tensor | None:
-        """tau_l * G on the noisy rows, exact zeros on the clean ones; None if the layer is clean."""
+        """tau_l * G on the noisy rows, exact zeros on the clean ones; None if the layer is clean.
+
+        The first call draws the noise of every noisy layer with the same expert count at once
+        (one pass of the hash instead of one per layer); later calls read it.
+        """
         tau = self.tau_L[layer]
         if tau == 0.0:
             return None
-        gumbel_TE = keyed_gumbel(self.keys_T, layer, logits_TE.shape[-1])
-        scale_T = self.noisy_T.to(torch.float32) * tau
-        return (gumbel_TE * scale_T[:, None]).to(logits_TE.dtype)
+        num_experts = logits_TE.shape[-1]
+        if (layer, num_experts) not in self._drawn:
+            layers = [i for i, t in enumerate(self.tau_L) if t != 0.0 and (i, num_experts) not in self._drawn]
+            tau_L1 = torch.tensor([self.tau_L[i] for i in layers], dtype=torch.float32)[:, None]
+            scale_LT = self.noisy_T.to(torch.float32)[None, :] * tau_L1
+            noise_LTE = keyed_gumbel(self.keys_T, layers, num_experts) * scale_LT[..., None]
+            self._drawn.update({(i, num_experts): noise_LTE[j] for j, i in enumerate(layers)})
+        return self._drawn[(layer, num_experts)].to(logits_TE.dtype)
 
     @classmethod
     def for_rows(cls, *, seed: int, member_T: torch.Tensor, position_T: torch.Tensor,

@@ -9,11 +9,15 @@ prompt the same tokens in a batch as alone, so a response never depends on its b
 
 RoE settings are extra request fields (``roster_size``, ``tau``, ``schedule``, ``seed``,
 ``skip_first``, ``skip_last``) with the server's defaults. ``n`` > 1 gives choice i the seed
-``seed + i``. This module knows nothing of routers or caches. FastAPI and uvicorn are imported
+``seed + i``. ``logprobs`` (completions: a count; chat: ``logprobs``/``top_logprobs``) report
+the log-probability of each generated token under the RoE aggregate the engine chose it from
+(the members' averaged distribution, before temperature and top-p), and the most likely
+alternatives. This module knows nothing of routers or caches. FastAPI and uvicorn are imported
 lazily: ``pip install 'roe[serve]'``.
 """
 
 import asyncio
+import functools
 import json
 import logging
 import math
@@ -105,6 +109,7 @@ class Parsed:
     max_tokens: int
     stream: bool
     include_usage: bool
+    top_logprobs: int | None = None  # None: no logprobs; n: the chosen token's log-prob and the n most likely
 
 
 def _int(body: dict, name: str, default: int, lo: int, hi: int | None = None) -> int:
@@ -224,6 +229,34 @@ def _chat_prompts(body: dict, tokenizer) -> list[list[int]]:
     return [chat_prompt_ids(tokenizer, plain)]
 
 
+MAX_TOP_LOGPROBS = 20
+
+
+def _logprobs(body: dict, chat: bool) -> int | None:
+    """How many alternatives to return per token, or None when logprobs are not requested.
+
+    Completions: ``logprobs`` is the count (0-20). Chat: ``logprobs`` is a boolean and
+    ``top_logprobs`` the count (0-20, only with ``logprobs: true``).
+    """
+    if not chat:
+        value = body.get("logprobs")
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOP_LOGPROBS:
+            raise ApiError(400, f"logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {value!r}",
+                           param="logprobs")
+        return value
+    wanted, top = body.get("logprobs"), body.get("top_logprobs")
+    if wanted not in (None, True, False):
+        raise ApiError(400, f"logprobs must be a boolean, got {wanted!r}", param="logprobs")
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS):
+        raise ApiError(400, f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {top!r}",
+                       param="top_logprobs")
+    if top and not wanted:
+        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    return (top or 0) if wanted else None
+
+
 def parse_request(body, *, chat: bool, cfg: ServeConfig, tokenizer, vocab: int, context: int | None,
                   moe_layers: int) -> Parsed:
     """Validate an OpenAI request body; every problem is an ``ApiError`` (4xx)."""
@@ -233,8 +266,7 @@ def parse_request(body, *, chat: bool, cfg: ServeConfig, tokenizer, vocab: int, 
     if model is not None and model != cfg.model_id:
         raise ApiError(404, f"the model {model!r} does not exist; this server serves {cfg.model_id!r}",
                        param="model", code="model_not_found")
-    if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs") not in (None, 0):
-        raise ApiError(400, "logprobs are not supported by roe serve", param="logprobs", code="unsupported")
+    top_logprobs = _logprobs(body, chat)
     if body.get("echo") or body.get("suffix") or body.get("best_of") not in (None, 1):
         raise ApiError(400, "echo, suffix and best_of are not supported by roe serve", code="unsupported")
     default_tokens = 16 if not chat else min(cfg.max_tokens_limit, 256)
@@ -253,7 +285,8 @@ def parse_request(body, *, chat: bool, cfg: ServeConfig, tokenizer, vocab: int, 
         raise ApiError(400, f"stream must be a boolean, got {stream!r}", param="stream")
     options = body.get("stream_options") or {}
     include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
-    return Parsed(prompts, cfgs, [(*k, sampling) for k in keys], sampling, max_tokens, stream, include_usage)
+    return Parsed(prompts, cfgs, [(*k, sampling) for k in keys], sampling, max_tokens, stream, include_usage,
+                  top_logprobs)
 
 
 # ---------------------------------------------------------------- the worker
@@ -269,7 +302,9 @@ class Job:
     prompt_ids: list[int]
     max_tokens: int
     index: int
-    emit: Callable[[tuple], None]  # thread-safe: ("token", index, id) / ("end", index, None) / ("error", ...)
+    # thread-safe: ("token", index, (id, logprobs or None)) / ("end", index, None) / ("error", index, message)
+    emit: Callable[[tuple], None]
+    top_logprobs: int | None = None
     cancelled: bool = False
 
 
@@ -286,18 +321,23 @@ def run_batch(model, tokenizer, jobs: list[Job], pad_id: int) -> None:
         ids_BS[b, width - len(job.prompt_ids):] = torch.tensor(job.prompt_ids)
         mask_BS[b, width - len(job.prompt_ids):] = 1
 
-    def callback(chosen_B: torch.Tensor) -> None:
+    def on_step(chosen_B: torch.Tensor, logprobs_BV: torch.Tensor) -> None:
         if all(job.cancelled for job in jobs):
             raise _Abandoned
-        for job, token in zip(jobs, chosen_B.tolist()):
-            job.emit(("token", job.index, token))
+        for b, (job, token) in enumerate(zip(jobs, chosen_B.tolist())):
+            info = None
+            if job.top_logprobs is not None:
+                top = logprobs_BV[b].topk(job.top_logprobs) if job.top_logprobs else None
+                info = (logprobs_BV[b, token].item(),
+                        list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else [])
+            job.emit(("token", job.index, (token, info)))
 
     s = jobs[0].sampling
     with roe.roster(model, jobs[0].cfg) as r:
         try:
             r.generate(ids_BS, mask_BS, max_new_tokens=max(job.max_tokens for job in jobs), do_sample=s.do_sample,
                        temperature=s.temperature, top_p=s.top_p, stop_strings=list(s.stop) or None,
-                       tokenizer=tokenizer, pad_token_id=pad_id, callback=callback)
+                       tokenizer=tokenizer, pad_token_id=pad_id, on_step=on_step)
         except _Abandoned:
             pass
     for job in jobs:
@@ -371,6 +411,31 @@ class Worker:
 # ---------------------------------------------------------------- tokens -> text
 
 
+def token_bytes(tokenizer, token_id: int) -> bytes:
+    """The bytes a token stands for (exact for byte-level BPE, whose tokens may hold part of a character)."""
+    table = _byte_of_char()
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    if isinstance(piece, str) and piece and all(ch in table for ch in piece):
+        return bytes(table[ch] for ch in piece)
+    return tokenizer.decode([token_id]).encode()
+
+
+@functools.cache
+def _byte_of_char() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in character -> the byte it stands for."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {ch: b for b, ch in bytes_to_unicode().items()}
+
+
+def token_text(raw: bytes) -> str:
+    """A token's text, or OpenAI's ``bytes:\\xNN`` form when it is not whole UTF-8 on its own."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
 @dataclass
 class ChoiceText:
     """The text of one choice: its tokens up to eos, cut before a stop string, at most max_tokens."""
@@ -380,16 +445,19 @@ class ChoiceText:
     stop: tuple[str, ...]
     max_tokens: int
     tokens: list[int] = field(default_factory=list)
+    infos: list = field(default_factory=list)  # per token: (logprob, [(id, logprob), ...]) or None
     finish: str | None = None
     sent: int = 0
+    infos_sent: int = 0
 
-    def add(self, token: int) -> None:
+    def add(self, token: int, info=None) -> None:
         if self.finish:
             return
         if token in self.eos:
             self.finish = "stop"
             return
         self.tokens.append(token)
+        self.infos.append(info)
         if self.stop and any(s in self._decoded() for s in self.stop):
             self.finish = "stop"
         elif len(self.tokens) >= self.max_tokens:
@@ -405,6 +473,34 @@ class ChoiceText:
         text = self._decoded()
         cuts = [text.find(s) for s in self.stop if s in text]
         return text[: min(cuts)] if cuts else text
+
+    def covered(self, chars: int) -> int:
+        """How many leading tokens the first ``chars`` characters of the text hold entirely."""
+        k = len(self.tokens)
+        while k and len(self.tokenizer.decode(self.tokens[:k], skip_special_tokens=True)) > chars:
+            k -= 1
+        return k
+
+    def logprobs(self, chat: bool, upto: int | None = None) -> dict | None:
+        """OpenAI logprobs of the tokens not yet reported whose text is within ``upto`` characters
+        (default: the whole final text); None when the request did not ask for logprobs."""
+        if not self.infos or self.infos[0] is None:
+            return None
+        end = self.covered(len(self.text()) if upto is None else upto)
+        first, self.infos_sent = self.infos_sent, max(self.infos_sent, end)
+        entries = [(i, *self.infos[i]) for i in range(first, end)]
+        if chat:
+            def item(token_id, logprob):
+                raw = token_bytes(self.tokenizer, token_id)
+                return {"token": token_text(raw), "logprob": logprob, "bytes": list(raw)}
+
+            return {"content": [{**item(self.tokens[i], lp), "top_logprobs": [item(t, v) for t, v in top]}
+                                for i, lp, top in entries], "refusal": None}
+        text = lambda t: token_text(token_bytes(self.tokenizer, t))  # noqa: E731
+        return {"tokens": [text(self.tokens[i]) for i, _, _ in entries], "token_logprobs": [lp for _, lp, _ in entries],
+                "top_logprobs": [{text(t): v for t, v in top} for _, _, top in entries],
+                "text_offset": [len(self.tokenizer.decode(self.tokens[:i], skip_special_tokens=True))
+                                for i, _, _ in entries]}
 
     def delta(self) -> str:
         """New text safe to stream: holds back a possible stop-string prefix and a partial character."""
@@ -451,7 +547,8 @@ class Service:
         def emit(event: tuple) -> None:
             loop.call_soon_threadsafe(events.put_nowait, event)
 
-        jobs = [Job(parsed.keys[i % n], parsed.cfgs[i % n], parsed.sampling, ids, parsed.max_tokens, p * n + i, emit)
+        jobs = [Job(parsed.keys[i % n], parsed.cfgs[i % n], parsed.sampling, ids, parsed.max_tokens, p * n + i, emit,
+                    parsed.top_logprobs)
                 for p, ids in enumerate(parsed.prompts) for i in range(n)]
         choices = [ChoiceText(self.tokenizer, self.eos, parsed.sampling.stop, parsed.max_tokens) for _ in jobs]
         self.worker.submit(jobs)
@@ -473,7 +570,7 @@ class Service:
             if was_finished:
                 continue
             if kind == "token":
-                choice.add(value)
+                choice.add(*value)
             else:
                 choice.end()
             piece = choice.delta()
@@ -487,14 +584,15 @@ def _usage(parsed: Parsed, choices: list[ChoiceText]) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _choice(chat: bool, index: int, text: str | None, finish: str | None, *, delta: bool = False) -> dict:
+def _choice(chat: bool, index: int, text: str | None, finish: str | None, *, delta: bool = False,
+            logprobs: dict | None = None) -> dict:
     if not chat:
-        return {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
+        return {"index": index, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
     if delta:
         return {"index": index, "delta": {} if text is None else {"content": text}, "finish_reason": finish,
-                "logprobs": None}
+                "logprobs": logprobs}
     return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
-            "logprobs": None}
+            "logprobs": logprobs}
 
 
 def create_app(model, tokenizer, cfg: ServeConfig | None = None):
@@ -554,7 +652,8 @@ def create_app(model, tokenizer, cfg: ServeConfig | None = None):
             for job in jobs:
                 job.cancelled = True
         return {**head, "object": "chat.completion" if chat else "text_completion",
-                "choices": [_choice(chat, i, c.text(), c.finish) for i, c in enumerate(choices)],
+                "choices": [_choice(chat, i, c.text(), c.finish, logprobs=c.logprobs(chat))
+                            for i, c in enumerate(choices)],
                 "usage": _usage(parsed, choices)}
 
     async def _stream(head, chat, parsed, jobs, choices, events):
@@ -569,7 +668,8 @@ def create_app(model, tokenizer, cfg: ServeConfig | None = None):
                               "logprobs": None} for i in range(len(choices))])
             async for index, piece, finish in service.updates(choices, events):
                 if piece:
-                    yield chunk([_choice(chat, index, piece, None, delta=True)])
+                    logprobs = choices[index].logprobs(chat, upto=choices[index].sent)
+                    yield chunk([_choice(chat, index, piece, None, delta=True, logprobs=logprobs)])
                 if finish:
                     yield chunk([_choice(chat, index, None if chat else "", finish, delta=True)])
             if parsed.include_usage:

@@ -73,3 +73,32 @@ def test_hash_routed_layers_stay_clean():
         assert len(r.slots) == 2
         assert all(not hasattr(slot.module, "tid2eid") for slot in r.slots)
         assert "forward" not in hash_routers[0].__dict__
+
+
+PREFIX_CLEAN = roe.RoEConfig(roster_size=3, tau=1.0, skip_first=1, skip_last=0)
+
+
+@pytest.mark.parametrize("name", [n for n in families.FAMILIES if n not in REFUSED])
+def test_fan_out_of_the_clean_prefix_equals_the_full_roster(name):
+    """Running the layers before the first noisy router once per prompt changes nothing.
+
+    Two prompts of different lengths (left padding), 4 decode steps: the decode step that fans
+    out at the first noisy layer gives the log-probs of the step that runs all K rows throughout.
+    """
+    from roe.engine import FoldedDecoder
+
+    model = families.build(name)
+    gen = torch.Generator().manual_seed(1)
+    rows = [torch.randint(3, families.VOCAB, (n,), generator=gen) for n in (5, 3)]
+    with roe.roster(model, PREFIX_CLEAN) as r:
+        if r.strategy != "fold" or r.clean_prefix is None:
+            pytest.skip(f"{name}: no clean prefix to fan out from (strategy {r.strategy})")
+        assert r.clean_prefix[1] >= 1
+        assert r.can_fan_out, f"{name}: the query axes of the layer inputs were not found"
+        fast, full = FoldedDecoder(r, rows), FoldedDecoder(r, rows, fan_out=False)
+        tokens, pos = torch.stack([row[-1] for row in rows]), torch.tensor([len(row) - 1 for row in rows])
+        for _ in range(4):
+            with torch.no_grad():
+                got, want = fast.step(tokens, pos), full.step(tokens, pos)
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+            tokens, pos = want.argmax(-1), pos + 1

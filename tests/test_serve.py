@@ -168,7 +168,8 @@ BAD = [
     ({"prompt": ""}, 400, "prompt"),
     ({"prompt": []}, 400, "prompt"),
     ({"prompt": list(range(2, 252)), "max_tokens": 8}, 400, "prompt"),
-    ({"prompt": "hi", "logprobs": 2}, 400, "logprobs"),
+    ({"prompt": "hi", "logprobs": 21}, 400, "logprobs"),
+    ({"prompt": "hi", "logprobs": "yes"}, 400, "logprobs"),
     ({"prompt": "hi", "schedule": "/no/such/schedule.json"}, 400, "schedule"),
     ({"prompt": "hi", "skip_first": 2, "skip_last": 2}, 400, None),
     ({"prompt": "hi", "temperature": "warm"}, 400, "temperature"),
@@ -185,6 +186,81 @@ def test_bad_input_is_an_openai_error_and_the_server_stays_up(server, body, stat
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     assert error["param"] == param
     assert_alive(server)
+
+
+def test_completion_logprobs_are_the_roster_aggregate(server, offline_model):
+    """token_logprobs are the RoE log-probs ``score`` gives the generated tokens; top_logprobs hold the
+    most likely tokens, the chosen (greedy) one first."""
+    from roe.serve import token_bytes, token_text
+
+    prompt = "To be, or not to be"
+    got = server.client.completions.create(model="tiny", prompt=prompt, max_tokens=6, logprobs=3, seed=0)
+    choice, lp = got.choices[0], got.choices[0].logprobs
+    model, tokenizer = offline_model
+    ids = tokenizer(prompt).input_ids
+    with roe.roster(model, roe.RoEConfig(**SETTINGS)) as r:
+        out = r.generate(torch.tensor([ids]), max_new_tokens=6)
+        generated = out[0, len(ids):].tolist()[: len(lp.tokens)]
+        score = r.score(out)[0]
+    assert len(lp.tokens) == len(generated) > 0
+    want = [score[len(ids) - 1 + i, t].item() for i, t in enumerate(generated)]
+    assert lp.token_logprobs == pytest.approx(want, abs=1e-4)
+    raw = [token_bytes(tokenizer, t) for t in generated]
+    assert lp.tokens == [token_text(b) for b in raw]
+    assert b"".join(raw).decode(errors="replace") == choice.text
+    for token, top, value in zip(lp.tokens, lp.top_logprobs, lp.token_logprobs, strict=True):
+        assert len(top) == 3 and max(top.values()) == pytest.approx(value, abs=1e-6) and top[token] == value
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+
+
+def test_chat_logprobs_format_and_streaming_agree(server):
+    messages = [{"role": "user", "content": "In the beginning"}]
+    kwargs = dict(model="tiny", messages=messages, max_tokens=6, logprobs=True, top_logprobs=2)
+    whole = server.client.chat.completions.create(**kwargs)
+    content = whole.choices[0].logprobs.content
+    assert b"".join(bytes(item.bytes) for item in content).decode(errors="replace") == whole.choices[0].message.content
+    assert all(len(item.top_logprobs) == 2 and item.top_logprobs[0].logprob >= item.top_logprobs[1].logprob
+               and item.logprob <= 0 for item in content)
+    streamed = [item for chunk in server.client.chat.completions.create(**kwargs, stream=True)
+                for c in chunk.choices if c.logprobs for item in c.logprobs.content]
+    assert [(i.token, round(i.logprob, 5)) for i in streamed] == [(i.token, round(i.logprob, 5)) for i in content]
+    plain = server.client.chat.completions.create(model="tiny", messages=messages, max_tokens=6)
+    assert plain.choices[0].logprobs is None
+    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+        server.client.chat.completions.create(model="tiny", messages=messages, max_tokens=2, top_logprobs=2)
+
+
+def test_token_id_prompts_equal_text_prompts(server, offline_model):
+    ids = offline_model[1]("In the beginning").input_ids
+    by_ids = server.client.completions.create(model="tiny", prompt=ids, max_tokens=5)
+    by_text = server.client.completions.create(model="tiny", prompt="In the beginning", max_tokens=5)
+    assert by_ids.choices[0].text == by_text.choices[0].text
+    assert by_ids.usage.prompt_tokens == len(ids)
+
+
+def test_a_full_queue_answers_429_under_real_load(saved_model):
+    """Many concurrent clients against a queue of 2: some get 429 (rate_limit_error), the rest are
+    answered correctly, and the server keeps answering afterwards."""
+    model, tokenizer = roe.load(saved_model)
+    cfg = ServeConfig(model_id="tiny", **SETTINGS, max_queue=2, max_batch=1, threads=1, max_tokens_limit=32)
+    app = create_app(model, tokenizer, cfg)
+    with running(app) as (_, url):
+        client = OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+
+        def ask(i):
+            try:
+                return client.completions.create(model="tiny", prompt=f"request {i}", max_tokens=24).choices[0]
+            except openai.RateLimitError as err:
+                return err
+
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(ask, range(16)))
+        limited = [r for r in results if isinstance(r, openai.RateLimitError)]
+        answered = [r for r in results if not isinstance(r, openai.RateLimitError)]
+        assert limited and answered, f"{len(limited)} limited, {len(answered)} answered"
+        assert all(e.status_code == 429 and e.body["code"] == "queue_full" for e in limited)
+        assert all(c.finish_reason in ("stop", "length") for c in answered)
+        assert client.completions.create(model="tiny", prompt="after", max_tokens=2).choices
 
 
 @pytest.mark.parametrize("content, kwargs", [

@@ -27,3 +27,12 @@ def test_tiny_training_learns_checkpoints_and_resumes(tmp_path):
     train.main([*args, "--max-steps", "15", "--resume"])
     steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
     assert max(steps) == 15 and 13 in steps
+    # Continued training from the saved fp16 weights: the first validation loss is the trained one,
+    # far below a fresh model's.
+    fresh = tmp_path / "fresh"
+    train.main([*args, "--out", str(fresh), "--max-steps", "1", "--lr", "1e-9"])
+    cont = tmp_path / "cont"
+    train.main([*args, "--out", str(cont), "--max-steps", "1", "--lr", "1e-9", "--init", str(out / "final")])
+    first = {run: json.loads((run / "log.jsonl").read_text().splitlines()[0])["val_loss"] for run in (fresh, cont)}
+    assert first[cont] < first[fresh] - 1.0, first
+    assert abs(first[cont] - vals[-1]) < 0.5, (first, vals[-1])

@@ -102,12 +102,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=Path("data/tokenizer"))
     ap.add_argument("--encode", action="store_true", help="also write the token .bin files")
     ap.add_argument("--tokens", type=Path, default=None, help="output dir for --encode (default: <corpus>/../tokens)")
+    ap.add_argument("--existing", type=Path, default=None,
+                    help="encode with this saved tokenizer (e.g. roe/assets/default) instead of training one")
     args = ap.parse_args(argv)
 
     t0 = time.time()
-    tokenizer = train_tokenizer(args.corpus / "train.txt", args.vocab_size)
+    if args.existing is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(args.existing))
+        print(f"using the tokenizer in {args.existing} (vocab {len(tokenizer)})", flush=True)
+    else:
+        tokenizer = train_tokenizer(args.corpus / "train.txt", args.vocab_size)
+        print(f"trained BPE vocab {len(tokenizer)} in {time.time() - t0:.1f} s -> {args.out}", flush=True)
     tokenizer.save_pretrained(str(args.out))
-    print(f"trained BPE vocab {len(tokenizer)} in {time.time() - t0:.1f} s -> {args.out}", flush=True)
     if args.encode:
         encode_corpus(tokenizer, args.corpus, args.tokens or args.corpus.parent / "tokens")
 

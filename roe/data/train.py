@@ -146,12 +146,32 @@ def load_checkpoint_model(out: Path, tokenizer_dir: Path):
     return model.eval(), state
 
 
+def load_init_weights(model, init: Path) -> None:
+    """Copy saved weights (a save_pretrained directory, fp16 allowed) into ``model``; shapes must match."""
+    from transformers import AutoModelForCausalLM
+
+    if not (Path(init) / "config.json").exists():
+        raise SystemExit(f"--init {init}: not a saved model directory (no config.json)")
+    saved = AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32).state_dict()
+    own = model.state_dict()
+    bad = [k for k in own if k not in saved or saved[k].shape != own[k].shape]
+    if bad:
+        raise SystemExit(f"--init {init}: weights do not fit this config (first mismatches: {bad[:3]})")
+    model.load_state_dict(saved)
+    print(f"initialised from {Path(init).name} ({len(saved)} tensors)", flush=True)
+
+
 def load_split(data: Path, split: str) -> np.ndarray:
     return np.fromfile(data / f"{split}.bin", dtype=np.uint16)
 
 
-def train(cfg: TrainConfig, data: Path, tokenizer_dir: Path, out: Path, resume: bool) -> None:
-    """Train for cfg.minutes of wall-clock time, resuming from out/ckpt.pt when asked."""
+def train(cfg: TrainConfig, data: Path, tokenizer_dir: Path, out: Path, resume: bool,
+          init: Path | None = None) -> None:
+    """Train for cfg.minutes of wall-clock time, resuming from out/ckpt.pt when asked.
+
+    ``init`` warm-starts from saved weights (e.g. the shipped model) with a fresh optimiser and
+    a fresh warm-up + cosine schedule: continued training, not a resume.
+    """
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
@@ -159,6 +179,8 @@ def train(cfg: TrainConfig, data: Path, tokenizer_dir: Path, out: Path, resume: 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     train_tokens, val_tokens = load_split(data, "train"), load_split(data, "validation")
     model = build_model(cfg, len(tokenizer), tokenizer.eos_token_id)
+    if init is not None:
+        load_init_weights(model, init)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     optimizer = torch.optim.AdamW(
@@ -221,16 +243,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokenizer", type=Path, default=Path("data/tokenizer"))
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="warm-start from saved weights (a model directory), fresh optimiser and schedule")
     parser.add_argument("--threads", type=int, default=2)
     for field, default in asdict(TrainConfig()).items():
         parser.add_argument(f"--{field.replace('_', '-')}", type=type(default), default=default)
     args = vars(parser.parse_args(argv))
-    data, tok, out, resume, threads = (args.pop(k) for k in ("data", "tokenizer", "out", "resume", "threads"))
+    data, tok, out, resume, init, threads = (
+        args.pop(k) for k in ("data", "tokenizer", "out", "resume", "init", "threads"))
     torch.set_num_threads(threads)
     cfg = TrainConfig(**args)
     if cfg.preset not in PRESETS:
         parser.error(f"unknown preset {cfg.preset!r}; choose from {sorted(PRESETS)}")
-    train(cfg, data, tok, out, resume)
+    train(cfg, data, tok, out, resume, init)
 
 
 if __name__ == "__main__":
