@@ -89,3 +89,50 @@ def _schedule(directory):
     path = directory / "short.json"
     Schedule(tau=(0.0, 0.1)).save(path)
     return path
+
+
+def test_lm_eval_reproduces_the_builtin_tasks(capsys, saved_model, text_file, tmp_path, monkeypatch):
+    """The exported tasks, run by the real lm-eval with the ``roe`` model, give `roe tasks`' numbers:
+    the same accuracies and, item for item, the same candidate log-likelihoods and generated words,
+    for the untouched model (roster_size=1) and for RoE."""
+    lm_eval = pytest.importorskip("lm_eval")
+    import datasets.config
+    import huggingface_hub.constants
+    from lm_eval.tasks import TaskManager
+
+    from roe.lm_eval import RoELM
+
+    export = tmp_path / "lm_eval"
+    main(["tasks", "--model", str(saved_model), "--text", str(text_file), "-K", "3", "--tau", "0.5",
+          "--items", "8", "--export", str(export), "--json"])
+    ours = {(r["task"], r["model"]): r["accuracy"] for r in
+            json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]}
+    mc_items = [tasks.ChoiceItem(**json.loads(line)) for line in (export / "roe_next_line.jsonl").open()]
+    word_items = [tasks.WordItem(**json.loads(line)) for line in (export / "roe_last_word.jsonl").open()]
+    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        monkeypatch.setenv(var, "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    manager = TaskManager(include_path=str(export), include_defaults=False)
+    model, tokenizer = roe.load(saved_model)
+    for label, settings in (("base", dict(roster_size=1, tau=0.0)), ("roe K=3", dict(roster_size=3, tau=0.5))):
+        lm = RoELM(pretrained=saved_model, batch_size=4, **settings)
+        out = lm_eval.simple_evaluate(model=lm, tasks=["roe_next_line", "roe_last_word"], task_manager=manager,
+                                      log_samples=True)
+        assert out["results"]["roe_next_line"]["acc,none"] == pytest.approx(ours[("next-line", label)], abs=1e-9)
+        assert out["results"]["roe_last_word"]["exact_match,first-word"] == pytest.approx(
+            ours[("last-word", label)], abs=1e-9)
+        mc = sorted(out["samples"]["roe_next_line"], key=lambda s: s["doc_id"])
+        words = sorted(out["samples"]["roe_last_word"], key=lambda s: s["doc_id"])
+        with roe.roster(model, roe.RoEConfig(**settings)) as r:
+            for sample, item in zip(mc, mc_items, strict=True):
+                theirs = [resp[0][0] for resp in sample["resps"]]
+                assert theirs == pytest.approx(tasks.choice_scores(r, tokenizer, item), abs=1e-4), label
+            ours_words = tasks.generated_words(r, tokenizer, word_items)
+            raw = [tokenizer.decode(r.generate(torch.tensor([tokenizer(it.context, add_special_tokens=False).input_ids]),
+                                               max_new_tokens=6)[0, -6:], skip_special_tokens=True).split("\n")[0]
+                   for it in word_items]
+        assert [s["resps"][0][0] for s in words] == raw, label  # the raw generations (discriminative)
+        assert [s["filtered_resps"][0] for s in words] == [w or "[invalid]" for w in ours_words], label
