@@ -4,7 +4,8 @@
 
 Each table sits between `<!-- begin NAME -->` and `<!-- end NAME -->` markers in README.md;
 NAME is the stem of its JSON file: models (roe models --json), eval_test / eval_unseen
-(roe eval --json), bench (roe bench --json).
+(roe eval --json), bench_* (roe bench --json), tasks (roe tasks --json), calibrate (roe
+calibrate --json), serve_load (benchmarks/serve_load.py), profile (benchmarks/profile_step.py).
 """
 
 from __future__ import annotations
@@ -45,7 +46,60 @@ def bench_table(doc: dict) -> str:
     return "\n".join(lines)
 
 
-RENDER = {"models": lambda d: markdown_table(d["rows"]), "eval": eval_table, "bench": bench_table}
+def tasks_table(doc: dict) -> str:
+    c = doc.get("conditions", {})
+    lines = [", ".join(f"{k.replace('_', ' ')} {v}" for k, v in c.items()
+                       if k in ("text", "roster_size", "schedule", "seed", "context_tokens")) + ".", "",
+             "| task | model | items | accuracy | 95% CI | both right | base only | RoE only | McNemar p |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in doc["rows"]:
+        paired = (f"{r['both_right']} | {r['base_only']} | {r['roe_only']} | {r['p_value']:.3f}"
+                  if "p_value" in r else "- | - | - | -")
+        lines.append(f"| {r['task']} | {r['model']} | {r['items']} | {r['accuracy']:.3f} | "
+                     f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}] | {paired} |")
+    return "\n".join(lines)
+
+
+def calibrate_table(doc: dict) -> str:
+    p = doc["provenance"]
+    lines = [f"Validation split, {p['windows']} windows x {p['window_tokens']} tokens = {p['tokens']:,} tokens, "
+             f"K={p['K']}, {p['trials']} TPE trials, tau in [0, {p['tau_max']}], seed {p['seed']}.", "",
+             "| schedule | tau | validation NLL | change vs K=1 |", "| --- | --- | --- | --- |",
+             f"| base (K=1) | - | {p['base_value']:.5f} | +0.00000 |"]
+    lines += [f"| uniform | {u['tau']:g} | {u['nll']:.5f} | {u['nll'] - p['base_value']:+.5f} |"
+              for u in doc["uniform"]]
+    lines.append(f"| TPE per layer | {', '.join(f'{t:.3f}' for t in doc['tau'])} | {p['best_value']:.5f} | "
+                 f"{p['best_value'] - p['base_value']:+.5f} (SE {p['best_delta_se']:.5f}) |")
+    return "\n".join(lines)
+
+
+def serve_table(doc: dict) -> str:
+    c = doc["conditions"]
+    return "\n".join([
+        f"{c['clients']} concurrent clients x {c['requests_per_client']} completions of {c['max_tokens']} tokens, "
+        f"roster_size {c['roster_size']}, tau {c['tau']}, max batch {c['max_batch']}, model {c['model']}.", "",
+        "| requests | ok | errors | req/s | completion tok/s | p50 latency (s) | p99 latency (s) | batches | "
+        "RSS before -> after (MB) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"| {doc['requests']} | {doc['ok']} | {doc['errors'] or 'none'} | {doc['requests_per_s']:.2f} | "
+        f"{doc['completion_tokens_per_s']:.1f} | {doc['latency_p50_s']:.3f} | {doc['latency_p99_s']:.3f} | "
+        f"{doc['batches']} | {doc['rss_before_mb']:.0f} -> {doc['rss_after_mb']:.0f} |"])
+
+
+def profile_table(doc: dict) -> str:
+    names = list(doc["profiles"][0]["shares"])
+    lines = [f"torch.profiler over roster decode steps, {doc['threads']} threads; share of step time by stage.", "",
+             "| K | median step (ms) | " + " | ".join(names) + " |", "| --- " * (len(names) + 2) + "|"]
+    for prof in doc["profiles"]:
+        lines.append(f"| {prof['K']} | {prof['step_ms_median']:.1f} | "
+                     + " | ".join(f"{prof['shares'][n] * 100:.0f}%" for n in names) + " |")
+    top = doc["profiles"][-1]
+    lines += ["", f"Top operators at K={top['K']} (self CPU ms per step): "
+              + ", ".join(f"`{o['op']}` {o['self_ms_per_step']:.2f}" for o in top["top_ops"][:6]) + "."]
+    return "\n".join(lines)
+
+
+RENDER = {"models": lambda d: markdown_table(d["rows"]), "eval": eval_table, "bench": bench_table,
+          "tasks": tasks_table, "calibrate": calibrate_table, "serve": serve_table, "profile": profile_table}
 
 
 def main() -> None:

@@ -72,12 +72,22 @@ def _verdict(rows: list[dict]) -> str:
         return ""
     z = best["delta_nll"] / best["delta_se"]
     verdict = "significant at 2 SE" if z <= -2 else "not significant at 2 SE"
+    size = abs(best["delta_nll"]) / rows[0]["nll"] * 100
     return (f"Best roster: K={best['K']}, NLL change {best['delta_nll']:+.5f} nats/token "
-            f"({z:+.1f} SE): {verdict}. On this small, briefly trained model the RoE effect is tiny.\n")
+            f"({z:+.1f} SE, {size:.3f}% of the NLL): {verdict}.\n")
+
+
+def _history_text(history: list[dict]) -> str:
+    """Earlier training launches this run continued from (``--history`` JSON, measured by those launches)."""
+    lines = ["Earlier launches (this run continued from their final weights with `--init`):\n"]
+    for h in history:
+        lines.append(f"- {h['what']}: {h['steps']:,} steps, {h['tokens'] / 1e6:.2f} M tokens, {h['minutes']:.1f} "
+                     f"minutes, final validation NLL {h['val_loss']:.3f}. Command: `{h['command']}`")
+    return "\n".join(lines) + "\n"
 
 
 def model_card(run: Path, corpus: Path, tokens: Path, out: Path, eval_json: Path | None,
-               val_json: Path | None) -> str:
+               val_json: Path | None, unseen_json: Path | None = None, history: list[dict] | None = None) -> str:
     manifest = json.loads((corpus / "manifest.json").read_text())
     meta = json.loads((tokens / "meta.json").read_text())
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
@@ -120,13 +130,20 @@ def model_card(run: Path, corpus: Path, tokens: Path, out: Path, eval_json: Path
         "## Training\n",
         f"Hyperparameters: {hyper}. AdamW (0.9, 0.95), linear warm-up then cosine over the wall-clock budget, "
         "cross-entropy + aux load-balancing loss, `grouped_mm` experts, fp32, 2 threads.\n",
-        f"Trained {state['step']:,} steps, {state['step'] * cfg['batch_size'] * cfg['seq_len'] / 1e6:.2f} M tokens "
+        *([_history_text(history)] if history else []),
+        f"{'This launch: t' if history else 'T'}rained {state['step']:,} steps, "
+        f"{state['step'] * cfg['batch_size'] * cfg['seq_len'] / 1e6:.2f} M tokens "
         f"({state['step'] * cfg['batch_size'] * cfg['seq_len'] / meta['splits']['train']['tokens']:.2f} epochs) in "
         f"{state['elapsed_s'] / 60:.1f} minutes. Validation NLL during training: "
         + ", ".join(f"{r['val_loss']:.3f} at {r['tokens'] / 1e6:.2f} M" for r in vals) + ".\n",
-        "![training curve](training_curve.png)\n",
+        *([f"In total: {sum(h['steps'] for h in history) + state['step']:,} steps, "
+           f"{(sum(h['tokens'] for h in history) + state['step'] * cfg['batch_size'] * cfg['seq_len']) / 1e6:.2f} M "
+           f"tokens, {sum(h['minutes'] for h in history) + state['elapsed_s'] / 60:.0f} minutes of 2-core CPU.\n"]
+          if history else []),
+        f"![training curve](training_curve.png){' (this launch)' if history else ''}\n",
     ]
-    for title, path in (("Validation split", val_json), ("Test split", eval_json)):
+    for title, path in (("Validation split", val_json), ("Test split", eval_json),
+                        ("English the model never saw (`python -m roe.data.unseen`)", unseen_json)):
         if path is not None and Path(path).is_file():
             result = json.loads(Path(path).read_text().strip().splitlines()[-1])
             c = result["conditions"]
@@ -135,19 +152,22 @@ def model_card(run: Path, corpus: Path, tokens: Path, out: Path, eval_json: Path
                          f"schedule {c['schedule']}, seed {c['seed']}. Negative changes are improvements; SE is the "
                          "standard error of the paired per-window difference.\n",
                          _row_table(result["rows"]) + "\n", _verdict(result["rows"])]
+    launch = (f"python -m roe.data.train --preset {cfg['preset']} --minutes {cfg['minutes']:g} --lr {cfg['lr']:g} "
+              f"--warmup-steps {cfg['warmup_steps']} --seed {cfg['seed']} --out {run.as_posix()}"
+              + (" --init roe/assets/default" if history else ""))
+    earlier = "".join(f"{h['command']}\n" for h in history or [])
+    if history:
+        earlier += "python -m roe.data.ship --run runs/default   # the earlier launch becomes the --init weights\n"
     sections += [
         "## Reproduce\n",
         "```\npython -m roe.data.corpus --out data/corpus\n"
         "python -m roe.data.tokenizer --corpus data/corpus --vocab-size 8192 --out data/tokenizer --encode\n"
-        f"python -m roe.data.train --preset {cfg['preset']} --minutes {cfg['minutes']} --lr {cfg['lr']} "
-        "--out runs/default\n"
-        "roe calibrate -K 8 --trials 3 --uniform --grid 0,0.05,0.1,0.2 --max-windows 32 "
-        "--out roe/assets/default/schedule.json\n"
-        "roe eval --ks 1,2,4,8,16 --max-windows 64 --json | tail -n1 > benchmarks/results/eval_test.json\n"
-        "python -m roe.data.ship --run runs/default --corpus data/corpus --tokens data/tokens "
-        "--eval-json benchmarks/results/eval_test.json\n```\n",
-        "The run shipped here was trained in two launches (8 minutes in the granularity comparison, then resumed "
-        "with `--resume`); the wall-clock cosine schedule makes re-runs close but not bit-identical.\n",
+        f"{earlier}"
+        f"{launch}\n"
+        f"bash benchmarks/default_model.sh {run.as_posix()}{' HISTORY.json' if history else ''}\n```\n",
+        "`benchmarks/default_model.sh` ships the run, calibrates the schedule on the validation split, and writes "
+        "every figure above (test split, unseen English, tasks, cost) to `benchmarks/results/`. The wall-clock "
+        "cosine schedule makes re-runs close but not bit-identical.\n",
     ]
     return "\n".join(sections)
 
@@ -159,13 +179,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=Path, default=Path("data/tokens"))
     parser.add_argument("--eval-json", type=Path, default=None)
     parser.add_argument("--val-json", type=Path, default=None)
+    parser.add_argument("--unseen-json", type=Path, default=None)
+    parser.add_argument("--history", type=Path, default=None,
+                        help="JSON list of earlier launches this run continued from (what, steps, tokens, minutes, "
+                             "val_loss, command)")
     parser.add_argument("--out", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--card-only", action="store_true")
     args = parser.parse_args(argv)
     if not args.card_only:
         copy_model(args.run, args.out)
         copy_splits(args.corpus, args.out)
-    card = model_card(args.run, args.corpus, args.tokens, args.out, args.eval_json, args.val_json)
+    history = json.loads(args.history.read_text()) if args.history else None
+    card = model_card(args.run, args.corpus, args.tokens, args.out, args.eval_json, args.val_json,
+                      args.unseen_json, history)
     (args.out / "MODEL_CARD.md").write_text(card)
     size = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file())
     print(f"shipped to {args.out}: {size / 1e6:.1f} MB")

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Everything measured on the default model after training, in order, into benchmarks/results/:
+# ship the run, calibrate the schedule on validation, evaluate on the test split and on unseen
+# English, built-in tasks, cost benchmarks and the step profile, then the model card and README.
+#
+#   bash benchmarks/default_model.sh runs/cont [runs/cont/history.json]
+#
+# Needs data/corpus and data/tokens (python -m roe.data.corpus / roe.data.tokenizer --encode) and
+# writes data/unseen.txt (python -m roe.data.unseen). About 40 minutes on 2 cores.
+set -euo pipefail
+RUN=${1:?usage: default_model.sh RUN_DIR [HISTORY_JSON]}
+HISTORY=${2:-}
+BIN=${BIN:-.venv/bin}
+R=benchmarks/results
+mkdir -p "$R"
+step() { echo "=== $(date +%H:%M:%S) $*"; }
+history_args=()
+[ -n "$HISTORY" ] && history_args=(--history "$HISTORY")
+
+step ship weights
+"$BIN/python" -m roe.data.ship --run "$RUN" "${history_args[@]}"
+
+step calibrate
+"$BIN/roe" calibrate -K 8 --trials 8 --uniform --grid 0,0.05,0.1,0.2 --tau-max 0.3 --window 256 \
+    --max-windows 400 --out roe/assets/default/schedule.json --plot "$R/calibrate.png" --json | tail -n1 > "$R/calibrate.json"
+
+step eval test
+"$BIN/roe" eval --ks 1,2,4,8,16,32 --max-windows 128 --plot "$R/eval_test.png" --json | tail -n1 > "$R/eval_test.json"
+
+step eval unseen
+[ -f data/unseen.txt ] || "$BIN/python" -m roe.data.unseen --out data/unseen.txt
+"$BIN/roe" eval --text data/unseen.txt --ks 1,2,4,8,16,32 --max-windows 128 --plot "$R/eval_unseen.png" --json \
+    | tail -n1 > "$R/eval_unseen.json"
+
+step tasks
+"$BIN/roe" tasks -K 8 --items 200 --json | tail -n1 > "$R/tasks.json"
+
+step bench
+"$BIN/roe" bench --ks 1,2,4,8,16,32,64 --methods roster --new-tokens 32 --time-box 6 --plot "$R/bench.png" --json \
+    | tail -n1 > "$R/bench_roster.json"
+"$BIN/roe" bench --ks 1,8,32 --methods roster,separate,batched-own-cache,recompute --new-tokens 16 --time-box 5 \
+    --json | tail -n1 > "$R/bench_methods.json"
+"$BIN/python" benchmarks/profile_step.py --ks 1,8,32 --steps 20 | tail -n1 > "$R/profile.json"
+
+step serve load
+"$BIN/python" benchmarks/serve_load.py --clients 4 --requests 5 --max-tokens 16 --max-time 90 | tail -n1 > "$R/serve_load.json"
+
+step model card and README
+"$BIN/python" -m roe.data.ship --run "$RUN" --card-only "${history_args[@]}" --eval-json "$R/eval_test.json" \
+    --unseen-json "$R/eval_unseen.json"
+"$BIN/python" benchmarks/update_readme.py
+step done
