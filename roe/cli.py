@@ -207,7 +207,7 @@ def calibrate(*, model: str | None = None, text: str | None = None, roster_size:
     from roe.calibrate import SearchSpace, num_moe_layers, search_schedule
     from roe.eval.perplexity import make_windows, text_tokens
     from roe.loading import default_split_path
-    from roe.schedule import Schedule
+    from roe.schedule import Schedule, model_fingerprint
 
     if roster_size < 1:
         raise ValueError(f"--roster-size must be >= 1, got {roster_size}")
@@ -235,7 +235,8 @@ def calibrate(*, model: str | None = None, text: str | None = None, roster_size:
                   "best_uniform_tau": best_uniform[0] if best_uniform else None,
                   "best_uniform_value": best_uniform[1] if best_uniform else None,
                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  "versions": {**_versions(), "optuna": optuna.__version__}, "seed": seed}
+                  "versions": {**_versions(), "optuna": optuna.__version__}, "seed": seed,
+                  "fingerprint": model_fingerprint(lm)}
     schedule = Schedule(tau=tuple(result.tau), provenance=provenance)
     schedule.save(out)
     rows = [["base (K=1)", "-", result.base_value, 0.0]]

@@ -28,6 +28,7 @@ from roe.aggregate import AGGREGATORS
 from roe.cache import CleanCache, attention_windows, member_masks
 from roe.config import RoEConfig
 from roe.routing import NoisePlan
+from roe.schedule import model_fingerprint
 
 SCORE_ROWS = 4096  # query rows per folded scoring forward (bounds the mask and logits memory)
 
@@ -78,6 +79,7 @@ class Roster:
         self.text_config = model.config.get_text_config()
         self.slots = adapters.find_routers(model)
         self.schedule = cfg.schedule(len(self.slots))
+        self.schedule.check_model(model_fingerprint(model))
         self.windows = attention_windows(self.text_config)
         self.strategy = "fold" if self.windows is not None else "expand"
         self.mask_dtype = model.get_output_embeddings().weight.dtype

@@ -70,6 +70,17 @@ class Schedule:
                 + (f" (schedule made for {self.provenance['model']})" if "model" in self.provenance else "")
             )
 
+    def check_model(self, fingerprint: dict[str, Any]) -> None:
+        """Refuse a schedule calibrated for a model of another architecture (``model_fingerprint``)."""
+        made_for = self.provenance.get("fingerprint")
+        if not isinstance(made_for, dict):
+            return
+        differ = {k: (made_for[k], fingerprint.get(k)) for k in made_for if made_for[k] != fingerprint.get(k)}
+        if differ:
+            detail = ", ".join(f"{k} {a!r} in the schedule vs {b!r} in the model" for k, (a, b) in differ.items())
+            raise ValueError(f"the schedule was made for another model ({self.provenance.get('model', 'unknown')}): "
+                             f"{detail}")
+
     def to_json(self) -> dict[str, Any]:
         return {"format": SCHEDULE_FORMAT, "tau": list(self.tau), "provenance": self.provenance}
 
@@ -88,3 +99,13 @@ class Schedule:
         if not isinstance(data, dict) or data.get("format") != SCHEDULE_FORMAT or "tau" not in data:
             raise ValueError(f"{path} is not a roe schedule (expected format {SCHEDULE_FORMAT!r} and a 'tau' list)")
         return cls(tau=tuple(data["tau"]), provenance=data.get("provenance", {}))
+
+
+def model_fingerprint(model) -> dict[str, Any]:
+    """What a schedule must match: the architecture facts of the model's text config."""
+    config = model.config.get_text_config()
+    experts = next((getattr(config, name) for name in ("num_experts", "num_local_experts", "n_routed_experts",
+                                                        "moe_num_experts") if getattr(config, name, None)), None)
+    return {"model_type": config.model_type, "num_hidden_layers": getattr(config, "num_hidden_layers", None),
+            "hidden_size": getattr(config, "hidden_size", None), "num_experts": experts,
+            "vocab_size": getattr(config, "vocab_size", None)}

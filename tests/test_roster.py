@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import roe
+from tests.conftest import tiny_olmoe
 from roe import reference
 
 NOISY = dict(roster_size=4, tau=1.5, skip_first=0, skip_last=0, seed=3)
@@ -140,6 +141,20 @@ def test_roster_rejects_models_and_schedules_it_cannot_use(olmoe):
     with pytest.raises(TypeError, match="RoEConfig"):
         roe.roster(olmoe, {"roster_size": 2}).__enter__()
     assert not any("forward" in m.__dict__ for m in olmoe.modules())
+
+
+def test_a_schedule_calibrated_for_another_model_is_refused(olmoe, tmp_path):
+    """Same MoE layer count, other architecture: the fingerprint in the provenance catches it."""
+    from roe.schedule import Schedule, model_fingerprint
+
+    other = tiny_olmoe(hidden_size=48, num_experts=4)
+    path = tmp_path / "other.json"
+    Schedule(tau=(0.0, 0.2, 0.0), provenance={"model": "other", "fingerprint": model_fingerprint(other)}).save(path)
+    with pytest.raises(ValueError, match="made for another model.*hidden_size 48 in the schedule vs 32"):
+        roe.roster(olmoe, roe.RoEConfig(tau=str(path))).__enter__()
+    assert not any("forward" in m.__dict__ for m in olmoe.modules())
+    with roe.roster(other, roe.RoEConfig(tau=str(path), roster_size=2)) as r:
+        assert r.schedule.tau == (0.0, 0.2, 0.0)
 
 
 def test_generate_rejects_bad_inputs(olmoe, prompt_ids):
