@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import roe
-from tests.conftest import tiny_olmoe
 from roe import reference
+from tests.conftest import tiny_olmoe
 
 NOISY = dict(roster_size=4, tau=1.5, skip_first=0, skip_last=0, seed=3)
 

@@ -131,8 +131,8 @@ def test_lm_eval_reproduces_the_builtin_tasks(capsys, saved_model, text_file, tm
                 theirs = [resp[0][0] for resp in sample["resps"]]
                 assert theirs == pytest.approx(tasks.choice_scores(r, tokenizer, item), abs=1e-4), label
             ours_words = tasks.generated_words(r, tokenizer, word_items)
-            raw = [tokenizer.decode(r.generate(torch.tensor([tokenizer(it.context, add_special_tokens=False).input_ids]),
-                                               max_new_tokens=6)[0, -6:], skip_special_tokens=True).split("\n")[0]
-                   for it in word_items]
+            contexts = [torch.tensor([tokenizer(it.context, add_special_tokens=False).input_ids]) for it in word_items]
+            raw = [tokenizer.decode(r.generate(ids, max_new_tokens=6)[0, -6:], skip_special_tokens=True).split("\n")[0]
+                   for ids in contexts]
         assert [s["resps"][0][0] for s in words] == raw, label  # the raw generations (discriminative)
         assert [s["filtered_resps"][0] for s in words] == [w or "[invalid]" for w in ours_words], label
