@@ -92,7 +92,12 @@ def test_fan_out_of_the_clean_prefix_equals_the_full_roster(name):
     rows = [torch.randint(3, families.VOCAB, (n,), generator=gen) for n in (5, 3)]
     with roe.roster(model, PREFIX_CLEAN) as r:
         if r.strategy != "fold" or r.clean_prefix is None:
-            pytest.skip(f"{name}: no clean prefix to fan out from (strategy {r.strategy})")
+            # Hybrids never fold; a family whose first noisy router sits in decoder layer 0 (JetMoe:
+            # attention routers too) has no clean prefix. Either way the plain step must be used.
+            noisy_path = next(s.path for s, t in zip(r.slots, r.tau_L, strict=True) if t > 0)
+            assert r.strategy == "expand" or ".0." in f".{noisy_path}.", (name, noisy_path)
+            assert not r.can_fan_out
+            return
         assert r.clean_prefix[1] >= 1
         assert r.can_fan_out, f"{name}: the query axes of the layer inputs were not found"
         fast, full = FoldedDecoder(r, rows), FoldedDecoder(r, rows, fan_out=False)
