@@ -203,3 +203,68 @@ def measure(method_name: str, roster: Roster, prompt_P: torch.Tensor, new_tokens
     return BenchRow(method=method_name, K=roster.members, decode_step_ms=step_ms, ttft_ms=ttft * 1e3,
                     tokens_per_s=1e3 / step_ms if steps else float("nan"), peak_rss_mb=peak_rss_mb(),
                     kv_bytes=method.kv_bytes(), steps=len(steps))
+
+
+PROFILE_STAGES = ("attention", "experts", "router", "lm_head")
+
+
+def _stage_modules(roster: Roster) -> dict[str, list[torch.nn.Module]]:
+    """Modules timed as one stage each: attention blocks, expert blocks, routers, the LM head."""
+    model = roster.model
+    return {
+        "attention": [m for m in model.modules() if type(m).__name__.endswith("Attention")],
+        "experts": [m for m in model.modules() if type(m).__name__.endswith("Experts")],
+        "router": [slot.module for slot in roster.slots],
+        "lm_head": [model.get_output_embeddings()],
+    }
+
+
+@torch.no_grad()
+def profile_roster(roster: Roster, prompt_P: torch.Tensor, steps: int = 20, top: int = 12) -> dict:
+    """torch.profiler over ``steps`` roster decode steps: median step time, share per stage, top ops.
+
+    Stages are record_function scopes around the model's attention, expert and router modules
+    and the LM head; "other" is the rest (Python, masks, cache writes, noise outside the routers,
+    aggregation).
+    """
+    import statistics
+    from contextlib import ExitStack
+
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    method = RosterMethod(roster)
+    token = method.start(prompt_P).argmax()
+    for _ in range(3):
+        token = method.step(token).argmax()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        token = method.step(token).argmax()
+        times.append(time.perf_counter() - t)
+    handles, scopes = [], {}
+    for stage, modules in _stage_modules(roster).items():
+        for module in modules:
+            def pre(m, *_args, _stage=stage):
+                scopes[id(m)] = record_function(_stage)
+                scopes[id(m)].__enter__()
+
+            def post(m, *_args):
+                scopes.pop(id(m)).__exit__(None, None, None)
+
+            handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    with ExitStack() as stack:
+        stack.callback(lambda: [h.remove() for h in handles])
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                with record_function("step"):
+                    token = method.step(token).argmax()
+    events = prof.key_averages()
+    total = next(e.cpu_time_total for e in events if e.key == "step")
+    shares = {s: sum(e.cpu_time_total for e in events if e.key == s) / total for s in PROFILE_STAGES}
+    shares["other"] = 1 - sum(shares.values())
+    ops = sorted((e for e in events if e.key != "step" and e.key not in PROFILE_STAGES),
+                 key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return {"K": roster.members, "step_ms_median": statistics.median(times) * 1e3,
+            "shares": {k: round(v, 4) for k, v in shares.items()},
+            "top_ops": [{"op": e.key, "self_ms_per_step": e.self_cpu_time_total / 1e3 / steps,
+                         "calls_per_step": e.count / steps} for e in ops]}

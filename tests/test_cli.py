@@ -90,3 +90,18 @@ def test_bench_rows_for_every_method(capsys, saved_model, tmp_path):
     assert rows[("recompute", 4)]["kv_bytes"] == 0
     assert all(r["steps"] == 3 and r["decode_step_ms"] > 0 for r in out["rows"])
     assert plot.stat().st_size > 1000
+
+
+def test_profile_splits_a_step_into_stages(saved_model):
+    import roe
+    from roe.bench import PROFILE_STAGES, profile_roster
+
+    model, _ = roe.load(saved_model)
+    prompt = torch.arange(3, 15)
+    with roe.roster(model, roe.RoEConfig(roster_size=4, tau=0.5)) as r:
+        prof = profile_roster(r, prompt, steps=3, top=5)
+    assert prof["K"] == 4 and prof["step_ms_median"] > 0
+    assert all(prof["shares"][s] > 0 for s in PROFILE_STAGES) and prof["shares"]["other"] >= -1e-6
+    assert sum(prof["shares"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert len(prof["top_ops"]) == 5 and all(o["calls_per_step"] > 0 for o in prof["top_ops"])
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
