@@ -17,6 +17,7 @@ its position plus itself (roe/cache.py).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -31,6 +32,7 @@ from roe.routing import NoisePlan
 from roe.schedule import model_fingerprint
 
 SCORE_ROWS = 4096  # query rows per folded scoring forward (bounds the mask and logits memory)
+FOLD_KEYS = 512  # folding M members makes each query attend over S * (1 + M) keys: keep that small
 
 
 def check_model(model) -> None:
@@ -290,27 +292,54 @@ class Roster:
             from roe.engine import score_stepwise
 
             return score_stepwise(self, input_ids, mask_BS)
-        if self.members == 1:  # the untouched model, without a cache (MiniMax accepts only its own)
-            logits_BSV = self.model(input_ids=input_ids, attention_mask=mask_BS.long(),
-                                    position_ids=positions_from_mask(mask_BS), use_cache=False).logits
-            return torch.log_softmax(logits_BSV.float(), dim=-1)
-        cache = CleanCache()
-        logits_BSV = self.clean_forward(input_ids, mask_BS, cache).logits
-        logprobs_BSV = torch.log_softmax(logits_BSV.float(), dim=-1)
         agg = self.aggregator
-        state = agg.partial(logprobs_BSV[:, None], dim=1)
+        state = None
+        for logits in self._member_logits(input_ids, mask_BS):  # [B, M, S, V], clean member first
+            part = agg.partial(torch.log_softmax(logits.float(), dim=-1), dim=1)
+            state = part if state is None else agg.merge(state, part)
+        return agg.finish(state, self.members)
+
+    @torch.no_grad()
+    def target_logprobs(self, input_ids, targets, attention_mask=None) -> torch.Tensor:
+        """log p(targets[b, t] | input_ids[b, :t + 1]) under RoE, [B, S]: ``score`` at the given tokens.
+
+        For the mean-prob aggregator this never builds the aggregated [B, S, V] distribution
+        (each member contributes logit[target] - logsumexp(logits)); it is what perplexity and
+        calibration need. Other aggregators and hybrid models go through ``score``.
+        """
+        mask_BS = check_inputs(input_ids, attention_mask)
+        if not isinstance(targets, torch.Tensor) or targets.shape != input_ids.shape:
+            raise ValueError(f"targets must be a tensor of the shape of input_ids {tuple(input_ids.shape)}")
+        targets = targets.long()
+        if self.cfg.aggregator != "mean-prob" or (self.strategy == "expand" and self.members > 1):
+            return self.score(input_ids, attention_mask).gather(-1, targets[..., None])[..., 0]
+        state = None
+        for logits in self._member_logits(input_ids, mask_BS):
+            logits = logits.float()
+            picked_BMS = logits.gather(-1, targets[:, None, :, None].expand(*logits.shape[:3], 1))[..., 0]
+            part = torch.logsumexp(picked_BMS - torch.logsumexp(logits, dim=-1), dim=1)
+            state = part if state is None else torch.logaddexp(state, part)
+        return state - math.log(self.members)
+
+    def _member_logits(self, input_ids, mask_BS) -> Iterator[torch.Tensor]:
+        """Logits [B, M, S, V] of all members, in chunks: the clean forward (member 0) first, then
+        the noisy members folded against the clean history it stored."""
+        if self.members == 1:  # the untouched model, without a cache (MiniMax accepts only its own)
+            yield self.model(input_ids=input_ids, attention_mask=mask_BS.long(),
+                             position_ids=positions_from_mask(mask_BS), use_cache=False).logits[:, None]
+            return
+        cache = CleanCache()
+        yield self.clean_forward(input_ids, mask_BS, cache).logits[:, None]
         B, S = input_ids.shape
         pos_BS = positions_from_mask(mask_BS)
-        chunk = max(1, SCORE_ROWS // (B * S))
+        chunk = max(1, min(SCORE_ROWS // (B * S), FOLD_KEYS // S - 1))
         cache.commit = 0
         for first in range(1, self.members, chunk):
             members = torch.arange(first, min(first + chunk, self.members))
-            logprobs_BMSV = self._score_members(input_ids, pos_BS, mask_BS, members, cache)
-            state = agg.merge(state, agg.partial(logprobs_BMSV, dim=1))
-        return agg.finish(state, self.members)
+            yield self._score_members(input_ids, pos_BS, mask_BS, members, cache)
 
     def _score_members(self, input_ids, pos_BS, mask_BS, members, cache) -> torch.Tensor:
-        """Log-probs [B, M, S, V] of members M at every position, against the clean history."""
+        """Logits [B, M, S, V] of members M at every position, against the clean history."""
         B, S = input_ids.shape
         M = len(members)
         ids_BQ = input_ids.repeat(1, M)
@@ -319,7 +348,17 @@ class Roster:
         masks = member_masks(self.windows, pos_BS, mask_BS, pos_BQ, self.mask_dtype)
         logits = self.forward(member_BQ=member_BQ, position_BQ=pos_BQ, input_ids=ids_BQ,
                               attention_mask=masks, past_key_values=cache).logits
-        return torch.log_softmax(logits.float(), dim=-1).view(B, M, S, -1)
+        return logits.view(B, M, S, -1)
+
+
+@contextmanager
+def roster(model, cfg: RoEConfig | None = None) -> Iterator[Roster]:
+    """Install RoE on ``model`` for the duration of the block; the model is restored on exit."""
+    r = Roster(model, cfg if cfg is not None else RoEConfig())
+    try:
+        yield r
+    finally:
+        r.close()
 
 
 def _leaves(path: tuple, value: Any) -> dict[tuple, torch.Tensor]:
@@ -335,13 +374,3 @@ def _leaves(path: tuple, value: Any) -> dict[tuple, torch.Tensor]:
 
 def _mask_values(masks) -> list[torch.Tensor]:
     return list(masks.values()) if isinstance(masks, dict) else [masks]
-
-
-@contextmanager
-def roster(model, cfg: RoEConfig | None = None) -> Iterator[Roster]:
-    """Install RoE on ``model`` for the duration of the block; the model is restored on exit."""
-    r = Roster(model, cfg if cfg is not None else RoEConfig())
-    try:
-        yield r
-    finally:
-        r.close()

@@ -201,3 +201,30 @@ def test_transformers_streamer_receives_prompt_then_each_token(olmoe, prompt_ids
         out = r.generate(prompt_ids, max_new_tokens=5, streamer=streamer)
     assert streamer.ended and torch.equal(streamer.chunks[0], prompt_ids)
     assert torch.cat([c.reshape(-1) for c in streamer.chunks[1:]]).tolist() == out[0, prompt_ids.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("aggregator", ["mean-prob", "mean-logprob"])
+def test_target_logprobs_are_score_at_the_targets(olmoe, aggregator):
+    """The perplexity path (no [B, S, V] aggregate for mean-prob) equals ``score`` at the given tokens,
+    with left padding, for every member chunking."""
+    import importlib
+
+    roster_module = importlib.import_module("roe.roster")  # roe.roster is also the function
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(2, 128, (2, 40), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    targets = torch.randint(2, 128, (2, 40), generator=gen)
+    cfg = roe.RoEConfig(roster_size=5, tau=1.0, skip_first=0, skip_last=0, aggregator=aggregator)
+    with roe.roster(olmoe, cfg) as r:
+        want = r.score(ids, mask).gather(-1, targets[..., None])[..., 0]
+        for keys in (40, 10_000):  # one member per chunk (40 // 40 - 1 = 0 -> 1), or all four at once
+            old = roster_module.FOLD_KEYS
+            roster_module.FOLD_KEYS = keys
+            try:
+                got = r.target_logprobs(ids, targets, mask)
+            finally:
+                roster_module.FOLD_KEYS = old
+            torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=0, atol=2e-5)
+        with pytest.raises(ValueError, match="targets must be"):
+            r.target_logprobs(ids, targets[:, :5], mask)

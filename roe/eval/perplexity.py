@@ -31,13 +31,12 @@ def make_windows(tokens: np.ndarray, length: int, max_windows: int | None = None
 
 
 @torch.no_grad()
-def window_nll(score_fn, windows_NW: torch.Tensor, batch_size: int = 4, progress=None) -> torch.Tensor:
-    """Mean next-token NLL of each window [N] under ``score_fn(ids) -> logprobs``."""
+def window_nll(target_fn, windows_NW: torch.Tensor, batch_size: int = 4, progress=None) -> torch.Tensor:
+    """Mean next-token NLL of each window [N] under ``target_fn(ids, targets) -> log p(targets)``."""
     out = []
     for start in range(0, len(windows_NW), batch_size):
         rows = windows_NW[start : start + batch_size]
-        logprobs_BSV = score_fn(rows[:, :-1])
-        nll_BS = -logprobs_BSV.gather(-1, rows[:, 1:, None])[..., 0]
+        nll_BS = -target_fn(rows[:, :-1], rows[:, 1:])
         out.append(nll_BS.mean(dim=1))
         if progress is not None:
             progress.update(len(rows))
@@ -45,7 +44,12 @@ def window_nll(score_fn, windows_NW: torch.Tensor, batch_size: int = 4, progress
 
 
 def clean_score_fn(model):
-    return lambda ids: torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
+    """The untouched model's log p(targets) (``Roster.target_logprobs`` without a roster)."""
+    def target_fn(ids, targets):
+        logits = model(input_ids=ids, use_cache=False).logits.float()
+        return logits.gather(-1, targets[..., None])[..., 0] - torch.logsumexp(logits, dim=-1)
+
+    return target_fn
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,7 +74,7 @@ def summarise(K: int, nll_N: torch.Tensor, base_N: torch.Tensor, bytes_per_token
 
 def roster_nll(model, cfg: RoEConfig, windows_NW: torch.Tensor, batch_size: int = 4, progress=None) -> torch.Tensor:
     with roster(model, cfg) as r:
-        return window_nll(r.score, windows_NW, batch_size, progress)
+        return window_nll(r.target_logprobs, windows_NW, batch_size, progress)
 
 
 def text_tokens(tokenizer, path) -> np.ndarray:
