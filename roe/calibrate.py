@@ -118,7 +118,10 @@ def search_schedule(model, windows_NW: torch.Tensor, space: SearchSpace, *, K: i
     for tau in grid or []:
         uniform.append((tau, measure(space.uniform(tau))))
         bar.update(1)
-    study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed))
+    # TPE samples at random for its first n_startup_trials (optuna's default 10); short searches
+    # start modelling sooner.
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, trials // 3)))
+    study = optuna.create_study(direction="minimize", sampler=sampler)
     if uniform:
         best_tau = min(uniform, key=lambda tv: tv[1])[0]
         study.enqueue_trial({f"tau_{i}": best_tau for i in space.noisy})
