@@ -226,18 +226,21 @@ class Roster:
         if not self._axes:
             raise RuntimeError("fan-out is not available for this model")
         B, K = member_BK.shape
-        swaps = {id(m1): mk for m1, mk in zip(_mask_values(masks_1), _mask_values(masks_K), strict=True)}
+        # id -> (original, replacement); holding the original keeps its id from being reused by a
+        # later tensor of the same forward.
+        swaps = {id(m1): (m1, mk) for m1, mk in zip(_mask_values(masks_1), _mask_values(masks_K), strict=True)}
 
         def widen(path: tuple, value: Any) -> Any:
             if isinstance(value, torch.Tensor):
                 if id(value) in swaps:
-                    return swaps[id(value)]
+                    return swaps[id(value)][1]
                 axis = self._axes.get(path)
                 if axis is None:
                     return value
                 shape = list(value.shape)
                 shape[axis] = K
-                swaps[id(value)] = wide = value.expand(shape).contiguous()
+                wide = value.expand(shape).contiguous()
+                swaps[id(value)] = (value, wide)
                 return wide
             if isinstance(value, (tuple, list)):
                 return type(value)(widen(path + (i,), v) for i, v in enumerate(value))
