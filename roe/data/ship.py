@@ -117,7 +117,7 @@ def model_card(run: Path, corpus: Path, tokens: Path, out: Path, eval_json: Path
         "command and figures): 32 experts top-4 against 64 experts top-8 with the same total and active "
         "expert parameters, "
         "8 minutes each; 32x4 reached a lower validation loss (6.85 vs 7.12) and trains 1.33x faster per step "
-        "on this CPU, and neither showed an RoE gain that early. With a budget of about an hour of CPU, tokens "
+        "on this CPU, and neither showed an RoE gain that early. With a budget of a few hours of 2-core CPU, tokens "
         "seen mattered more than granularity.\n",
         "## Data\n",
         f"Split rule: {manifest['split_rule']}. Documents are separated by two blank lines.\n",
