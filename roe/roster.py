@@ -151,12 +151,17 @@ class Roster:
                 slot.module.forward = slot.saved_forward
         self.plan = None
 
+    def _plan(self, member_BQ: torch.Tensor, position_BQ: torch.Tensor) -> NoisePlan | None:
+        """The noise of a forward's rows; None when every row is the clean member (nothing to draw)."""
+        if not bool((member_BQ != 0).any()):
+            return None
+        return NoisePlan.for_rows(seed=self.cfg.seed, member_T=member_BQ.reshape(-1),
+                                  position_T=position_BQ.reshape(-1), tau_L=self.tau_L,
+                                  noisy_weights=self.cfg.noisy_weights)
+
     def forward(self, *, member_BQ: torch.Tensor, position_BQ: torch.Tensor, **model_kwargs):
         """One model forward whose rows carry (member, position); member 0 rows stay clean."""
-        self.plan = NoisePlan.for_rows(
-            seed=self.cfg.seed, member_T=member_BQ.reshape(-1), position_T=position_BQ.reshape(-1),
-            tau_L=self.tau_L, noisy_weights=self.cfg.noisy_weights,
-        )
+        self.plan = self._plan(member_BQ, position_BQ)
         try:
             model_kwargs.setdefault("use_cache", True)
             return self.model(position_ids=position_BQ, output_router_logits=False, **model_kwargs)
@@ -220,11 +225,9 @@ class Roster:
         K-row masks. Layers before it are identical for all members, so the result equals
         ``forward`` on K rows while those layers cost 1/K.
         """
-        layers, start = self.clean_prefix
-        if self._axes is None:
-            self._axes = self._query_axes() or {}
-        if not self._axes:
+        if not self.can_fan_out:
             raise RuntimeError("fan-out is not available for this model")
+        layers, start = self.clean_prefix
         B, K = member_BK.shape
         # id -> (original, replacement); holding the original keeps its id from being reused by a
         # later tensor of the same forward.
@@ -250,10 +253,7 @@ class Roster:
             return widen(("args",), args), {k: widen(("kwargs", k), v) for k, v in kwargs.items()}
 
         handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers[start:]]
-        self.plan = NoisePlan.for_rows(
-            seed=self.cfg.seed, member_T=member_BK.reshape(-1), position_T=position_B[:, None].expand(B, K).reshape(-1),
-            tau_L=self.tau_L, noisy_weights=self.cfg.noisy_weights,
-        )
+        self.plan = self._plan(member_BK, position_B[:, None].expand(B, K))
         try:
             return self.model(input_ids=input_ids_B[:, None], position_ids=position_B[:, None], attention_mask=masks_1,
                               past_key_values=cache, use_cache=True, output_router_logits=False)
@@ -318,9 +318,7 @@ class Roster:
             return self.score(input_ids, attention_mask).gather(-1, targets[..., None])[..., 0]
         state = None
         for logits in self._member_logits(input_ids, mask_BS):
-            logits = logits.float()
-            picked_BMS = logits.gather(-1, targets[:, None, :, None].expand(*logits.shape[:3], 1))[..., 0]
-            part = torch.logsumexp(picked_BMS - torch.logsumexp(logits, dim=-1), dim=1)
+            part = torch.logsumexp(target_logprob(logits, targets[:, None].expand(logits.shape[:3])), dim=1)
             state = part if state is None else torch.logaddexp(state, part)
         return state - math.log(self.members)
 
@@ -362,6 +360,12 @@ def roster(model, cfg: RoEConfig | None = None) -> Iterator[Roster]:
         yield r
     finally:
         r.close()
+
+
+def target_logprob(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] for every position, without the full log-softmax: [...]."""
+    logits = logits.float()
+    return logits.gather(-1, targets[..., None])[..., 0] - torch.logsumexp(logits, dim=-1)
 
 
 def _leaves(path: tuple, value: Any) -> dict[tuple, torch.Tensor]:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from roe.config import RoEConfig
-from roe.roster import roster
+from roe.roster import roster, target_logprob
 
 
 def make_windows(tokens: np.ndarray, length: int, max_windows: int | None = None) -> torch.Tensor:
@@ -45,11 +45,7 @@ def window_nll(target_fn, windows_NW: torch.Tensor, batch_size: int = 4, progres
 
 def clean_score_fn(model):
     """The untouched model's log p(targets) (``Roster.target_logprobs`` without a roster)."""
-    def target_fn(ids, targets):
-        logits = model(input_ids=ids, use_cache=False).logits.float()
-        return logits.gather(-1, targets[..., None])[..., 0] - torch.logsumexp(logits, dim=-1)
-
-    return target_fn
+    return lambda ids, targets: target_logprob(model(input_ids=ids, use_cache=False).logits, targets)
 
 
 @dataclass(frozen=True, kw_only=True)
