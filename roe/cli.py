@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import json
 import sys
@@ -77,7 +78,8 @@ def models(*, json_out: bool = False) -> None:
 
 def evaluate(*, model: str | None = None, text: str | None = None, ks: str = "1,2,4,8,16,32", tau: float = 0.1,
          schedule: str | None = None, seed: int = 0, window: int = 256, max_windows: int = 200,
-         batch_size: int = 4, json_out: bool = False, plot: str | None = None) -> None:
+         batch_size: int = 4, against_tau: float | None = None, json_out: bool = False,
+         plot: str | None = None) -> None:
     """Held-out perplexity and bits per byte of the untouched model and of RoE over a K grid.
 
     Text: --text FILE (UTF-8; .gz allowed; documents separated by two blank lines), default the
@@ -87,6 +89,10 @@ def evaluate(*, model: str | None = None, text: str | None = None, ks: str = "1,
     windows, so delta_nll (against K = 1) is a paired per-window difference and delta_se its
     standard error, sd(per-window delta) / sqrt(windows). Temperatures: --schedule FILE, else
     the embedded model's shipped schedule when no --model is given, else a uniform --tau.
+    --against-tau T also scores, at every K > 1 and on the same windows and noise, one uniform
+    tau T on the middle MoE layers (the first and last stay clean, as in calibrate's --uniform):
+    against_delta_nll is the paired difference (schedule minus uniform; negative: the schedule
+    is better) and against_delta_se its standard error.
     """
     import math as _math
 
@@ -107,19 +113,29 @@ def evaluate(*, model: str | None = None, text: str | None = None, ks: str = "1,
     windows = make_windows(text_tokens(tokenizer, source), window)
     if max_windows and len(windows) > max_windows:
         windows = windows[np.linspace(0, len(windows) - 1, max_windows).astype(int)]
+    against = None
+    if against_tau is not None:
+        _roe_config(roster_size=1, tau=against_tau, schedule=None, seed=seed)  # validates it before any work
+        against = functools.partial(_roe_config, tau=against_tau, schedule=None, seed=seed)
     rows = perplexity_sweep(lm, windows, grid, lambda K: _roe_config(K, tau, schedule, seed), batch_size,
-                            bytes_total=window_bytes(tokenizer, windows))
+                            bytes_total=window_bytes(tokenizer, windows), against=against)
     conditions = {"model": model or "embedded default", "text": _shown_path(source), "windows": len(windows),
                   "window_tokens": window, "tokens": int(windows[:, 1:].numel()), "seed": seed,
-                  "schedule": _shown_schedule(schedule, tau), "dtype": "float32", **_versions()}
-    print(_table(["K", "nll", "ppl", "bpb", "delta_nll", "delta_se"],
-                 [[r.K, r.nll, r.ppl, r.bpb, r.delta_nll, r.delta_se] for r in rows]))
+                  "schedule": _shown_schedule(schedule, tau), "against_tau": against_tau, "dtype": "float32",
+                  **_versions()}
+    columns = ["K", "nll", "ppl", "bpb", "delta_nll", "delta_se"]
+    if against is not None:
+        columns += ["against_nll", "against_delta_nll", "against_delta_se"]
+    print(_table(columns, [[getattr(r, c) for c in columns] for r in rows]))
     if plot:
         from roe.plots import plot_nll_vs_k
 
-        plot_nll_vs_k(rows, plot, title=f"{conditions['model']}: held-out NLL vs roster size")
+        label = f"uniform tau {against_tau}" if against is not None else None
+        plot_nll_vs_k(rows, plot, title=f"{conditions['model']}: held-out NLL vs roster size", against_label=label)
     if json_out:
-        print(json.dumps({"rows": [{k: v for k, v in r.__dict__.items() if k != "tau"} for r in rows],
+        print(json.dumps({"rows": [{k: v for k, v in r.__dict__.items() if k != "tau" and (against or not
+                                                                                         k.startswith("against"))}
+                                   for r in rows],
                           "conditions": conditions}, default=lambda x: None if _math.isnan(x) else x))
 
 
@@ -424,7 +440,7 @@ def _versions() -> dict:
 
 
 def _table(header: list[str], rows: list[list]) -> str:
-    cells = [[f"{v:.5f}" if isinstance(v, float) else str(v) for v in row] for row in rows]
+    cells = [["-" if v is None else f"{v:.5f}" if isinstance(v, float) else str(v) for v in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
     lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths))]
     lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]

@@ -14,12 +14,22 @@ def _pyplot():
     return plt
 
 
-def plot_nll_vs_k(rows, path, title: str) -> None:
-    """Change in held-out NLL against K = 1, with +-1 standard-error bars, log-scale K."""
+def plot_nll_vs_k(rows, path, title: str, against_label: str | None = None) -> None:
+    """Change in held-out NLL against K = 1, with +-1 standard-error bars, log-scale K.
+
+    With ``against_label``, rows carrying ``against_nll`` add that configuration's curve.
+    """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     ks = [r.K for r in rows]
-    ax.errorbar(ks, [r.delta_nll * 1e3 for r in rows], yerr=[r.delta_se * 1e3 for r in rows], marker="o", capsize=3)
+    ax.errorbar(ks, [r.delta_nll * 1e3 for r in rows], yerr=[r.delta_se * 1e3 for r in rows], marker="o", capsize=3,
+                label="schedule" if against_label else None)
+    if against_label:
+        base = {r.K: r.nll - r.delta_nll for r in rows}
+        other = [r for r in rows if r.against_nll is not None]
+        ax.plot([r.K for r in other], [(r.against_nll - base[r.K]) * 1e3 for r in other], marker="s",
+                linestyle="--", label=against_label)
+        ax.legend()
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("roster size K")

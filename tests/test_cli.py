@@ -58,6 +58,28 @@ def test_eval_reports_paired_rows(capsys, saved_model, tmp_path):
     assert plot.stat().st_size > 1000
 
 
+def test_eval_against_a_uniform_tau_is_paired(capsys, saved_model, tmp_path):
+    """--against-tau scores a second temperature on the same windows and noise: against itself the
+    paired difference is exactly zero; against another tau it equals the difference of the two
+    runs' NLLs, each measured on its own."""
+    text = tmp_path / "held_out.txt"
+    text.write_text("To be, or not to be, that is the question. " * 40)
+    common = ["eval", "--model", str(saved_model), "--text", str(text), "--ks", "1,3", "--window", "16",
+              "--max-windows", "6", "--json"]
+    same = {r["K"]: r for r in run_json(capsys, [*common, "--tau", "0.8", "--against-tau", "0.8"])["rows"]}
+    assert same[1]["against_nll"] is None
+    assert same[3]["against_nll"] == same[3]["nll"] and same[3]["against_delta_nll"] == 0.0
+    out = run_json(capsys, [*common, "--tau", "0.8", "--against-tau", "0.3"])
+    assert out["conditions"]["against_tau"] == 0.3
+    versus = {r["K"]: r for r in out["rows"]}
+    alone = {r["K"]: r for r in run_json(capsys, [*common, "--tau", "0.3"])["rows"]}
+    assert versus[3]["against_nll"] == pytest.approx(alone[3]["nll"], abs=1e-9)
+    assert versus[3]["against_delta_nll"] == pytest.approx(versus[3]["nll"] - alone[3]["nll"], abs=1e-9)
+    assert versus[3]["against_delta_nll"] != 0.0 and versus[3]["against_delta_se"] > 0
+    with pytest.raises(SystemExit, match="tau must be finite"):
+        main([*common, "--against-tau", "-1"])
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--text", "nope.txt"], "text file not found"),
     (["--ks", "0,2"], "roster sizes >= 1"),

@@ -57,15 +57,31 @@ class PerplexityRow:
     delta_nll: float
     delta_se: float
     tau: object = None
+    # With an ``against`` configuration (K > 1 rows only): its NLL on the same windows and the
+    # paired difference this row minus it (negative: this row's temperatures are better).
+    against_nll: float | None = None
+    against_delta_nll: float | None = None
+    against_delta_se: float | None = None
 
 
-def summarise(K: int, nll_N: torch.Tensor, base_N: torch.Tensor, bytes_per_token: float, tau=None) -> PerplexityRow:
-    delta_N = nll_N - base_N
-    n = len(nll_N)
+def paired(nll_N: torch.Tensor, other_N: torch.Tensor) -> tuple[float, float]:
+    """Mean per-window difference and its standard error, sd(delta_w) / sqrt(n)."""
+    delta_N = nll_N - other_N
+    n = len(delta_N)
     se = float(delta_N.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
+    return float(delta_N.mean()), se
+
+
+def summarise(K: int, nll_N: torch.Tensor, base_N: torch.Tensor, bytes_per_token: float, tau=None,
+              against_N: torch.Tensor | None = None) -> PerplexityRow:
+    delta, se = paired(nll_N, base_N)
     nll = float(nll_N.mean())
+    versus = {}
+    if against_N is not None:
+        d, d_se = paired(nll_N, against_N)
+        versus = {"against_nll": float(against_N.mean()), "against_delta_nll": d, "against_delta_se": d_se}
     return PerplexityRow(K=K, nll=nll, ppl=math.exp(nll), bpb=nll / math.log(2) / bytes_per_token,
-                         delta_nll=float(delta_N.mean()), delta_se=se, tau=tau)
+                         delta_nll=delta, delta_se=se, tau=tau, **versus)
 
 
 def roster_nll(model, cfg: RoEConfig, windows_NW: torch.Tensor, batch_size: int = 4, progress=None) -> torch.Tensor:
@@ -102,17 +118,24 @@ def window_bytes(tokenizer, windows_NW: torch.Tensor) -> int:
 
 
 def perplexity_sweep(model, windows_NW, ks, make_cfg, batch_size: int = 4, bytes_total: int | None = None,
-                     progress: bool = True) -> list[PerplexityRow]:
-    """Base (K = 1) and RoE rows over the K grid, all on the same windows."""
+                     progress: bool = True, against=None) -> list[PerplexityRow]:
+    """Base (K = 1) and RoE rows over the K grid, all on the same windows.
+
+    ``against(K) -> RoEConfig`` (optional) is a second configuration scored at every K > 1 on the
+    same windows (e.g. one uniform tau against a calibrated schedule); each row then carries the
+    paired difference against it.
+    """
     from tqdm import tqdm
 
     tokens = windows_NW[:, 1:].numel()
     bytes_per_token = (bytes_total / tokens) if bytes_total else 1.0
-    bar = tqdm(total=len(windows_NW) * len(ks), desc="windows", disable=not progress, unit="win")
+    runs = len(ks) + (sum(K > 1 for K in ks) if against else 0)
+    bar = tqdm(total=len(windows_NW) * runs, desc="windows", disable=not progress, unit="win")
     base = window_nll(clean_score_fn(model), windows_NW, batch_size, bar)
     rows = []
     for K in ks:
         nll = base if K == 1 else roster_nll(model, make_cfg(K), windows_NW, batch_size, bar)
-        rows.append(summarise(K, nll, base, bytes_per_token))
+        other = roster_nll(model, against(K), windows_NW, batch_size, bar) if against and K > 1 else None
+        rows.append(summarise(K, nll, base, bytes_per_token, against_N=other))
     bar.close()
     return rows
