@@ -39,6 +39,7 @@ class FoldedDecoder:
 
     def __init__(self, roster: Roster, rows: list[torch.Tensor], fan_out: bool = True) -> None:
         self.roster, self.fan_out = roster, fan_out
+        self.bank = roster.noise_bank()
         caches, lengths = [], []
         for row in rows:
             cache = CleanCache()
@@ -63,12 +64,13 @@ class FoldedDecoder:
             masks_1 = member_masks(roster.windows, self.pos_BP, self.valid_BP, pos_B[:, None], roster.mask_dtype)
             logits_BKV = roster.fan_out_forward(
                 member_BK=torch.arange(K).expand(B, K), position_B=pos_B, input_ids_B=tokens_B,
-                masks_1=masks_1, masks_K=masks, cache=self.cache,
+                masks_1=masks_1, masks_K=masks, cache=self.cache, bank=self.bank,
             ).logits
         else:
             logits_BKV = roster.forward(
                 member_BQ=torch.arange(K).expand(B, K), position_BQ=pos_BK,
                 input_ids=tokens_B[:, None].expand(B, K), attention_mask=masks, past_key_values=self.cache,
+                bank=self.bank,
             ).logits
         self.pos_BP = torch.cat([self.pos_BP, pos_B[:, None]], dim=1)
         self.valid_BP = torch.cat([self.valid_BP, torch.ones(B, 1, dtype=torch.bool)], dim=1)
@@ -102,6 +104,7 @@ class ExpandedDecoder:
 
     def __init__(self, roster: Roster, rows: list[torch.Tensor]) -> None:
         self.roster, self.caches = roster, []
+        self.bank = roster.noise_bank()
         for row in rows:
             cache = None  # the model creates its own cache class (MiniMax refuses a DynamicCache)
             if len(row) > 1:
@@ -116,7 +119,7 @@ class ExpandedDecoder:
                 keep_rows(self.caches[b], torch.zeros(K, dtype=torch.long))
             outputs = self.roster.forward(
                 member_BQ=torch.arange(K)[:, None], position_BQ=pos.expand(K, 1),
-                input_ids=token.expand(K, 1), past_key_values=self.caches[b],
+                input_ids=token.expand(K, 1), past_key_values=self.caches[b], bank=self.bank,
             )
             self.caches[b] = outputs.past_key_values
             keep_rows(self.caches[b], torch.zeros(1, dtype=torch.long))

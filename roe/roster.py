@@ -28,7 +28,7 @@ from roe import adapters
 from roe.aggregate import AGGREGATORS
 from roe.cache import CleanCache, attention_windows, member_masks
 from roe.config import RoEConfig
-from roe.routing import NoisePlan
+from roe.routing import NoiseBank, NoisePlan
 from roe.schedule import model_fingerprint
 
 SCORE_ROWS = 4096  # query rows per folded scoring forward (bounds the mask and logits memory)
@@ -151,17 +151,25 @@ class Roster:
                 slot.module.forward = slot.saved_forward
         self.plan = None
 
-    def _plan(self, member_BQ: torch.Tensor, position_BQ: torch.Tensor) -> NoisePlan | None:
+    def _plan(self, member_BQ: torch.Tensor, position_BQ: torch.Tensor, bank: NoiseBank | None) -> NoisePlan | None:
         """The noise of a forward's rows; None when every row is the clean member (nothing to draw)."""
         if not bool((member_BQ != 0).any()):
             return None
         return NoisePlan.for_rows(seed=self.cfg.seed, member_T=member_BQ.reshape(-1),
                                   position_T=position_BQ.reshape(-1), tau_L=self.tau_L,
-                                  noisy_weights=self.cfg.noisy_weights)
+                                  noisy_weights=self.cfg.noisy_weights, bank=bank)
 
-    def forward(self, *, member_BQ: torch.Tensor, position_BQ: torch.Tensor, **model_kwargs):
-        """One model forward whose rows carry (member, position); member 0 rows stay clean."""
-        self.plan = self._plan(member_BQ, position_BQ)
+    def noise_bank(self) -> NoiseBank:
+        """A fresh bank of noise drawn ahead, for the decode steps of one generation."""
+        return NoiseBank(self.cfg.seed, self.members)
+
+    def forward(self, *, member_BQ: torch.Tensor, position_BQ: torch.Tensor, bank: NoiseBank | None = None,
+                **model_kwargs):
+        """One model forward whose rows carry (member, position); member 0 rows stay clean.
+
+        ``bank`` (from ``noise_bank()``) serves decode steps' noise from draws made ahead.
+        """
+        self.plan = self._plan(member_BQ, position_BQ, bank)
         try:
             model_kwargs.setdefault("use_cache", True)
             return self.model(position_ids=position_BQ, output_router_logits=False, **model_kwargs)
@@ -216,7 +224,7 @@ class Roster:
         return axes
 
     def fan_out_forward(self, *, member_BK: torch.Tensor, position_B: torch.Tensor, input_ids_B: torch.Tensor,
-                        masks_1, masks_K, cache: CleanCache):
+                        masks_1, masks_K, cache: CleanCache, bank: NoiseBank | None = None):
         """A decode step that runs the clean prefix layers once per prompt, then the K members.
 
         The model sees one query row per prompt (``masks_1``); a pre-hook on every layer from
@@ -253,7 +261,7 @@ class Roster:
             return widen(("args",), args), {k: widen(("kwargs", k), v) for k, v in kwargs.items()}
 
         handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers[start:]]
-        self.plan = self._plan(member_BK, position_B[:, None].expand(B, K))
+        self.plan = self._plan(member_BK, position_B[:, None].expand(B, K), bank)
         try:
             return self.model(input_ids=input_ids_B[:, None], position_ids=position_B[:, None], attention_mask=masks_1,
                               past_key_values=cache, use_cache=True, output_router_logits=False)

@@ -83,19 +83,71 @@ def sampling_uniform(seed: int, position_B: torch.Tensor) -> torch.Tensor:
     return uniform_from_keys(mix64(row_keys(seed, member_B, position_B)))
 
 
-@dataclass(frozen=True, kw_only=True)
-class NoisePlan:
-    """What the routers of one forward need: per-row keys and which rows are noisy.
+class NoiseBank:
+    """Gumbel noise drawn ahead for decode steps: one hash pass per ``ahead`` positions, not per step.
 
-    ``keys_T`` and ``noisy_T`` follow the flattened row order the routers see
-    (batch-major, then sequence). ``tau_L`` has one entry per MoE layer. Member 0 rows are
-    never noisy; ``noisy_weights`` selects the gate-weight variant (see adapters/base.py).
+    A decode step needs the noise of a few (member, position) rows. Drawing them is ~50 small
+    tensor ops, about half a millisecond on CPU: more than some layers cost. The bank draws every
+    member of the next ``ahead`` positions of each prompt at once and serves the following steps
+    by one indexing op. The values are the keyed stream's (``keyed_gumbel`` of the same keys), so
+    a banked plan routes exactly like a direct one. One bank serves one generation; the draws
+    start 8 positions ahead and double up to ``ahead``, so short generations draw little extra.
     """
 
-    keys_T: torch.Tensor
-    noisy_T: torch.Tensor
+    BUDGET = 1 << 21  # floats held per (layers, experts) draw: about 8 MB
+
+    def __init__(self, seed: int, members: int, ahead: int = 64) -> None:
+        self.seed, self.members, self.ahead = seed, members, ahead
+        self._next_ahead = min(8, ahead)
+        self._draws: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = {}
+
+    def gumbel(self, layers: list[int], num_experts: int, member_T: torch.Tensor,
+               position_T: torch.Tensor) -> torch.Tensor:
+        """Gumbel(0, 1) noise [L, T, E] of these rows, equal to ``keyed_gumbel`` of their keys."""
+        key = (tuple(layers), num_experts)
+        if key in self._draws:
+            grid_LNME, slot_P, first = self._draws[key]
+            offset_T = position_T - first
+            if bool(((offset_T >= 0) & (offset_T < len(slot_P))).all()):
+                slot_T = slot_P[offset_T]
+                if bool((slot_T >= 0).all()):
+                    return grid_LNME[:, slot_T, member_T]
+        grid_LNME, slot_P, first = self._draw(layers, num_experts, position_T)
+        self._draws[key] = (grid_LNME, slot_P, first)
+        return grid_LNME[:, slot_P[position_T - first], member_T]
+
+    def _draw(self, layers: list[int], num_experts: int, position_T: torch.Tensor):
+        """Every member at each row's position and the ``ahead`` - 1 positions after it."""
+        starts = sorted(set(position_T.tolist()))
+        per_position = len(layers) * self.members * num_experts
+        ahead = max(1, min(self._next_ahead, self.BUDGET // (per_position * len(starts))))
+        self._next_ahead = min(2 * self._next_ahead, self.ahead)
+        positions = sorted({p for start in starts for p in range(start, start + ahead)})
+        first = positions[0]
+        slot_P = torch.full((positions[-1] - first + 1,), -1, dtype=torch.long)
+        slot_P[torch.tensor(positions) - first] = torch.arange(len(positions))
+        member_R = torch.arange(self.members).repeat(len(positions))
+        position_R = torch.tensor(positions).repeat_interleave(self.members)
+        gumbel_LRE = keyed_gumbel(row_keys(self.seed, member_R, position_R), list(layers), num_experts)
+        return gumbel_LRE.view(len(layers), len(positions), self.members, num_experts), slot_P, first
+
+
+@dataclass(frozen=True, kw_only=True)
+class NoisePlan:
+    """What the routers of one forward need: the (member, position) of every row, and the temperatures.
+
+    ``member_T`` and ``position_T`` follow the flattened row order the routers see
+    (batch-major, then sequence). ``tau_L`` has one entry per MoE layer. Member 0 rows are
+    never noisy; ``noisy_weights`` selects the gate-weight variant (see adapters/base.py).
+    ``bank`` (decode) serves the noise from draws made ahead; without it each plan draws its own.
+    """
+
+    seed: int
+    member_T: torch.Tensor
+    position_T: torch.Tensor
     tau_L: tuple[float, ...]
     noisy_weights: bool = False
+    bank: NoiseBank | None = None
     _drawn: dict = field(default_factory=dict, repr=False, compare=False)
 
     def noise(self, layer: int, logits_TE: torch.Tensor) -> torch.Tensor | None:
@@ -110,14 +162,18 @@ class NoisePlan:
         num_experts = logits_TE.shape[-1]
         if (layer, num_experts) not in self._drawn:
             layers = [i for i, t in enumerate(self.tau_L) if t != 0.0 and (i, num_experts) not in self._drawn]
+            if self.bank is not None:
+                gumbel_LTE = self.bank.gumbel(layers, num_experts, self.member_T, self.position_T)
+            else:
+                gumbel_LTE = keyed_gumbel(row_keys(self.seed, self.member_T, self.position_T), layers, num_experts)
             tau_L1 = torch.tensor([self.tau_L[i] for i in layers], dtype=torch.float32)[:, None]
-            scale_LT = self.noisy_T.to(torch.float32)[None, :] * tau_L1
-            noise_LTE = keyed_gumbel(self.keys_T, layers, num_experts) * scale_LT[..., None]
+            scale_LT = (self.member_T != 0).to(torch.float32)[None, :] * tau_L1
+            noise_LTE = gumbel_LTE * scale_LT[..., None]
             self._drawn.update({(i, num_experts): noise_LTE[j] for j, i in enumerate(layers)})
         return self._drawn[(layer, num_experts)].to(logits_TE.dtype)
 
     @classmethod
     def for_rows(cls, *, seed: int, member_T: torch.Tensor, position_T: torch.Tensor,
-                 tau_L: tuple[float, ...], noisy_weights: bool = False) -> NoisePlan:
-        return cls(keys_T=row_keys(seed, member_T, position_T), noisy_T=member_T != 0,
-                   tau_L=tau_L, noisy_weights=noisy_weights)
+                 tau_L: tuple[float, ...], noisy_weights: bool = False, bank: NoiseBank | None = None) -> NoisePlan:
+        return cls(seed=seed, member_T=member_T.long(), position_T=position_T.long(), tau_L=tau_L,
+                   noisy_weights=noisy_weights, bank=bank)

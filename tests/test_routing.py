@@ -4,7 +4,7 @@ import itertools
 
 import torch
 
-from roe.routing import NoisePlan, keyed_gumbel, row_keys, sampling_uniform
+from roe.routing import NoiseBank, NoisePlan, keyed_gumbel, row_keys, sampling_uniform
 
 
 def test_noise_is_a_pure_function_of_its_keys():
@@ -74,3 +74,23 @@ def test_noisy_topk_samples_without_replacement_from_tempered_softmax():
     """
     assert _pair_chi2(0.7, 0.7) < 33.7
     assert _pair_chi2(0.7, 1.0) > 33.7
+
+
+def test_bank_serves_the_keyed_stream_across_redraws():
+    """Decode steps read noise drawn ahead; every step must get exactly the direct draw, also when a
+    step crosses the end of a draw, prompts sit at different positions, and E is not a multiple
+    of the vector width."""
+    tau_L = (0.0, 0.4, 0.0, 0.7)
+    for num_experts in (32, 5):
+        bank = NoiseBank(seed=7, members=3, ahead=16)
+        logits = torch.randn(6, num_experts)
+        position_B = torch.tensor([4, 40])
+        for _ in range(40):
+            member_T = torch.arange(3).repeat(2)
+            position_T = position_B.repeat_interleave(3)
+            banked = NoisePlan.for_rows(seed=7, member_T=member_T, position_T=position_T, tau_L=tau_L, bank=bank)
+            direct = NoisePlan.for_rows(seed=7, member_T=member_T, position_T=position_T, tau_L=tau_L)
+            for layer in (1, 3):
+                assert torch.equal(banked.noise(layer, logits), direct.noise(layer, logits))
+            position_B = position_B + 1
+        assert len(bank._draws) == 1  # layers 1 and 3 were drawn together, once per refill
