@@ -6,7 +6,7 @@
 #   bash benchmarks/default_model.sh runs/cont [runs/cont/history.json]
 #
 # Needs data/corpus and data/tokens (python -m roe.data.corpus / roe.data.tokenizer --encode) and
-# writes data/unseen.txt (python -m roe.data.unseen). About 40 minutes on 2 quiet cores.
+# writes data/unseen.txt (python -m roe.data.unseen). About 75 minutes on 2 quiet cores.
 set -euo pipefail
 RUN=${1:?usage: default_model.sh RUN_DIR [HISTORY_JSON]}
 HISTORY=${2:-}
@@ -21,22 +21,25 @@ step ship weights
 "$BIN/python" -m roe.data.ship --run "$RUN" "${history_args[@]}"
 
 step calibrate
-"$BIN/roe" calibrate -K 8 --trials 5 --uniform --grid 0,0.05,0.1,0.2 --tau-max 0.3 --window 256 \
+"$BIN/roe" calibrate -K 8 --trials 12 --uniform --grid 0,0.1,0.2,0.3,0.4,0.6 --tau-max 0.6 --window 256 \
     --max-windows 400 --out roe/assets/default/schedule.json --plot "$R/calibrate.png" --json | tail -n1 > "$R/calibrate.json"
+# the best uniform tau of the grid: the baseline the calibrated schedule must beat on held-out text
+AGAINST=$("$BIN/python" -c "import json; print(json.load(open('$R/calibrate.json'))['provenance']['best_uniform_tau'])")
 
 step eval test
-"$BIN/roe" eval --ks 1,2,4,8,16,32 --max-windows 100 --plot "$R/eval_test.png" --json | tail -n1 > "$R/eval_test.json"
+"$BIN/roe" eval --ks 1,2,4,8,16,32 --max-windows 400 --plot "$R/eval_test.png" --json | tail -n1 > "$R/eval_test.json"
+"$BIN/roe" eval --ks 1,8 --max-windows 400 --against-tau "$AGAINST" --json | tail -n1 > "$R/eval_test_versus.json"
 
 step eval unseen
 [ -f data/unseen.txt ] || "$BIN/python" -m roe.data.unseen --out data/unseen.txt
-"$BIN/roe" eval --text data/unseen.txt --ks 1,4,8,16 --max-windows 100 --plot "$R/eval_unseen.png" --json \
-    | tail -n1 > "$R/eval_unseen.json"
+"$BIN/roe" eval --text data/unseen.txt --ks 1,8,16 --max-windows 400 --against-tau "$AGAINST" \
+    --plot "$R/eval_unseen.png" --json | tail -n1 > "$R/eval_unseen.json"
 
 step tasks
 "$BIN/roe" tasks -K 8 --items 150 --json | tail -n1 > "$R/tasks.json"
 
 step bench
-"$BIN/roe" bench --ks 1,2,4,8,16,32,64 --methods roster --new-tokens 32 --time-box 6 --plot "$R/bench.png" --json \
+"$BIN/roe" bench --ks 1,2,4,8,16,32,64 --methods roster --new-tokens 32 --time-box 6 --repeats 3 --plot "$R/bench.png" --json \
     | tail -n1 > "$R/bench_roster.json"
 "$BIN/roe" bench --ks 1,8,32 --methods roster,separate,batched-own-cache,recompute --new-tokens 16 --time-box 5 \
     --json | tail -n1 > "$R/bench_methods.json"

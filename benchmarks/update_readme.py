@@ -22,14 +22,30 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 def eval_table(doc: dict) -> str:
     c = doc["conditions"]
+    against = c.get("against_tau")
     lines = [f"{c['windows']} windows x {c['window_tokens']} tokens = {c['tokens']:,} predicted tokens of "
              f"`{Path(c['text']).name}`; schedule: {Path(str(c['schedule'])).name}; seed {c['seed']}; "
-             f"torch {c['torch']}, transformers {c['transformers']}.", "",
-             "| K | NLL | perplexity | bits/byte | change vs K=1 | SE (paired) |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['K']} | {r['nll']:.4f} | {r['ppl']:.3f} | {r['bpb']:.4f} | {r['delta_nll']:+.5f} | "
-              f"{r['delta_se']:.5f} |" for r in doc["rows"]]
+             f"torch {c['torch']}, transformers {c['transformers']}.", ""]
+    header = ["K", "NLL", "perplexity", "bits/byte", "change vs K=1", "SE (paired)"]
+    if against is not None:
+        lines[0] += (f" Last columns: the same K with one uniform tau {against} on the same windows and noise, "
+                     "and the schedule minus it (negative: the schedule is better).")
+        header += [f"uniform {against}: change vs K=1", "schedule - uniform", "SE (paired)"]
+    lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for r in doc["rows"]:
+        cells = [str(r["K"]), f"{r['nll']:.4f}", f"{r['ppl']:.3f}", f"{r['bpb']:.4f}", f"{r['delta_nll']:+.5f}",
+                 f"{r['delta_se']:.5f}"]
+        if against is not None:
+            cells += (["", "", ""] if r.get("against_nll") is None else
+                      [f"{r['against_nll'] - r['nll'] + r['delta_nll']:+.5f}", f"{r['against_delta_nll']:+.5f}",
+                       f"{r['against_delta_se']:.5f}"])
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _ratio(row: dict) -> str:
+    low, high = row.get("step_ratio_range") or (None, None)
+    return f"{row['step_ratio']:.2f}" + (f" ({low:.2f}-{high:.2f})" if low is not None and high != low else "")
 
 
 def bench_table(doc: dict) -> str:
@@ -40,7 +56,10 @@ def bench_table(doc: dict) -> str:
              f"schedule {Path(str(c['schedule'])).name}.", "",
              "| method | K | decode step (ms) | x K=1 | TTFT (ms) | tokens/s | peak RSS (MB) | x K=1 | KV bytes |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['method']} | {r['K']} | {r['decode_step_ms']:.1f} | {r['step_ratio']:.2f} | {r['ttft_ms']:.0f} | "
+    if c.get("repeats", 1) > 1:
+        lines[0] += (f" {c['repeats']} rounds: times are medians over rounds; x K=1 is the median of the ratios "
+                     "taken within each round, with their range.")
+    lines += [f"| {r['method']} | {r['K']} | {r['decode_step_ms']:.1f} | {_ratio(r)} | {r['ttft_ms']:.0f} | "
               f"{r['tokens_per_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['rss_ratio']:.3f} | {r['kv_bytes']:,} |"
               for r in doc["rows"]]
     return "\n".join(lines)

@@ -181,6 +181,29 @@ class BenchRow:
     steps: int
 
 
+def combine_rounds(rounds: list[list[BenchRow]]) -> list[dict]:
+    """One row per (method, K) from repeated sweeps (same order in every round).
+
+    Times are medians over rounds, peak memory the maximum. ``step_ratio`` (against K=1 of the
+    same method) is computed within each round, where both were measured minutes apart on the
+    same machine state, and its median is reported with the range over rounds.
+    """
+    import statistics
+
+    out = []
+    for i, row in enumerate(rounds[0]):
+        same = [rows[i] for rows in rounds]
+        firsts = [next(r for r in rows if r.method == row.method) for rows in rounds]
+        ratios = [s.decode_step_ms / f.decode_step_ms for s, f in zip(same, firsts, strict=True)]
+        step_ms = statistics.median(s.decode_step_ms for s in same)
+        peak = max(s.peak_rss_mb for s in same)
+        out.append({**row.__dict__, "decode_step_ms": step_ms, "ttft_ms": statistics.median(s.ttft_ms for s in same),
+                    "tokens_per_s": 1e3 / step_ms, "peak_rss_mb": peak, "steps": sum(s.steps for s in same),
+                    "step_ratio": statistics.median(ratios), "step_ratio_range": [min(ratios), max(ratios)],
+                    "rss_ratio": peak / max(f.peak_rss_mb for f in firsts)})
+    return out
+
+
 @torch.no_grad()
 def measure(method_name: str, roster: Roster, prompt_P: torch.Tensor, new_tokens: int,
             time_box_s: float = 20.0) -> BenchRow:

@@ -142,7 +142,7 @@ def evaluate(*, model: str | None = None, text: str | None = None, ks: str = "1,
 def bench(*, model: str | None = None, ks: str = "1,2,4,8,16,32,64", prompt_tokens: int = 128,
           new_tokens: int = 64, methods: str = "roster,separate,batched-own-cache,recompute", tau: float = 0.1,
           schedule: str | None = None, seed: int = 0, time_box: float = 15.0, threads: int = 0,
-          json_out: bool = False, plot: str | None = None) -> None:
+          repeats: int = 1, json_out: bool = False, plot: str | None = None) -> None:
     """Cost of RoE against K: decode-step time, time to first token, tokens/s, peak memory, KV bytes.
 
     Methods (all compute the same RoE step): roster (ours: one clean cache, members folded into
@@ -151,20 +151,25 @@ def bench(*, model: str | None = None, ks: str = "1,2,4,8,16,32,64", prompt_toke
     cache, the whole sequence re-run for K members each step). Each (method, K) runs a clean
     prefill of --prompt-tokens tokens and up to --new-tokens greedy steps, cut at --time-box
     seconds; the decode step is the median over the steps. A warm-up run comes first; K=1 is
-    measured first and every row also shows its ratio to K=1 of the same method. Temperatures:
-    --schedule, else the embedded model's shipped schedule (no --model), else uniform --tau.
+    measured first and every row also shows its ratio to K=1 of the same method. --repeats N runs
+    the whole sweep N times: times are medians over the rounds, and each ratio is taken within a
+    round (paired, so a slow spell of a shared machine cancels) and then its median, with the
+    range over rounds in step_ratio_range. Temperatures: --schedule, else the embedded model's
+    shipped schedule (no --model), else uniform --tau.
     """
     import platform
 
     import torch
 
     import roe
-    from roe.bench import METHODS, measure
+    from roe.bench import METHODS, combine_rounds, measure
 
     grid, names = _parse_ks(ks), [m.strip() for m in methods.split(",") if m.strip()]
     unknown = sorted(set(names) - set(METHODS))
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
+    if repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {repeats}")
     if threads:
         torch.set_num_threads(threads)
     lm, tokenizer = roe.load(model)
@@ -172,21 +177,22 @@ def bench(*, model: str | None = None, ks: str = "1,2,4,8,16,32,64", prompt_toke
     prompt = _bench_prompt(lm, tokenizer, model, prompt_tokens)
     with roe.roster(lm, _roe_config(1, tau, schedule, seed)) as r:
         measure("roster", r, prompt, 4)
-    rows = []
-    for name in names:
-        for K in grid:
-            with roe.roster(lm, _roe_config(K, tau, schedule, seed)) as r:
-                rows.append(measure(name, r, prompt, new_tokens, time_box).__dict__)
-            print(f"  {name:18s} K={K:<3d} step {rows[-1]['decode_step_ms']:8.2f} ms", file=sys.stderr)
-    for row in rows:
-        first = next(r for r in rows if r["method"] == row["method"])
-        row["step_ratio"] = row["decode_step_ms"] / first["decode_step_ms"]
-        row["rss_ratio"] = row["peak_rss_mb"] / first["peak_rss_mb"]
+    rounds = []
+    for round_ in range(repeats):
+        rows = []
+        for name in names:
+            for K in grid:
+                with roe.roster(lm, _roe_config(K, tau, schedule, seed)) as r:
+                    rows.append(measure(name, r, prompt, new_tokens, time_box))
+                print(f"  round {round_ + 1}/{repeats} {name:18s} K={K:<3d} step {rows[-1].decode_step_ms:8.2f} ms",
+                      file=sys.stderr)
+        rounds.append(rows)
+    rows = combine_rounds(rounds)
     params = sum(p.numel() for p in lm.parameters())
     conditions = {"model": model or "embedded default", "params": params, "prompt_tokens": len(prompt),
                   "new_tokens": new_tokens, "schedule": _shown_schedule(schedule, tau), "dtype": "float32",
                   "cpu": platform.processor() or platform.machine(), "cores": _cores(), "time_box_s": time_box,
-                  **_versions()}
+                  "repeats": repeats, **_versions()}
     print("  ".join(f"{k}={v}" for k, v in conditions.items()))
     print(_table(["method", "K", "step_ms", "x K=1", "ttft_ms", "tok/s", "peak_rss_mb", "x K=1", "kv_bytes", "steps"],
                  [[r["method"], r["K"], r["decode_step_ms"], r["step_ratio"], r["ttft_ms"], r["tokens_per_s"],

@@ -103,15 +103,33 @@ def test_eval_empty_text_is_refused(saved_model, tmp_path):
 def test_bench_rows_for_every_method(capsys, saved_model, tmp_path):
     plot = tmp_path / "cost.png"
     out = run_json(capsys, ["bench", "--model", str(saved_model), "--ks", "1,4", "--prompt-tokens", "12",
-                            "--new-tokens", "4", "--time-box", "5", "--json", "--plot", str(plot)])
+                            "--new-tokens", "4", "--time-box", "5", "--repeats", "2", "--json", "--plot", str(plot)])
     rows = {(r["method"], r["K"]): r for r in out["rows"]}
     assert set(rows) == {(m, k) for m in ("roster", "separate", "batched-own-cache", "recompute") for k in (1, 4)}
     assert rows[("roster", 4)]["kv_bytes"] == rows[("roster", 1)]["kv_bytes"] > 0
     assert rows[("separate", 4)]["kv_bytes"] == 4 * rows[("separate", 1)]["kv_bytes"]
     assert rows[("batched-own-cache", 4)]["kv_bytes"] == 4 * rows[("batched-own-cache", 1)]["kv_bytes"]
     assert rows[("recompute", 4)]["kv_bytes"] == 0
-    assert all(r["steps"] == 3 and r["decode_step_ms"] > 0 for r in out["rows"])
+    assert all(r["steps"] == 2 * 3 and r["decode_step_ms"] > 0 for r in out["rows"])
+    assert out["conditions"]["repeats"] == 2
     assert plot.stat().st_size > 1000
+
+
+def test_repeated_bench_pairs_ratios_within_rounds():
+    """With --repeats, a ratio to K=1 is taken inside each round and then its median: a slow round
+    (the machine busy for both) must not distort it the way a ratio of medians would."""
+    from roe.bench import BenchRow, combine_rounds
+
+    def row(K, ms, rss=100.0):
+        return BenchRow(method="roster", K=K, decode_step_ms=ms, ttft_ms=2 * ms, tokens_per_s=1e3 / ms,
+                        peak_rss_mb=rss, kv_bytes=10, steps=3)
+
+    rounds = [[row(1, 10.0), row(8, 13.0, 110.0)], [row(1, 20.0), row(8, 22.0)], [row(1, 11.0), row(8, 13.2)]]
+    k1, k8 = combine_rounds(rounds)
+    assert k8["step_ratio"] == pytest.approx(1.2)  # median of 1.3, 1.1, 1.2
+    assert k8["step_ratio_range"] == pytest.approx([1.1, 1.3])
+    assert k8["decode_step_ms"] == 13.2 and k1["decode_step_ms"] == 11.0  # medians of the rounds
+    assert k8["rss_ratio"] == pytest.approx(1.1) and k8["steps"] == 9 and k1["step_ratio"] == 1.0
 
 
 def test_profile_splits_a_step_into_stages(saved_model):
