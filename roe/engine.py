@@ -104,7 +104,7 @@ class ExpandedDecoder:
 
     def __init__(self, roster: Roster, rows: list[torch.Tensor]) -> None:
         self.roster, self.caches = roster, []
-        self.bank = roster.noise_bank()
+        self.banks = [roster.noise_bank() for _ in rows]  # one per prompt: each runs its own forward
         for row in rows:
             cache = None  # the model creates its own cache class (MiniMax refuses a DynamicCache)
             if len(row) > 1:
@@ -119,7 +119,7 @@ class ExpandedDecoder:
                 keep_rows(self.caches[b], torch.zeros(K, dtype=torch.long))
             outputs = self.roster.forward(
                 member_BQ=torch.arange(K)[:, None], position_BQ=pos.expand(K, 1),
-                input_ids=token.expand(K, 1), past_key_values=self.caches[b], bank=self.bank,
+                input_ids=token.expand(K, 1), past_key_values=self.caches[b], bank=self.banks[b],
             )
             self.caches[b] = outputs.past_key_values
             keep_rows(self.caches[b], torch.zeros(1, dtype=torch.long))

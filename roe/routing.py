@@ -90,8 +90,9 @@ class NoiseBank:
     tensor ops, about half a millisecond on CPU: more than some layers cost. The bank draws every
     member of the next ``ahead`` positions of each prompt at once and serves the following steps
     by one indexing op. The values are the keyed stream's (``keyed_gumbel`` of the same keys), so
-    a banked plan routes exactly like a direct one. One bank serves one generation; the draws
-    start 8 positions ahead and double up to ``ahead``, so short generations draw little extra.
+    a banked plan routes exactly like a direct one. One bank serves the steps of one set of
+    prompts that advance together (a refill replaces the previous draw); the draws start 8
+    positions ahead and double up to ``ahead``, so short generations draw little extra.
     """
 
     BUDGET = 1 << 21  # floats held per (layers, experts) draw: about 8 MB
