@@ -23,17 +23,24 @@ step ship weights
 step calibrate
 "$BIN/roe" calibrate -K 8 --trials 12 --uniform --grid 0,0.1,0.2,0.3,0.4,0.6 --tau-max 0.6 --window 256 \
     --max-windows 400 --out roe/assets/default/schedule.json --plot "$R/calibrate.png" --json | tail -n1 > "$R/calibrate.json"
-# the best uniform tau of the grid: the baseline the calibrated schedule must beat on held-out text
+# the best uniform tau of the grid: the baseline a per-layer schedule must beat on held-out text.
+# VERSUS is the per-layer schedule compared with it (default: the one just calibrated; when TPE
+# returns the uniform point itself, as on the shipped model, pass the first calibration's
+# per-layer schedule: VERSUS=benchmarks/results/schedule_first_calibration.json)
 AGAINST=$("$BIN/python" -c "import json; print(json.load(open('$R/calibrate.json'))['provenance']['best_uniform_tau'])")
+VERSUS=${VERSUS:-roe/assets/default/schedule.json}
 
 step eval test
 "$BIN/roe" eval --ks 1,2,4,8,16,32 --max-windows 400 --plot "$R/eval_test.png" --json | tail -n1 > "$R/eval_test.json"
-"$BIN/roe" eval --ks 1,8 --max-windows 400 --against-tau "$AGAINST" --json | tail -n1 > "$R/eval_test_versus.json"
+"$BIN/roe" eval --schedule "$VERSUS" --ks 1,8 --max-windows 400 --against-tau "$AGAINST" --json \
+    | tail -n1 > "$R/eval_test_versus.json"
 
 step eval unseen
 [ -f data/unseen.txt ] || "$BIN/python" -m roe.data.unseen --out data/unseen.txt
-"$BIN/roe" eval --text data/unseen.txt --ks 1,8,16 --max-windows 400 --against-tau "$AGAINST" \
-    --plot "$R/eval_unseen.png" --json | tail -n1 > "$R/eval_unseen.json"
+"$BIN/roe" eval --text data/unseen.txt --ks 1,8,16 --max-windows 400 --plot "$R/eval_unseen.png" --json \
+    | tail -n1 > "$R/eval_unseen.json"
+"$BIN/roe" eval --text data/unseen.txt --schedule "$VERSUS" --ks 1,8 --max-windows 400 --against-tau "$AGAINST" \
+    --json | tail -n1 > "$R/eval_unseen_versus.json"
 
 step tasks
 "$BIN/roe" tasks -K 8 --items 150 --json | tail -n1 > "$R/tasks.json"

@@ -128,7 +128,11 @@ def main() -> None:
         pattern = re.compile(rf"(<!-- begin {path.stem} -->\n).*?(<!-- end {path.stem} -->)", re.S)
         if kind is None or not pattern.search(readme):
             continue
-        doc = json.loads(path.read_text().strip().splitlines()[-1])
+        lines = path.read_text().strip().splitlines()
+        if not lines:
+            print(f"skipped {path.name}: empty (its command failed or has not finished)")
+            continue
+        doc = json.loads(lines[-1])
         readme = pattern.sub(lambda m, d=doc, k=kind: m.group(1) + RENDER[k](d) + "\n" + m.group(2), readme)
     (ROOT / "README.md").write_text(readme)
 
