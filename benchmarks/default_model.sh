@@ -48,7 +48,7 @@ step tasks
 step bench
 "$BIN/roe" bench --ks 1,2,4,8,16,32,64 --methods roster --new-tokens 32 --time-box 6 --repeats 3 --plot "$R/bench.png" --json \
     | tail -n1 > "$R/bench_roster.json"
-"$BIN/roe" bench --ks 1,8,32 --methods roster,separate,batched-own-cache,recompute --new-tokens 16 --time-box 5 \
+"$BIN/roe" bench --ks 1,8,32 --methods roster,separate,batched-own-cache,recompute --new-tokens 16 --time-box 5 --repeats 3 \
     --json | tail -n1 > "$R/bench_methods.json"
 "$BIN/python" benchmarks/profile_step.py --ks 1,8,32 --steps 20 | tail -n1 > "$R/profile.json"
 
