@@ -70,7 +70,7 @@ class SeparateMethod:
 
     def start(self, prompt_P):
         model, K = self.roster.model, self.roster.members
-        self.caches = []
+        self.caches, self.bank = [], self.roster.noise_bank()
         for _ in range(K):
             out = model(input_ids=prompt_P[None, :-1], use_cache=True) if len(prompt_P) > 1 else None
             self.caches.append(out.past_key_values if out is not None else None)
@@ -81,7 +81,7 @@ class SeparateMethod:
         logits = []
         for k, cache in enumerate(self.caches):
             out = self.roster.forward(member_BQ=torch.tensor([[k]]), position_BQ=torch.tensor([[self.pos]]),
-                                      input_ids=token.reshape(1, 1), past_key_values=cache)
+                                      input_ids=token.reshape(1, 1), past_key_values=cache, bank=self.bank)
             self.caches[k] = out.past_key_values
             logits.append(out.logits[0, -1])
         self.pos += 1
@@ -99,7 +99,7 @@ class BatchedOwnCacheMethod:
 
     def start(self, prompt_P):
         K = self.roster.members
-        self.cache = None
+        self.cache, self.bank = None, self.roster.noise_bank()
         if len(prompt_P) > 1:
             self.cache = self.roster.model(input_ids=prompt_P[None, :-1], use_cache=True).past_key_values
             self.cache.batch_repeat_interleave(K)
@@ -109,7 +109,8 @@ class BatchedOwnCacheMethod:
     def step(self, token):
         K = self.roster.members
         out = self.roster.forward(member_BQ=torch.arange(K)[:, None], position_BQ=torch.full((K, 1), self.pos),
-                                  input_ids=token.reshape(1, 1).expand(K, 1), past_key_values=self.cache)
+                                  input_ids=token.reshape(1, 1).expand(K, 1), past_key_values=self.cache,
+                                  bank=self.bank)
         self.cache = out.past_key_values
         self.pos += 1
         return self.roster.combine(out.logits[:, -1], dim=0)

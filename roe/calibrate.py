@@ -22,7 +22,7 @@ import torch
 
 from roe import adapters
 from roe.config import RoEConfig
-from roe.eval.perplexity import clean_score_fn, roster_nll, window_nll
+from roe.eval.perplexity import clean_score_fn, paired, roster_nll, window_nll
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -136,7 +136,6 @@ def search_schedule(model, windows_NW: torch.Tensor, space: SearchSpace, *, K: i
     study.optimize(objective, n_trials=trials)
     bar.close()
     tau = space.schedule({i: study.best_params[f"tau_{i}"] for i in space.noisy})
-    delta_N = nll_of[tuple(tau)] - base_N
-    se = float(delta_N.std(unbiased=True) / math.sqrt(len(delta_N))) if len(delta_N) > 1 else float("nan")
+    _, se = paired(nll_of[tuple(tau)], base_N)
     return Calibration(tau=tau, best_value=study.best_value, base_value=float(base_N.mean()),
                        trial_values=[t.value for t in study.trials], best_delta_se=se, uniform=uniform)
