@@ -79,11 +79,12 @@ class SeparateMethod:
 
     def step(self, token):
         logits = []
-        for k, cache in enumerate(self.caches):
-            out = self.roster.forward(member_BQ=torch.tensor([[k]]), position_BQ=torch.tensor([[self.pos]]),
-                                      input_ids=token.reshape(1, 1), past_key_values=cache, bank=self.bank)
-            self.caches[k] = out.past_key_values
-            logits.append(out.logits[0, -1])
+        with self.roster.decode_kernels():
+            for k, cache in enumerate(self.caches):
+                out = self.roster.forward(member_BQ=torch.tensor([[k]]), position_BQ=torch.tensor([[self.pos]]),
+                                          input_ids=token.reshape(1, 1), past_key_values=cache, bank=self.bank)
+                self.caches[k] = out.past_key_values
+                logits.append(out.logits[0, -1])
         self.pos += 1
         return self.roster.combine(torch.stack(logits), dim=0)
 
@@ -108,9 +109,10 @@ class BatchedOwnCacheMethod:
 
     def step(self, token):
         K = self.roster.members
-        out = self.roster.forward(member_BQ=torch.arange(K)[:, None], position_BQ=torch.full((K, 1), self.pos),
-                                  input_ids=token.reshape(1, 1).expand(K, 1), past_key_values=self.cache,
-                                  bank=self.bank)
+        with self.roster.decode_kernels():
+            out = self.roster.forward(member_BQ=torch.arange(K)[:, None], position_BQ=torch.full((K, 1), self.pos),
+                                      input_ids=token.reshape(1, 1).expand(K, 1), past_key_values=self.cache,
+                                      bank=self.bank)
         self.cache = out.past_key_values
         self.pos += 1
         return self.roster.combine(out.logits[:, -1], dim=0)

@@ -60,18 +60,19 @@ class FoldedDecoder:
         pos_BK = pos_B[:, None].expand(B, K)
         masks = member_masks(roster.windows, self.pos_BP, self.valid_BP, pos_BK, roster.mask_dtype)
         self.cache.commit = 1
-        if K > 1 and self.fan_out and roster.can_fan_out:
-            masks_1 = member_masks(roster.windows, self.pos_BP, self.valid_BP, pos_B[:, None], roster.mask_dtype)
-            logits_BKV = roster.fan_out_forward(
-                member_BK=torch.arange(K).expand(B, K), position_B=pos_B, input_ids_B=tokens_B,
-                masks_1=masks_1, masks_K=masks, cache=self.cache, bank=self.bank,
-            ).logits
-        else:
-            logits_BKV = roster.forward(
-                member_BQ=torch.arange(K).expand(B, K), position_BQ=pos_BK,
-                input_ids=tokens_B[:, None].expand(B, K), attention_mask=masks, past_key_values=self.cache,
-                bank=self.bank,
-            ).logits
+        with roster.decode_kernels():
+            if K > 1 and self.fan_out and roster.can_fan_out:
+                masks_1 = member_masks(roster.windows, self.pos_BP, self.valid_BP, pos_B[:, None], roster.mask_dtype)
+                logits_BKV = roster.fan_out_forward(
+                    member_BK=torch.arange(K).expand(B, K), position_B=pos_B, input_ids_B=tokens_B,
+                    masks_1=masks_1, masks_K=masks, cache=self.cache, bank=self.bank,
+                ).logits
+            else:
+                logits_BKV = roster.forward(
+                    member_BQ=torch.arange(K).expand(B, K), position_BQ=pos_BK,
+                    input_ids=tokens_B[:, None].expand(B, K), attention_mask=masks, past_key_values=self.cache,
+                    bank=self.bank,
+                ).logits
         self.pos_BP = torch.cat([self.pos_BP, pos_B[:, None]], dim=1)
         self.valid_BP = torch.cat([self.valid_BP, torch.ones(B, 1, dtype=torch.bool)], dim=1)
         return roster.combine(logits_BKV, dim=1)
@@ -117,10 +118,11 @@ class ExpandedDecoder:
         for b, (token, pos) in enumerate(zip(tokens_B, pos_B, strict=True)):
             if self.caches[b] is not None:
                 keep_rows(self.caches[b], torch.zeros(K, dtype=torch.long))
-            outputs = self.roster.forward(
-                member_BQ=torch.arange(K)[:, None], position_BQ=pos.expand(K, 1),
-                input_ids=token.expand(K, 1), past_key_values=self.caches[b], bank=self.banks[b],
-            )
+            with self.roster.decode_kernels():
+                outputs = self.roster.forward(
+                    member_BQ=torch.arange(K)[:, None], position_BQ=pos.expand(K, 1),
+                    input_ids=token.expand(K, 1), past_key_values=self.caches[b], bank=self.banks[b],
+                )
             self.caches[b] = outputs.past_key_values
             keep_rows(self.caches[b], torch.zeros(1, dtype=torch.long))
             out.append(self.roster.combine(outputs.logits[:, -1], dim=0))

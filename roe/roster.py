@@ -28,6 +28,7 @@ from roe import adapters
 from roe.aggregate import AGGREGATORS
 from roe.cache import CleanCache, attention_windows, member_masks
 from roe.config import RoEConfig
+from roe.kernels import PackedHead
 from roe.routing import NoiseBank, NoisePlan
 from roe.schedule import model_fingerprint
 
@@ -90,6 +91,7 @@ class Roster:
         self.tau_L = self.schedule.tau
         self.clean_prefix = self._clean_prefix()
         self._axes: dict[tuple, int | None] | None = None  # found on first use (_query_axes)
+        self._head: PackedHead | None | bool = False  # packed on first use (decode_kernels)
         self._install()
 
     def _clean_prefix(self) -> tuple[torch.nn.ModuleList, int] | None:
@@ -269,6 +271,20 @@ class Roster:
             self.plan = None
             for handle in handles:
                 handle.remove()
+
+    @contextmanager
+    def decode_kernels(self) -> Iterator[None]:
+        """Faster products for the K rows of a decode step (roe/kernels.py); none when K = 1.
+
+        With one member the model runs untouched, so K = 1 reproduces it bit for bit.
+        """
+        if self._head is False:
+            self._head = PackedHead.for_model(self.model) if self.members > 1 else None
+        if self._head is None:
+            yield
+            return
+        with self._head.installed():
+            yield
 
     @property
     def can_fan_out(self) -> bool:

@@ -1,0 +1,58 @@
+"""The packed LM head of decode steps: same products as the model's head, installed only inside a step."""
+
+import pytest
+import torch
+
+import roe
+from roe import reference
+from roe.kernels import PackedHead
+from tests.conftest import tiny_olmoe
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
+
+
+def test_packed_product_equals_the_head_and_follows_in_place_changes():
+    model = tiny_olmoe()
+    head = model.get_output_embeddings()
+    packed = PackedHead.for_model(model)
+    assert packed is not None
+    x = torch.randn(2, 8, head.in_features, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(packed.product(x), head(x), rtol=0, atol=1e-5)
+        head.weight.mul_(-2.0)  # e.g. a user loading other weights into the same module
+        torch.testing.assert_close(packed.product(x), head(x), rtol=0, atol=1e-5)
+
+
+def test_installed_only_inside_the_block():
+    model = tiny_olmoe()
+    head = model.get_output_embeddings()
+    packed = PackedHead.for_model(model)
+    with packed.installed():
+        assert head.forward == packed.product
+    assert "forward" not in head.__dict__
+    with pytest.raises(RuntimeError, match="boom"), packed.installed():
+        raise RuntimeError("boom")
+    assert "forward" not in head.__dict__
+
+
+def test_not_used_where_it_does_not_apply():
+    assert PackedHead.for_model(tiny_olmoe().to(torch.float64)) is None
+    model = tiny_olmoe()
+    model.lm_head = torch.nn.Sequential(model.lm_head)  # not a plain nn.Linear
+    assert PackedHead.for_model(model) is None
+
+
+def test_decode_uses_it_for_k_above_1_and_still_matches_the_reference(olmoe, prompt_ids):
+    calls = []
+    with roe.roster(olmoe, roe.RoEConfig(roster_size=4, tau=1.5, skip_first=0, skip_last=0, seed=3)) as r:
+        r.generate(prompt_ids, max_new_tokens=1)
+        assert isinstance(r._head, PackedHead)
+        original = r._head.product
+        r._head.product = lambda x: calls.append(x.shape) or original(x)
+        fast = r.generate(prompt_ids, max_new_tokens=6)[0]
+        slow = reference.generate_greedy(r, prompt_ids[0], 6)
+    assert torch.equal(fast, slow)
+    assert len(calls) == 6 and all(shape[:-1].numel() == 4 for shape in calls)
+    with roe.roster(olmoe, roe.RoEConfig(roster_size=1, tau=1.5)) as r:
+        r.generate(prompt_ids, max_new_tokens=2)
+        assert r._head is None  # one member: the untouched model, bit for bit
