@@ -1,10 +1,11 @@
 """Faster matrix products for decode steps on CPU, where the default BLAS is slow.
 
 A roster decode step multiplies the LM head (V x H, the largest matrix of a small model) with
-B x K rows. On the CPUs measured here (MKL on an AMD EPYC) that product takes 4x longer for 8
-rows than for 1, while oneDNN with a weight packed once for it takes about 2x (``roe bench``
-and ../benchmarks/README: LM head 8 x 256 x 8192, 2 threads: 1.74 ms with MKL, 0.38 ms with
-oneDNN). For the small per-layer matrices MKL stays faster, so only the head is swapped.
+B x K rows. On the CPU measured here (MKL 2024.2 on an AMD EPYC) that product takes 4x longer
+for 8 rows than for 1, while oneDNN with a weight packed once takes about 2x: the default
+model's head, 8 x 256 x 8192, 2 threads, takes 1.74 ms with MKL and 0.38 ms with oneDNN (1
+thread: 1.53 and 0.68 ms). For the small per-layer matrices MKL stays faster, even with cold
+caches (oneDNN's fixed cost per call is about 40 us), so only the head is swapped.
 
 ``PackedHead`` holds the packed copy (one more head-sized buffer) and installs it on the LM
 head for the duration of a step; the model's own forward still does everything around the
