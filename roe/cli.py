@@ -151,8 +151,9 @@ def bench(*, model: str | None = None, ks: str = "1,2,4,8,16,32,64", prompt_toke
     cache, the whole sequence re-run for K members each step). Each (method, K) runs a clean
     prefill of --prompt-tokens tokens and up to --new-tokens greedy steps, cut at --time-box
     seconds; the decode step is the median over the steps. Each (method, K) first runs a
-    2-token warm-up on its roster (one-time work is not a request's cost); K=1 is measured first and every row also shows its ratio to K=1 of the same method. --repeats N runs
-    the whole sweep N times: times are medians over the rounds, and each ratio is taken within a
+    2-token warm-up on its roster (one-time work is not a request's cost); K=1 is measured
+    first and every row also shows its ratio to K=1 of the same method. --repeats N runs the
+    whole sweep N times: times are medians over the rounds, and each ratio is taken within a
     round (paired, so a slow spell of a shared machine cancels) and then its median, with the
     range over rounds in step_ratio_range. Temperatures: --schedule, else the embedded model's
     shipped schedule (no --model), else uniform --tau.

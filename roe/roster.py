@@ -123,9 +123,7 @@ class Roster:
 
     def combine(self, logits, dim: int) -> torch.Tensor:
         """Aggregate member logits held along ``dim`` into log-probs."""
-        agg = self.aggregator
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        return agg.finish(agg.partial(logprobs, dim=dim), logprobs.shape[dim])
+        return self.aggregator.from_logits(logits, dim)
 
     def _install(self) -> None:
         for slot in self.slots:

@@ -60,3 +60,23 @@ def test_streaming_merge_equals_one_shot(name):
     agg = AGGREGATORS[name]
     state = agg.merge(agg.partial(logprobs[:, :3], 1), agg.partial(logprobs[:, 3:], 1))
     torch.testing.assert_close(agg.finish(state, 7), aggregate(logprobs, name, dim=1))
+
+
+@pytest.mark.parametrize("name", sorted(AGGREGATORS))
+def test_from_logits_equals_the_streaming_form(name):
+    logits = torch.randn(2, 5, 40, generator=torch.Generator().manual_seed(4)) * 4
+    want = aggregate(torch.log_softmax(logits, dim=-1), name, dim=1)
+    torch.testing.assert_close(AGGREGATORS[name].from_logits(logits, dim=1), want, rtol=0, atol=1e-5)
+
+
+def test_mean_prob_from_logits_stays_finite_where_every_member_underflows():
+    logits = torch.zeros(1, 3, 6)
+    logits[..., 0] = 200.0  # every other token's probability is exp(-200): below fp32's range
+    got = AGGREGATORS["mean-prob"].from_logits(logits, dim=1)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, aggregate(torch.log_softmax(logits, dim=-1), "mean-prob", dim=1))
+
+
+def test_one_member_is_exactly_the_log_softmax():
+    logits = torch.randn(2, 1, 40, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(AGGREGATORS["mean-prob"].from_logits(logits, dim=1), torch.log_softmax(logits, dim=-1)[:, 0])
