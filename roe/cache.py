@@ -168,3 +168,13 @@ def member_masks(windows: dict[str, int | None], past_pos_BP, past_valid_BP, que
     """One mask, or a {layer type: mask} dict when the model mixes attention types."""
     masks = {t: member_mask(past_pos_BP, past_valid_BP, query_pos_BQ, w, dtype) for t, w in windows.items()}
     return next(iter(masks.values())) if len(masks) == 1 else masks
+
+
+def first_member(masks, stored: int):
+    """The masks of one query row per prompt, cut from K-row ``member_masks`` over ``stored`` slots.
+
+    Row 0 sees the same stored positions and its own slot, which is the first new one.
+    """
+    if isinstance(masks, dict):
+        return {t: m[..., :1, : stored + 1] for t, m in masks.items()}
+    return masks[..., :1, : stored + 1]

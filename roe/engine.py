@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from roe.cache import CleanCache, member_masks
+from roe.cache import CleanCache, first_member, member_masks
 from roe.roster import Roster, check_inputs
 from roe.routing import sampling_uniform
 
@@ -62,7 +62,7 @@ class FoldedDecoder:
         self.cache.commit = 1
         with roster.decode_kernels():
             if K > 1 and self.fan_out and roster.can_fan_out:
-                masks_1 = member_masks(roster.windows, self.pos_BP, self.valid_BP, pos_B[:, None], roster.mask_dtype)
+                masks_1 = first_member(masks, self.pos_BP.shape[1])
                 logits_BKV = roster.fan_out_forward(
                     member_BK=torch.arange(K).expand(B, K), position_B=pos_B, input_ids_B=tokens_B,
                     masks_1=masks_1, masks_K=masks, cache=self.cache, bank=self.bank,
