@@ -91,6 +91,7 @@ class Roster:
         self.tau_L = self.schedule.tau
         self.clean_prefix = self._clean_prefix()
         self._axes: dict[tuple, int | None] | None = None  # found on first use (_query_axes)
+        self._block: tuple[torch.nn.Module, dict] | None = None  # found with them (_block_fan_out)
         self._head: PackedHead | None | bool = False  # packed on first use (decode_kernels)
         self._install()
 
@@ -176,29 +177,35 @@ class Roster:
         finally:
             self.plan = None
 
-    def _query_axes(self) -> dict[tuple, int | None] | None:
-        """Where each input of the first noisy layer holds the query rows, found by probing.
+    def _probe_cache(self) -> CleanCache:
+        """A clean 2-token history that keeps the first new position of the next forward."""
+        cache = CleanCache()
+        prefix = torch.zeros(1, 2, dtype=torch.long)
+        self.clean_forward(prefix, torch.ones_like(prefix, dtype=torch.bool), cache)
+        cache.commit = 1
+        return cache
+
+    def _probe_masks(self, q: int):
+        return member_masks(self.windows, torch.arange(2)[None], torch.ones(1, 2, dtype=torch.bool),
+                            torch.full((1, q), 2), self.mask_dtype)
+
+    def _query_axes(self, module: torch.nn.Module) -> dict[tuple, int | None] | None:
+        """Where each input of ``module`` holds the query rows, found by probing.
 
         Two clean decode-like forwards (1 and 2 query rows over a stored 2-token history)
-        capture that layer's inputs; an input whose shape differs in exactly one axis holds the
-        query rows there, one whose shape does not differ is shared. Returns None (no fan-out)
-        if some input changes in another way and is not one of the masks we pass in.
+        capture the module's inputs; an input whose shape differs in exactly one axis holds the
+        query rows there, one whose shape does not differ is shared. Returns None (no fan-out
+        there) if some input changes in another way and is not one of the masks we pass in.
         """
-        layers, start = self.clean_prefix
         seen: list[tuple[dict, set[int]]] = []
         for q in (1, 2):
-            cache = CleanCache()
-            prefix = torch.zeros(1, 2, dtype=torch.long)
-            self.clean_forward(prefix, torch.ones_like(prefix, dtype=torch.bool), cache)
-            cache.commit = 1
-            masks = member_masks(self.windows, torch.arange(2)[None], torch.ones(1, 2, dtype=torch.bool),
-                                 torch.full((1, q), 2), self.mask_dtype)
+            cache, masks = self._probe_cache(), self._probe_masks(q)
             captured: dict[tuple, torch.Tensor] = {}
 
             def capture(_module, args, kwargs, into=captured):
                 into.update(_leaves(("args",), args) | _leaves(("kwargs",), kwargs))
 
-            handle = layers[start].register_forward_pre_hook(capture, with_kwargs=True)
+            handle = module.register_forward_pre_hook(capture, with_kwargs=True)
             try:
                 with torch.no_grad():
                     self.model(input_ids=torch.zeros(1, q, dtype=torch.long), position_ids=torch.full((1, q), 2),
@@ -223,30 +230,70 @@ class Roster:
                 return None
         return axes
 
+    def _moe_block(self) -> torch.nn.Module | None:
+        """The module that calls the first noisy router (its MoE block) when it sits strictly inside
+        the first noisy decoder layer: fanning out at its input runs that layer's attention once too."""
+        layers, start = self.clean_prefix
+        router_path = next(s.path for s, tau in zip(self.slots, self.tau_L, strict=True) if tau > 0)
+        block = self.model.get_submodule(router_path.rsplit(".", 1)[0]) if "." in router_path else None
+        layer = layers[start]
+        if block is None or block is layer or not any(m is block for m in layer.modules()):
+            return None
+        return block
+
+    def _block_fan_out(self) -> tuple[torch.nn.Module, dict] | None:
+        """(MoE block, its query axes) when fanning out at the block gives the layer fan-out's
+        result: checked on a clean probe step of 2 members (both rows must equal the layer
+        fan-out's), so a layer whose residual path cannot take the wider block output falls back."""
+        block = self._moe_block()
+        axes = self._query_axes(block) if block is not None else None
+        if not axes:
+            return None
+        member_BK, position_B = torch.zeros(1, 2, dtype=torch.long), torch.tensor([2])
+        ids_B = torch.zeros(1, dtype=torch.long)
+        logits = []
+        for at in ((block, axes), None):
+            try:
+                with torch.no_grad():
+                    out = self._fan_out(member_BK=member_BK, position_B=position_B, input_ids_B=ids_B,
+                                        masks_1=self._probe_masks(1), masks_K=self._probe_masks(2),
+                                        cache=self._probe_cache(), bank=None, block=at)
+            except (RuntimeError, ValueError, TypeError, IndexError):
+                return None
+            logits.append(out.logits)
+        ok = logits[0].shape == logits[1].shape and torch.allclose(logits[0], logits[1], rtol=1e-4, atol=1e-5)
+        return (block, axes) if ok else None
+
     def fan_out_forward(self, *, member_BK: torch.Tensor, position_B: torch.Tensor, input_ids_B: torch.Tensor,
                         masks_1, masks_K, cache: CleanCache, bank: NoiseBank | None = None):
-        """A decode step that runs the clean prefix layers once per prompt, then the K members.
+        """A decode step that runs the clean prefix once per prompt, then the K members.
 
-        The model sees one query row per prompt (``masks_1``); a pre-hook on every layer from
-        the first one with a noisy router repeats the hidden states and per-query inputs to the
-        K member rows (the query axis of each input found by ``_query_axes``) and swaps in the
-        K-row masks. Layers before it are identical for all members, so the result equals
-        ``forward`` on K rows while those layers cost 1/K.
+        The model sees one query row per prompt (``masks_1``). The clean prefix is every layer
+        before the first one with a noisy router and, when the check of ``_block_fan_out``
+        passes, that layer's attention too: a pre-hook on its MoE block (else on the layer)
+        repeats the hidden states and per-query inputs to the K member rows (the query axis of
+        each input found by ``_query_axes``), and pre-hooks on the later layers do the same
+        and swap in the K-row masks. The clean prefix is identical for all members, so the
+        result equals ``forward`` on K rows while the prefix costs 1/K.
         """
         if not self.can_fan_out:
             raise RuntimeError("fan-out is not available for this model")
+        return self._fan_out(member_BK=member_BK, position_B=position_B, input_ids_B=input_ids_B, masks_1=masks_1,
+                             masks_K=masks_K, cache=cache, bank=bank, block=self._block)
+
+    def _fan_out(self, *, member_BK, position_B, input_ids_B, masks_1, masks_K, cache, bank, block):
         layers, start = self.clean_prefix
         B, K = member_BK.shape
         # id -> (original, replacement); holding the original keeps its id from being reused by a
         # later tensor of the same forward.
         swaps = {id(m1): (m1, mk) for m1, mk in zip(_mask_values(masks_1), _mask_values(masks_K), strict=True)}
 
-        def widen(path: tuple, value: Any) -> Any:
+        def widen(path: tuple, value: Any, axes: dict) -> Any:
             if isinstance(value, torch.Tensor):
                 if id(value) in swaps:
                     return swaps[id(value)][1]
-                axis = self._axes.get(path)
-                if axis is None:
+                axis = axes.get(path)
+                if axis is None or value.shape[axis] == K:
                     return value
                 shape = list(value.shape)
                 shape[axis] = K
@@ -254,13 +301,17 @@ class Roster:
                 swaps[id(value)] = (value, wide)
                 return wide
             if isinstance(value, (tuple, list)):
-                return type(value)(widen(path + (i,), v) for i, v in enumerate(value))
+                return type(value)(widen(path + (i,), v, axes) for i, v in enumerate(value))
             return value
 
-        def hook(_module, args, kwargs):
-            return widen(("args",), args), {k: widen(("kwargs", k), v) for k, v in kwargs.items()}
+        def hook_for(axes: dict):
+            def hook(_module, args, kwargs):
+                return widen(("args",), args, axes), {k: widen(("kwargs", k), v, axes) for k, v in kwargs.items()}
+            return hook
 
-        handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers[start:]]
+        first = [(block[0], block[1])] if block is not None else [(layers[start], self._axes)]
+        later = [(layer, self._axes) for layer in layers[start + 1:]]
+        handles = [m.register_forward_pre_hook(hook_for(axes), with_kwargs=True) for m, axes in first + later]
         self.plan = self._plan(member_BK, position_B[:, None].expand(B, K), bank)
         try:
             return self.model(input_ids=input_ids_B[:, None], position_ids=position_B[:, None], attention_mask=masks_1,
@@ -290,8 +341,17 @@ class Roster:
         if self.clean_prefix is None or self.strategy != "fold":
             return False
         if self._axes is None:
-            self._axes = self._query_axes() or {}
+            layers, start = self.clean_prefix
+            self._axes = self._query_axes(layers[start]) or {}
+            self._block = self._block_fan_out() if self._axes else None
         return bool(self._axes)
+
+    @property
+    def fan_out_point(self) -> str | None:
+        """Where decode steps fan out: "block" (the first noisy MoE block), "layer", or None."""
+        if not self.can_fan_out:
+            return None
+        return "block" if self._block is not None else "layer"
 
     def clean_forward(self, input_ids, mask_BS, cache: CleanCache):
         """The untouched model on (left-padded) rows, storing every position in ``cache``."""

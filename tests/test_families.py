@@ -100,6 +100,9 @@ def test_fan_out_of_the_clean_prefix_equals_the_full_roster(name):
             return
         assert r.clean_prefix[1] >= 1
         assert r.can_fan_out, f"{name}: the query axes of the layer inputs were not found"
+        # the first noisy layer's attention runs once too, except where the MoE block
+        # is not a module of its own (Gemma 4: the decoder layer calls its router itself)
+        assert r.fan_out_point == ("layer" if name == "gemma4" else "block"), (name, r.fan_out_point)
         fast, full = FoldedDecoder(r, rows), FoldedDecoder(r, rows, fan_out=False)
         tokens, pos = torch.stack([row[-1] for row in rows]), torch.tensor([len(row) - 1 for row in rows])
         for _ in range(4):
