@@ -145,3 +145,22 @@ def test_profile_splits_a_step_into_stages(saved_model):
     assert sum(prof["shares"].values()) == pytest.approx(1.0, abs=1e-3)
     assert len(prof["top_ops"]) == 5 and all(o["calls_per_step"] > 0 for o in prof["top_ops"])
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_bench_baselines_compute_the_roster_step_until_their_histories_differ(olmoe, prompt_ids):
+    """separate and batched-own-cache run the same members with the same noise as the roster: their
+    first step (clean prefill history) equals the roster's. From the second step on, each member
+    attends to its own noisy keys/values of the first, which is the cost model they stand for,
+    not the roster's clean-history semantics, so their results differ there."""
+    from roe.bench import METHODS
+
+    prompt = prompt_ids[0]
+    with roe.roster(olmoe, roe.RoEConfig(roster_size=4, tau=1.5, skip_first=0, skip_last=0, seed=3)) as r:
+        steps = {}
+        for name in ("roster", "separate", "batched-own-cache"):
+            method = METHODS[name](r)
+            first = method.start(prompt)
+            steps[name] = (first, method.step(first.argmax()))
+    for name in ("separate", "batched-own-cache"):
+        torch.testing.assert_close(steps[name][0], steps["roster"][0], rtol=0, atol=1e-5)
+        assert (steps[name][1] - steps["roster"][1]).abs().max() > 1e-4
