@@ -115,17 +115,17 @@ class ExpandedDecoder:
     def step(self, tokens_B: torch.Tensor, pos_B: torch.Tensor) -> torch.Tensor:
         K = self.roster.members
         out = []
-        for b, (token, pos) in enumerate(zip(tokens_B, pos_B, strict=True)):
-            if self.caches[b] is not None:
-                keep_rows(self.caches[b], torch.zeros(K, dtype=torch.long))
-            with self.roster.decode_kernels():
+        with self.roster.decode_kernels():
+            for b, (token, pos) in enumerate(zip(tokens_B, pos_B, strict=True)):
+                if self.caches[b] is not None:
+                    keep_rows(self.caches[b], torch.zeros(K, dtype=torch.long))
                 outputs = self.roster.forward(
                     member_BQ=torch.arange(K)[:, None], position_BQ=pos.expand(K, 1),
                     input_ids=token.expand(K, 1), past_key_values=self.caches[b], bank=self.banks[b],
                 )
-            self.caches[b] = outputs.past_key_values
-            keep_rows(self.caches[b], torch.zeros(1, dtype=torch.long))
-            out.append(self.roster.combine(outputs.logits[:, -1], dim=0))
+                self.caches[b] = outputs.past_key_values
+                keep_rows(self.caches[b], torch.zeros(1, dtype=torch.long))
+                out.append(self.roster.combine(outputs.logits[:, -1], dim=0))
         return torch.stack(out)
 
 

@@ -57,9 +57,7 @@ class PackedHead:
     def product(self, x: torch.Tensor) -> torch.Tensor:
         if self.linear.weight._version != self.version:  # the weight was changed in place: repack
             self._pack()
-        rows = x.reshape(-1, x.shape[-1])
-        if not rows.is_contiguous():
-            rows = rows.contiguous()
+        rows = x.reshape(-1, x.shape[-1]).contiguous()
         out = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.linear.bias, "none", [], "")
         return out.view(*x.shape[:-1], out.shape[-1])
 

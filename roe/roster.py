@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -92,8 +93,12 @@ class Roster:
         self.clean_prefix = self._clean_prefix()
         self._axes: dict[tuple, int | None] | None = None  # found on first use (_query_axes)
         self._block: tuple[torch.nn.Module, dict] | None = None  # found with them (_block_fan_out)
-        self._head: PackedHead | None | bool = False  # packed on first use (decode_kernels)
         self._install()
+
+    @property
+    def first_noisy_path(self) -> str | None:
+        """Module path of the first router with tau > 0 (None when the schedule is clean)."""
+        return next((s.path for s, tau in zip(self.slots, self.tau_L, strict=True) if tau > 0), None)
 
     def _clean_prefix(self) -> tuple[torch.nn.ModuleList, int] | None:
         """The decoder layers and the index of the first one with a noisy router, when some come before it.
@@ -101,10 +106,9 @@ class Roster:
         Every layer before it computes the same thing for all members, so a decode step can run
         them once per prompt and fan the hidden states out to the K members there (``fan_out``).
         """
-        noisy = [slot for slot, tau in zip(self.slots, self.tau_L, strict=True) if tau > 0]
-        if not noisy:
+        if self.first_noisy_path is None:
             return None
-        parts = noisy[0].path.split(".")
+        parts = self.first_noisy_path.split(".")
         for cut in range(len(parts) - 1, 0, -1):
             parent = self.model.get_submodule(".".join(parts[:cut - 1])) if cut > 1 else self.model
             holder = getattr(parent, parts[cut - 1], None)
@@ -234,7 +238,7 @@ class Roster:
         """The module that calls the first noisy router (its MoE block) when it sits strictly inside
         the first noisy decoder layer: fanning out at its input runs that layer's attention once too."""
         layers, start = self.clean_prefix
-        router_path = next(s.path for s, tau in zip(self.slots, self.tau_L, strict=True) if tau > 0)
+        router_path = self.first_noisy_path
         block = self.model.get_submodule(router_path.rsplit(".", 1)[0]) if "." in router_path else None
         layer = layers[start]
         if block is None or block is layer or not any(m is block for m in layer.modules()):
@@ -309,7 +313,7 @@ class Roster:
                 return widen(("args",), args, axes), {k: widen(("kwargs", k), v, axes) for k, v in kwargs.items()}
             return hook
 
-        first = [(block[0], block[1])] if block is not None else [(layers[start], self._axes)]
+        first = [block] if block is not None else [(layers[start], self._axes)]
         later = [(layer, self._axes) for layer in layers[start + 1:]]
         handles = [m.register_forward_pre_hook(hook_for(axes), with_kwargs=True) for m, axes in first + later]
         self.plan = self._plan(member_BK, position_B[:, None].expand(B, K), bank)
@@ -321,14 +325,17 @@ class Roster:
             for handle in handles:
                 handle.remove()
 
+    @cached_property
+    def _head(self) -> PackedHead | None:
+        """The packed LM head of decode steps, packed on first use; None for one member."""
+        return PackedHead.for_model(self.model) if self.members > 1 else None
+
     @contextmanager
     def decode_kernels(self) -> Iterator[None]:
         """Faster products for the K rows of a decode step (roe/kernels.py); none when K = 1.
 
         With one member the model runs untouched, so K = 1 reproduces it bit for bit.
         """
-        if self._head is False:
-            self._head = PackedHead.for_model(self.model) if self.members > 1 else None
         if self._head is None:
             yield
             return
