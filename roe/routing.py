@@ -84,15 +84,17 @@ def sampling_uniform(seed: int, position_B: torch.Tensor) -> torch.Tensor:
 
 
 class NoiseBank:
-    """Gumbel noise drawn ahead for decode steps: one hash pass per ``ahead`` positions, not per step.
+    """Noise drawn ahead for decode steps: one hash pass per ``ahead`` positions, not per step.
 
     A decode step needs the noise of a few (member, position) rows. Drawing them is ~50 small
     tensor ops, about half a millisecond on CPU: more than some layers cost. The bank draws every
-    member of the next ``ahead`` positions of each prompt at once and serves the following steps
-    by one indexing op. The values are the keyed stream's (``keyed_gumbel`` of the same keys), so
-    a banked plan routes exactly like a direct one. One bank serves the steps of one set of
-    prompts that advance together (a refill replaces the previous draw); the draws start 8
-    positions ahead and double up to ``ahead``, so short generations draw little extra.
+    member of the next ``ahead`` positions of each prompt at once, already scaled by each layer's
+    tau (member 0 times zero), and serves the following steps by indexing: a step of one prompt
+    whose rows are members 0..K-1 gets a view of the draw, no copy. The values are the keyed
+    stream's (``keyed_gumbel`` of the same keys, scaled as ``NoisePlan`` scales them), so a banked
+    plan routes exactly like a direct one. One bank serves the steps of one set of prompts that
+    advance together (a refill replaces the previous draw); the draws start 8 positions ahead and
+    double up to ``ahead``, so short generations draw little extra.
     """
 
     BUDGET = 1 << 21  # floats held per (layers, experts) draw: about 8 MB
@@ -100,37 +102,56 @@ class NoiseBank:
     def __init__(self, seed: int, members: int, ahead: int = 64) -> None:
         self.seed, self.members, self.ahead = seed, members, ahead
         self._next_ahead = min(8, ahead)
-        self._draws: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = {}
+        self._all_members = list(range(members))
+        self._draws: dict[tuple, _Draw] = {}
 
-    def gumbel(self, layers: list[int], num_experts: int, member_T: torch.Tensor,
-               position_T: torch.Tensor) -> torch.Tensor:
-        """Gumbel(0, 1) noise [L, T, E] of these rows, equal to ``keyed_gumbel`` of their keys."""
-        key = (tuple(layers), num_experts)
-        if key in self._draws:
-            grid_LNME, slot_P, first = self._draws[key]
-            offset_T = position_T - first
-            if bool(((offset_T >= 0) & (offset_T < len(slot_P))).all()):
-                slot_T = slot_P[offset_T]
-                if bool((slot_T >= 0).all()):
-                    return grid_LNME[:, slot_T, member_T]
-        grid_LNME, slot_P, first = self._draw(layers, num_experts, position_T)
-        self._draws[key] = (grid_LNME, slot_P, first)
-        return grid_LNME[:, slot_P[position_T - first], member_T]
+    def noise(self, layers: list[int], taus: list[float], num_experts: int, member_T: torch.Tensor,
+              position_T: torch.Tensor) -> torch.Tensor:
+        """tau_l * G [L, T, E] of these rows (zeros for member 0), equal to a direct draw's."""
+        key = (tuple(layers), tuple(taus), num_experts)
+        positions = position_T.tolist()
+        draw = self._draws.get(key)
+        if draw is None or not draw.covers(positions):
+            draw = self._draws[key] = self._draw(layers, taus, num_experts, positions)
+        if len(set(positions)) == 1 and member_T.tolist() == self._all_members:
+            return draw.noise_LPME[:, draw.slot_of[positions[0] - draw.first]]
+        slot_T = torch.tensor([draw.slot_of[p - draw.first] for p in positions])
+        return draw.noise_LPME[:, slot_T, member_T]
 
-    def _draw(self, layers: list[int], num_experts: int, position_T: torch.Tensor):
+    def _draw(self, layers: list[int], taus: list[float], num_experts: int, starts: list[int]) -> _Draw:
         """Every member at each row's position and the ``ahead`` - 1 positions after it."""
-        starts = sorted(set(position_T.tolist()))
+        starts = sorted(set(starts))
         per_position = len(layers) * self.members * num_experts
         ahead = max(1, min(self._next_ahead, self.BUDGET // (per_position * len(starts))))
         self._next_ahead = min(2 * self._next_ahead, self.ahead)
         positions = sorted({p for start in starts for p in range(start, start + ahead)})
         first = positions[0]
-        slot_P = torch.full((positions[-1] - first + 1,), -1, dtype=torch.long)
-        slot_P[torch.tensor(positions) - first] = torch.arange(len(positions))
+        slot_of = [-1] * (positions[-1] - first + 1)
+        for slot, p in enumerate(positions):
+            slot_of[p - first] = slot
         member_R = torch.arange(self.members).repeat(len(positions))
         position_R = torch.tensor(positions).repeat_interleave(self.members)
         gumbel_LRE = keyed_gumbel(row_keys(self.seed, member_R, position_R), list(layers), num_experts)
-        return gumbel_LRE.view(len(layers), len(positions), self.members, num_experts), slot_P, first
+        noise_LRE = gumbel_LRE * noise_scale(member_R, taus)[..., None]
+        return _Draw(noise_LRE.view(len(layers), len(positions), self.members, num_experts), slot_of, first)
+
+
+@dataclass(frozen=True)
+class _Draw:
+    """One draw of a bank: noise [L, positions, members, E]; ``slot_of[p - first]`` is p's slot or -1."""
+
+    noise_LPME: torch.Tensor
+    slot_of: list[int]
+    first: int
+
+    def covers(self, positions: list[int]) -> bool:
+        return all(0 <= p - self.first < len(self.slot_of) and self.slot_of[p - self.first] >= 0 for p in positions)
+
+
+def noise_scale(member_T: torch.Tensor, taus: list[float]) -> torch.Tensor:
+    """[L, T]: each layer's tau on the noisy rows, zero on member 0's."""
+    tau_L1 = torch.tensor(taus, dtype=torch.float32)[:, None]
+    return (member_T != 0).to(torch.float32)[None, :] * tau_L1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -163,13 +184,12 @@ class NoisePlan:
         num_experts = logits_TE.shape[-1]
         if (layer, num_experts) not in self._drawn:
             layers = [i for i, t in enumerate(self.tau_L) if t != 0.0 and (i, num_experts) not in self._drawn]
+            taus = [self.tau_L[i] for i in layers]
             if self.bank is not None:
-                gumbel_LTE = self.bank.gumbel(layers, num_experts, self.member_T, self.position_T)
+                noise_LTE = self.bank.noise(layers, taus, num_experts, self.member_T, self.position_T)
             else:
                 gumbel_LTE = keyed_gumbel(row_keys(self.seed, self.member_T, self.position_T), layers, num_experts)
-            tau_L1 = torch.tensor([self.tau_L[i] for i in layers], dtype=torch.float32)[:, None]
-            scale_LT = (self.member_T != 0).to(torch.float32)[None, :] * tau_L1
-            noise_LTE = gumbel_LTE * scale_LT[..., None]
+                noise_LTE = gumbel_LTE * noise_scale(self.member_T, taus)[..., None]
             self._drawn.update({(i, num_experts): noise_LTE[j] for j, i in enumerate(layers)})
         return self._drawn[(layer, num_experts)].to(logits_TE.dtype)
 

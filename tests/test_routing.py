@@ -81,16 +81,40 @@ def test_bank_serves_the_keyed_stream_across_redraws():
     step crosses the end of a draw, prompts sit at different positions, and E is not a multiple
     of the vector width."""
     tau_L = (0.0, 0.4, 0.0, 0.7)
-    for num_experts in (32, 5):
+    for num_experts, start_B in itertools.product((32, 5), ([4, 40], [9])):
         bank = NoiseBank(seed=7, members=3, ahead=16)
-        logits = torch.randn(6, num_experts)
-        position_B = torch.tensor([4, 40])
+        position_B = torch.tensor(start_B)
+        logits = torch.randn(3 * len(position_B), num_experts)
         for _ in range(40):
-            member_T = torch.arange(3).repeat(2)
+            member_T = torch.arange(3).repeat(len(position_B))
             position_T = position_B.repeat_interleave(3)
             banked = NoisePlan.for_rows(seed=7, member_T=member_T, position_T=position_T, tau_L=tau_L, bank=bank)
             direct = NoisePlan.for_rows(seed=7, member_T=member_T, position_T=position_T, tau_L=tau_L)
             for layer in (1, 3):
-                assert torch.equal(banked.noise(layer, logits), direct.noise(layer, logits))
+                noise = banked.noise(layer, logits)
+                assert torch.equal(noise, direct.noise(layer, logits))
+                assert noise[member_T == 0].eq(0).all() and noise[member_T != 0].ne(0).all()
             position_B = position_B + 1
         assert len(bank._draws) == 1  # layers 1 and 3 were drawn together, once per refill
+
+
+def test_bank_serves_one_prompts_members_without_a_copy():
+    """The decode step of one prompt (rows = members 0..K-1 at one position) reads a view of the
+    draw; other row sets (a subset of members, reordered members) get a gathered copy."""
+    bank = NoiseBank(seed=3, members=4)
+    tau_L = (0.5, 0.0)
+    logits = torch.randn(4, 8)
+
+    def banked(member_T):
+        plan = NoisePlan.for_rows(seed=3, member_T=member_T, position_T=torch.full_like(member_T, 12),
+                                  tau_L=tau_L, bank=bank)
+        return plan.noise(0, logits)
+
+    view = banked(torch.arange(4))
+    draw = next(iter(bank._draws.values()))
+    assert view.data_ptr() >= draw.noise_LPME.data_ptr()
+    assert view.untyped_storage().data_ptr() == draw.noise_LPME.untyped_storage().data_ptr()
+    for member_T in (torch.tensor([2, 0, 1, 3]), torch.tensor([1, 3])):
+        copy = banked(member_T)
+        assert copy.untyped_storage().data_ptr() != draw.noise_LPME.untyped_storage().data_ptr()
+        assert torch.equal(copy, view[member_T])
