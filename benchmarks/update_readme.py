@@ -45,6 +45,9 @@ def eval_table(doc: dict) -> str:
 
 def _ratio(row: dict) -> str:
     low, high = row.get("step_ratio_range") or (None, None)
+    ci = row.get("step_ratio_ci95")
+    if ci is not None and high != low:
+        return f"{row['step_ratio']:.2f} (CI {ci[0]:.2f}-{ci[1]:.2f}; range {low:.2f}-{high:.2f})"
     return f"{row['step_ratio']:.2f}" + (f" ({low:.2f}-{high:.2f})" if low is not None and high != low else "")
 
 
@@ -58,7 +61,8 @@ def bench_table(doc: dict) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     if c.get("repeats", 1) > 1:
         lines[0] += (f" {c['repeats']} rounds: times are medians over rounds; x K=1 is the median of the ratios "
-                     "taken within each round, with their range.")
+                     "taken within each round, with a 95% distribution-free confidence interval of that median "
+                     "(from 6 rounds) and the range.")
     lines += [f"| {r['method']} | {r['K']} | {r['decode_step_ms']:.1f} | {_ratio(r)} | {r['ttft_ms']:.0f} | "
               f"{r['tokens_per_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['rss_ratio']:.3f} | {r['kv_bytes']:,} |"
               for r in doc["rows"]]

@@ -155,7 +155,8 @@ def bench(*, model: str | None = None, ks: str = "1,2,4,8,16,32,64", prompt_toke
     first and every row also shows its ratio to K=1 of the same method. --repeats N runs the
     whole sweep N times: times are medians over the rounds, and each ratio is taken within a
     round (paired, so a slow spell of a shared machine cancels) and then its median, with the
-    range over rounds in step_ratio_range. Temperatures: --schedule, else the embedded model's
+    range over rounds in step_ratio_range and, from 6 rounds, a 95% distribution-free confidence
+    interval of that median in step_ratio_ci95. Temperatures: --schedule, else the embedded model's
     shipped schedule (no --model), else uniform --tau.
     """
     import platform
@@ -196,9 +197,12 @@ def bench(*, model: str | None = None, ks: str = "1,2,4,8,16,32,64", prompt_toke
                   "cpu": platform.processor() or platform.machine(), "cores": _cores(), "time_box_s": time_box,
                   "repeats": repeats, **_versions()}
     print("  ".join(f"{k}={v}" for k, v in conditions.items()))
-    print(_table(["method", "K", "step_ms", "x K=1", "ttft_ms", "tok/s", "peak_rss_mb", "x K=1", "kv_bytes", "steps"],
-                 [[r["method"], r["K"], r["decode_step_ms"], r["step_ratio"], r["ttft_ms"], r["tokens_per_s"],
-                   r["peak_rss_mb"], r["rss_ratio"], r["kv_bytes"], r["steps"]] for r in rows]))
+    print(_table(["method", "K", "step_ms", "x K=1", "95% CI", "ttft_ms", "tok/s", "peak_rss_mb", "x K=1", "kv_bytes",
+                  "steps"],
+                 [[r["method"], r["K"], r["decode_step_ms"], r["step_ratio"],
+                   "-" if r["step_ratio_ci95"] is None else "{:.2f}-{:.2f}".format(*r["step_ratio_ci95"]),
+                   r["ttft_ms"], r["tokens_per_s"], r["peak_rss_mb"], r["rss_ratio"], r["kv_bytes"], r["steps"]]
+                  for r in rows]))
     if plot:
         from roe.plots import plot_cost_vs_k
 

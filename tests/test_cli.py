@@ -128,8 +128,29 @@ def test_repeated_bench_pairs_ratios_within_rounds():
     k1, k8 = combine_rounds(rounds)
     assert k8["step_ratio"] == pytest.approx(1.2)  # median of 1.3, 1.1, 1.2
     assert k8["step_ratio_range"] == pytest.approx([1.1, 1.3])
+    assert k8["step_ratio_ci95"] is None  # 3 rounds are too few for a 95% interval
     assert k8["decode_step_ms"] == 13.2 and k1["decode_step_ms"] == 11.0  # medians of the rounds
     assert k8["rss_ratio"] == pytest.approx(1.1) and k8["steps"] == 9 and k1["step_ratio"] == 1.0
+
+
+def test_median_ci_uses_the_binomial_order_statistics():
+    """The 95% interval of the median is (x_(j), x_(n+1-j)) as in the standard tables (n=6: 1 and 6,
+    n=10: 2 and 9, n=25: 8 and 18); with 5 values no interval reaches 95%. Its coverage, checked by
+    simulation on a skewed law, is at least 95% and the interval is not wider than needed."""
+    import random
+
+    from roe.bench import median_ci
+
+    assert median_ci([float(i) for i in range(5)]) is None
+    for n, (j, k) in {6: (1, 6), 10: (2, 9), 25: (8, 18)}.items():
+        values = [10.0 * i for i in range(1, n + 1)]
+        random.Random(n).shuffle(values)
+        assert median_ci(values) == (10.0 * j, 10.0 * k)
+    rng, true_median, hits = random.Random(0), 1.0, 0  # lognormal(0, 1) has median 1
+    for _ in range(4000):
+        low, high = median_ci([rng.lognormvariate(0, 1) for _ in range(12)])
+        hits += low <= true_median <= high
+    assert 0.95 <= hits / 4000 <= 0.995  # exact coverage for n=12 is 1 - 2 * 79 / 4096 = 0.961
 
 
 def test_profile_splits_a_step_into_stages(saved_model):
