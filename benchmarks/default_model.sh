@@ -56,9 +56,9 @@ step tasks
 "$BIN/roe" tasks -K 8 --items 150 --json | tail -n1 > "$R/tasks.json"
 
 step bench
-"$BIN/roe" bench --ks 1,2,4,8,16,32,64 --methods roster --new-tokens 32 --time-box 6 --repeats 9 --plot "$R/bench.png" --json \
+"$BIN/roe" bench --ks 1,2,4,8,16,32,64 --methods roster --new-tokens 32 --time-box 6 --repeats 25 --plot "$R/bench.png" --json \
     | tail -n1 > "$R/bench_roster.json"
-"$BIN/roe" bench --ks 1,8,32 --methods roster,separate,batched-own-cache,recompute --new-tokens 16 --time-box 5 --repeats 3 \
+"$BIN/roe" bench --ks 1,8,32 --methods roster,separate,batched-own-cache,recompute --new-tokens 16 --time-box 5 --repeats 6 \
     --json | tail -n1 > "$R/bench_methods.json"
 "$BIN/python" benchmarks/profile_step.py --ks 1,8,32 --steps 20 | tail -n1 > "$R/profile.json"
 

@@ -56,3 +56,14 @@ def test_decode_uses_it_for_k_above_1_and_still_matches_the_reference(olmoe, pro
     with roe.roster(olmoe, roe.RoEConfig(roster_size=1, tau=1.5)) as r:
         r.generate(prompt_ids, max_new_tokens=2)
         assert r._head is None  # one member: the untouched model, bit for bit
+
+
+def test_not_installed_while_autograd_is_on(olmoe, prompt_ids):
+    """A decode step with grad enabled (a caller outside no_grad) keeps the model's own head."""
+    with roe.roster(olmoe, roe.RoEConfig(roster_size=4, tau=1.5, seed=3)) as r:
+        head = olmoe.get_output_embeddings()
+        assert isinstance(r._head, PackedHead)
+        with torch.enable_grad(), r.decode_kernels():
+            assert "forward" not in head.__dict__
+        with torch.no_grad(), r.decode_kernels():
+            assert head.forward == r._head.product
