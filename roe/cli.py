@@ -25,6 +25,14 @@ def _roe_config(roster_size: int, tau: float, schedule: str | None, seed: int, s
                      skip_first=skip_first, skip_last=skip_last)
 
 
+def _check_fits(lm, cfg) -> None:
+    """Refuse, before any scoring, a schedule with another layer count or made for another model."""
+    from roe import adapters
+    from roe.schedule import model_fingerprint
+
+    cfg.schedule(len(adapters.find_routers(lm))).check_model(model_fingerprint(lm))
+
+
 def generate(prompt: str, *, model: str | None = None, roster_size: int = 8, tau: float = 0.1,
              schedule: str | None = None, seed: int = 0, max_new_tokens: int = 40, json_out: bool = False) -> None:
     """Continue PROMPT with the untouched model and with RoE (greedy), and print both.
@@ -78,8 +86,8 @@ def models(*, json_out: bool = False) -> None:
 
 def evaluate(*, model: str | None = None, text: str | None = None, ks: str = "1,2,4,8,16,32", tau: float = 0.1,
          schedule: str | None = None, seed: int = 0, window: int = 256, max_windows: int = 200,
-         batch_size: int = 4, against_tau: float | None = None, json_out: bool = False,
-         plot: str | None = None) -> None:
+         batch_size: int = 4, against_tau: float | None = None, against_schedule: str | None = None,
+         json_out: bool = False, plot: str | None = None) -> None:
     """Held-out perplexity and bits per byte of the untouched model and of RoE over a K grid.
 
     Text: --text FILE (UTF-8; .gz allowed; documents separated by two blank lines), default the
@@ -92,7 +100,8 @@ def evaluate(*, model: str | None = None, text: str | None = None, ks: str = "1,
     --against-tau T also scores, at every K > 1 and on the same windows and noise, one uniform
     tau T on the middle MoE layers (the first and last stay clean, as in calibrate's --uniform):
     against_delta_nll is the paired difference (schedule minus uniform; negative: the schedule
-    is better) and against_delta_se its standard error.
+    is better) and against_delta_se its standard error. --against-schedule FILE does the same
+    with a schedule file (e.g. one tau on every MoE layer, the paper's App. B baseline).
     """
     import math as _math
 
@@ -109,19 +118,22 @@ def evaluate(*, model: str | None = None, text: str | None = None, ks: str = "1,
     source = text or default_split_path("test")
     if schedule is None and model is None and default_schedule_path().is_file():
         schedule = str(default_schedule_path())
-    _roe_config(roster_size=1, tau=tau, schedule=schedule, seed=seed)
+    _check_fits(lm, _roe_config(roster_size=1, tau=tau, schedule=schedule, seed=seed))
     windows = make_windows(text_tokens(tokenizer, source), window)
     if max_windows and len(windows) > max_windows:
         windows = windows[np.linspace(0, len(windows) - 1, max_windows).astype(int)]
     against = None
-    if against_tau is not None:
-        _roe_config(roster_size=1, tau=against_tau, schedule=None, seed=seed)  # validates it before any work
-        against = functools.partial(_roe_config, tau=against_tau, schedule=None, seed=seed)
+    if against_tau is not None and against_schedule:
+        raise ValueError("give --against-tau or --against-schedule, not both")
+    if against_tau is not None or against_schedule:
+        _check_fits(lm, _roe_config(roster_size=1, tau=against_tau, schedule=against_schedule, seed=seed))
+        against = functools.partial(_roe_config, tau=against_tau, schedule=against_schedule, seed=seed)
     rows = perplexity_sweep(lm, windows, grid, lambda K: _roe_config(K, tau, schedule, seed), batch_size,
                             bytes_total=window_bytes(tokenizer, windows), against=against)
     conditions = {"model": model or "embedded default", "text": _shown_path(source), "windows": len(windows),
                   "window_tokens": window, "tokens": int(windows[:, 1:].numel()), "seed": seed,
-                  "schedule": _shown_schedule(schedule, tau), "against_tau": against_tau, "dtype": "float32",
+                  "schedule": _shown_schedule(schedule, tau), "against_tau": against_tau,
+                  "against_schedule": _shown_path(against_schedule) if against_schedule else None, "dtype": "float32",
                   **_versions()}
     columns = ["K", "nll", "ppl", "bpb", "delta_nll", "delta_se"]
     if against is not None:
@@ -130,7 +142,9 @@ def evaluate(*, model: str | None = None, text: str | None = None, ks: str = "1,
     if plot:
         from roe.plots import plot_nll_vs_k
 
-        label = f"uniform tau {against_tau}" if against is not None else None
+        label = None
+        if against is not None:
+            label = f"schedule {Path(against_schedule).name}" if against_schedule else f"uniform tau {against_tau}"
         plot_nll_vs_k(rows, plot, title=f"{conditions['model']}: held-out NLL vs roster size", against_label=label)
     if json_out:
         print(json.dumps({"rows": [{k: v for k, v in r.__dict__.items() if k != "tau" and (against or not

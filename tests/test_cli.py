@@ -80,6 +80,36 @@ def test_eval_against_a_uniform_tau_is_paired(capsys, saved_model, tmp_path):
         main([*common, "--against-tau", "-1"])
 
 
+def test_eval_against_a_schedule_file(capsys, saved_model, tmp_path):
+    """--against-schedule FILE is the paired comparison with a schedule file: with the file of the
+    same temperatures as --against-tau it gives the same rows; a schedule of another layer count
+    is refused before any scoring; it cannot be combined with --against-tau."""
+    from roe.schedule import Schedule
+
+    text = tmp_path / "held_out.txt"
+    text.write_text("To be, or not to be, that is the question. " * 40)
+    common = ["eval", "--model", str(saved_model), "--text", str(text), "--ks", "1,3", "--window", "16",
+              "--max-windows", "6", "--tau", "0.8", "--json"]
+    layers = len(roe.adapters.find_routers(roe.load(str(saved_model))[0]))
+    same = tmp_path / "uniform_0.3.json"
+    Schedule.uniform(0.3, layers).save(same)
+    by_tau = run_json(capsys, [*common, "--against-tau", "0.3"])
+    by_file = run_json(capsys, [*common, "--against-schedule", str(same)])
+    assert by_file["rows"] == by_tau["rows"] and by_file["rows"][1]["against_delta_nll"] != 0.0
+    assert by_file["conditions"]["against_schedule"] == str(same) and by_file["conditions"]["against_tau"] is None
+    every = tmp_path / "every_layer.json"
+    Schedule(tau=(0.3,) * layers, provenance={}).save(every)
+    all_layers = run_json(capsys, [*common, "--against-schedule", str(every)])
+    assert all_layers["rows"][1]["against_nll"] != by_tau["rows"][1]["against_nll"]
+    wrong = tmp_path / "wrong.json"
+    Schedule(tau=(0.3,) * (layers + 1), provenance={}).save(wrong)
+    with pytest.raises(SystemExit, match="one tau per MoE layer|layers"):
+        main([*common, "--against-schedule", str(wrong)])
+    assert "K" not in capsys.readouterr().out  # refused before the table
+    with pytest.raises(SystemExit, match="not both"):
+        main([*common, "--against-tau", "0.3", "--against-schedule", str(same)])
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--text", "nope.txt"], "text file not found"),
     (["--ks", "0,2"], "roster sizes >= 1"),
