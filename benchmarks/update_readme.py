@@ -22,15 +22,18 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 def eval_table(doc: dict) -> str:
     c = doc["conditions"]
-    against = c.get("against_tau")
+    against_tau, against_file = c.get("against_tau"), c.get("against_schedule")
+    against = against_tau if against_file is None else against_file
     lines = [f"{c['windows']} windows x {c['window_tokens']} tokens = {c['tokens']:,} predicted tokens of "
              f"`{Path(c['text']).name}`; schedule: {Path(str(c['schedule'])).name}; seed {c['seed']}; "
              f"torch {c['torch']}, transformers {c['transformers']}.", ""]
     header = ["K", "NLL", "perplexity", "bits/byte", "change vs K=1", "SE (paired)"]
     if against is not None:
-        lines[0] += (f" Last columns: the same K with one uniform tau {against} on the same windows and noise, "
-                     "and the schedule minus it (negative: the schedule is better).")
-        header += [f"uniform {against}: change vs K=1", "schedule - uniform", "SE (paired)"]
+        name = f"uniform {against_tau}" if against_file is None else Path(against_file).name
+        what = f"one uniform tau {against_tau}" if against_file is None else f"schedule {name}"
+        lines[0] += (f" Last columns: the same K with {what} on the same windows and noise, "
+                     f"and the schedule minus it (negative: the schedule is better).")
+        header += [f"{name}: change vs K=1", "schedule - baseline", "SE (paired)"]
     lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for r in doc["rows"]:
         cells = [str(r["K"]), f"{r['nll']:.4f}", f"{r['ppl']:.3f}", f"{r['bpb']:.4f}", f"{r['delta_nll']:+.5f}",
@@ -86,12 +89,18 @@ def tasks_table(doc: dict) -> str:
 def calibrate_table(doc: dict) -> str:
     p = doc["provenance"]
     lines = [f"Validation split, {p['windows']} windows x {p['window_tokens']} tokens = {p['tokens']:,} tokens, "
-             f"K={p['K']}, {p['trials']} TPE trials, tau in [0, {p['tau_max']}], seed {p['seed']}.", "",
+             f"K={p['K']}, {p['trials']} TPE trials over the MoE layers after the first {p['skip_first']} and "
+             f"before the last {p['skip_last']}, tau in [0, {p['tau_max']}], seed {p['seed']}.", "",
              "| schedule | tau | validation NLL | change vs K=1 |", "| --- | --- | --- | --- |",
              f"| base (K=1) | - | {p['base_value']:.5f} | +0.00000 |"]
-    lines += [f"| uniform | {u['tau']:g} | {u['nll']:.5f} | {u['nll'] - p['base_value']:+.5f} |"
+    # the uniform grid puts its tau on the searched layers: every MoE layer when none is skipped
+    every = p["skip_first"] == 0 and p["skip_last"] == 0
+    label = "uniform, every layer" if every else "uniform, middle layers"
+    lines += [f"| {label} | {u['tau']:g} | {u['nll']:.5f} | {u['nll'] - p['base_value']:+.5f} |"
               for u in doc["uniform"]]
-    lines.append(f"| TPE per layer | {', '.join(f'{t:.3f}' for t in doc['tau'])} | {p['best_value']:.5f} | "
+    seed = p.get("best_uniform_value") == p["best_value"]  # TPE found nothing better than its uniform seed
+    name = "best: the uniform seed" if seed else "TPE per layer"
+    lines.append(f"| {name} | {', '.join(f'{t:.3f}' for t in doc['tau'])} | {p['best_value']:.5f} | "
                  f"{p['best_value'] - p['base_value']:+.5f} (SE {p['best_delta_se']:.5f}) |")
     return "\n".join(lines)
 

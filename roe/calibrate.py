@@ -6,9 +6,10 @@ fixed set of validation windows. The effect of RoE on NLL is small (1e-3 nats), 
 scores the *same* windows with the *same* roster seed: trials differ only by their schedule, and
 comparing objective values is a paired comparison (common random numbers).
 
-The uniform baseline (App. B) scores one tau on all noisy layers over a grid. When it runs, its
-best point is enqueued as TPE's first trial, so the TPE result is never worse than the best
-uniform tau on the validation objective.
+The uniform baseline scores one tau on all searched layers over a grid. When it runs, its best
+point is enqueued as TPE's first trial, so the TPE result is never worse than the best uniform
+tau on those layers on the validation objective. The paper's App. B sweep puts one tau on every
+MoE layer: a search with ``skip_first = skip_last = 0``.
 
 This module knows nothing about files or the command line; ``roe calibrate`` (roe/cli.py) does.
 """

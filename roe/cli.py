@@ -237,8 +237,10 @@ def calibrate(*, model: str | None = None, text: str | None = None, roster_size:
     of --window + 1 tokens of --text FILE (default: the embedded model's validation split;
     --model requires --text), at most --max-windows spread evenly. Every trial scores the same
     windows with the same --seed (also the TPE seed), so trials are compared paired. --uniform
-    also sweeps one tau on all noisy layers over --grid (paper App. B) and seeds TPE with its best
-    point, so TPE never ends worse than the best uniform tau. Writes the schedule with its
+    also sweeps one tau on all searched layers over --grid and seeds TPE with its best point, so
+    TPE never ends worse than the best uniform tau on those layers. The paper's App. B baseline
+    puts one tau on every MoE layer: that is --uniform with --skip-first 0 --skip-last 0 (compare
+    it with another schedule on held-out text by roe eval --against-schedule). Writes the schedule with its
     provenance to --out (use it with --schedule in generate/eval/bench).
     """
     import datetime
