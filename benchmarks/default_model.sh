@@ -52,6 +52,26 @@ step per-layer search near the uniform optimum, and its held-out comparison
 "$BIN/roe" eval --text data/unseen.txt --schedule "$R/schedule_third_calibration.json" --ks 1,8 --max-windows 400 \
     --against-tau 0.2 --json | tail -n1 > "$R/eval_unseen_versus_third.json"
 
+step "the paper's App. B baseline (one tau on every MoE layer) and a per-layer search over every layer"
+# the uniform grid on all six MoE layers (no layer kept clean), compared held out with the shipped
+# schedule; then TPE over all six layers seeded with that grid's best, compared held out with it
+# (about 80 minutes)
+"$BIN/roe" calibrate -K 8 --trials 1 --uniform --grid 0,0.05,0.1,0.15,0.2,0.25,0.3 --tau-max 0.3 --skip-first 0 \
+    --skip-last 0 --window 256 --max-windows 400 --out "$R/schedule_uniform_all.json" --json \
+    | tail -n1 > "$R/calibrate_every_layer.json"
+"$BIN/roe" eval --schedule "$R/schedule_uniform_all.json" --ks 1,8 --max-windows 400 \
+    --against-schedule roe/assets/default/schedule.json --json | tail -n1 > "$R/eval_test_every_layer.json"
+"$BIN/roe" eval --text data/unseen.txt --schedule "$R/schedule_uniform_all.json" --ks 1,8 --max-windows 400 \
+    --against-schedule roe/assets/default/schedule.json --json | tail -n1 > "$R/eval_unseen_every_layer.json"
+BEST_ALL=$("$BIN/python" -c "import json; print(json.load(open('$R/calibrate_every_layer.json'))['provenance']['best_uniform_tau'])")
+"$BIN/roe" calibrate -K 8 --trials 12 --uniform --grid "$BEST_ALL" --tau-max 0.3 --skip-first 0 --skip-last 0 \
+    --window 256 --max-windows 400 --out "$R/schedule_all_layers_tpe.json" --plot "$R/calibrate_every_layer_tpe.png" \
+    --json | tail -n1 > "$R/calibrate_every_layer_tpe.json"
+"$BIN/roe" eval --schedule "$R/schedule_all_layers_tpe.json" --ks 1,8 --max-windows 400 \
+    --against-schedule "$R/schedule_uniform_all.json" --json | tail -n1 > "$R/eval_test_every_layer_tpe.json"
+"$BIN/roe" eval --text data/unseen.txt --schedule "$R/schedule_all_layers_tpe.json" --ks 1,8 --max-windows 400 \
+    --against-schedule "$R/schedule_uniform_all.json" --json | tail -n1 > "$R/eval_unseen_every_layer_tpe.json"
+
 step tasks
 "$BIN/roe" tasks -K 8 --items 150 --json | tail -n1 > "$R/tasks.json"
 

@@ -94,7 +94,8 @@ class NoiseBank:
     stream's (``keyed_gumbel`` of the same keys, scaled as ``NoisePlan`` scales them), so a banked
     plan routes exactly like a direct one. One bank serves the steps of one set of prompts that
     advance together (a refill replaces the previous draw); the draws start 8 positions ahead and
-    double up to ``ahead``, so short generations draw little extra.
+    double up to ``ahead``, so short generations draw little extra. Draws live on the CPU; the plan
+    moves what a router reads to the router's device.
     """
 
     BUDGET = 1 << 21  # floats held per (layers, experts) draw: about 8 MB
@@ -109,14 +110,14 @@ class NoiseBank:
               position_T: torch.Tensor) -> torch.Tensor:
         """tau_l * G [L, T, E] of these rows (zeros for member 0), equal to a direct draw's."""
         key = (tuple(layers), tuple(taus), num_experts)
-        positions = position_T.tolist()
+        positions, members = position_T.tolist(), member_T.tolist()
         draw = self._draws.get(key)
         if draw is None or not draw.covers(positions):
             draw = self._draws[key] = self._draw(layers, taus, num_experts, positions)
-        if len(set(positions)) == 1 and member_T.tolist() == self._all_members:
+        if len(set(positions)) == 1 and members == self._all_members:
             return draw.noise_LPME[:, draw.slot_of[positions[0] - draw.first]]
         slot_T = torch.tensor([draw.slot_of[p - draw.first] for p in positions])
-        return draw.noise_LPME[:, slot_T, member_T]
+        return draw.noise_LPME[:, slot_T, torch.tensor(members)]
 
     def _draw(self, layers: list[int], taus: list[float], num_experts: int, starts: list[int]) -> _Draw:
         """Every member at each row's position and the ``ahead`` - 1 positions after it."""
@@ -191,7 +192,7 @@ class NoisePlan:
                 gumbel_LTE = keyed_gumbel(row_keys(self.seed, self.member_T, self.position_T), layers, num_experts)
                 noise_LTE = gumbel_LTE * noise_scale(self.member_T, taus)[..., None]
             self._drawn.update({(i, num_experts): noise_LTE[j] for j, i in enumerate(layers)})
-        return self._drawn[(layer, num_experts)].to(logits_TE.dtype)
+        return self._drawn[(layer, num_experts)].to(device=logits_TE.device, dtype=logits_TE.dtype)
 
     @classmethod
     def for_rows(cls, *, seed: int, member_T: torch.Tensor, position_T: torch.Tensor,
