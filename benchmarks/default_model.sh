@@ -80,6 +80,8 @@ step bench
     | tail -n1 > "$R/bench_roster.json"
 "$BIN/roe" bench --ks 1,8,32 --methods roster,separate,batched-own-cache,recompute --new-tokens 16 --time-box 5 --repeats 6 \
     --json | tail -n1 > "$R/bench_methods.json"
+"$BIN/roe" bench --ks 1,8,32 --methods roster --schedule "$R/schedule_uniform_all.json" --new-tokens 32 --time-box 6 \
+    --repeats 9 --json | tail -n1 > "$R/bench_every_layer.json"
 "$BIN/python" benchmarks/profile_step.py --ks 1,8,32 --steps 20 | tail -n1 > "$R/profile.json"
 
 step serve load
