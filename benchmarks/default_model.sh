@@ -57,7 +57,8 @@ step "the paper's App. B baseline (one tau on every MoE layer) and a per-layer s
 # schedule; then TPE over all six layers seeded with that grid's best, compared held out with it
 # (about 80 minutes)
 "$BIN/roe" calibrate -K 8 --trials 1 --uniform --grid 0,0.05,0.1,0.15,0.2,0.25,0.3 --tau-max 0.3 --skip-first 0 \
-    --skip-last 0 --window 256 --max-windows 400 --out "$R/schedule_uniform_all.json" --json \
+    --skip-last 0 --window 256 --max-windows 400 --out "$R/schedule_uniform_all.json" \
+    --plot "$R/calibrate_every_layer.png" --json \
     | tail -n1 > "$R/calibrate_every_layer.json"
 "$BIN/roe" eval --schedule "$R/schedule_uniform_all.json" --ks 1,8 --max-windows 400 \
     --against-schedule roe/assets/default/schedule.json --json | tail -n1 > "$R/eval_test_every_layer.json"
