@@ -88,15 +88,15 @@ def tasks_table(doc: dict) -> str:
 
 def calibrate_table(doc: dict) -> str:
     p = doc["provenance"]
+    # the uniform grid puts its tau on the searched layers: every MoE layer when none is skipped
+    every = p["skip_first"] == p["skip_last"] == 0
     lines = [f"Validation split, {p['windows']} windows x {p['window_tokens']} tokens = {p['tokens']:,} tokens, "
              f"K={p['K']}, {p['trials']} TPE trial{'s' if p['trials'] != 1 else ''} over "
-             + ("every MoE layer" if p["skip_first"] == p["skip_last"] == 0 else
+             + ("every MoE layer" if every else
                 f"the MoE layers but the first {p['skip_first']} and the last {p['skip_last']}")
              + f", tau in [0, {p['tau_max']}], seed {p['seed']}.", "",
              "| schedule | tau | validation NLL | change vs K=1 |", "| --- | --- | --- | --- |",
              f"| base (K=1) | - | {p['base_value']:.5f} | +0.00000 |"]
-    # the uniform grid puts its tau on the searched layers: every MoE layer when none is skipped
-    every = p["skip_first"] == 0 and p["skip_last"] == 0
     label = "uniform, every layer" if every else "uniform, middle layers"
     lines += [f"| {label} | {u['tau']:g} | {u['nll']:.5f} | {u['nll'] - p['base_value']:+.5f} |"
               for u in doc["uniform"]]

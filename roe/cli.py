@@ -25,14 +25,6 @@ def _roe_config(roster_size: int, tau: float, schedule: str | None, seed: int, s
                      skip_first=skip_first, skip_last=skip_last)
 
 
-def _check_fits(lm, cfg) -> None:
-    """Refuse, before any scoring, a schedule with another layer count or made for another model."""
-    from roe import adapters
-    from roe.schedule import model_fingerprint
-
-    cfg.schedule(len(adapters.find_routers(lm))).check_model(model_fingerprint(lm))
-
-
 def generate(prompt: str, *, model: str | None = None, roster_size: int = 8, tau: float = 0.1,
              schedule: str | None = None, seed: int = 0, max_new_tokens: int = 40, json_out: bool = False) -> None:
     """Continue PROMPT with the untouched model and with RoE (greedy), and print both.
@@ -110,6 +102,7 @@ def evaluate(*, model: str | None = None, text: str | None = None, ks: str = "1,
     import roe
     from roe.eval.perplexity import make_windows, perplexity_sweep, text_tokens, window_bytes
     from roe.loading import default_schedule_path, default_split_path
+    from roe.roster import schedule_for
 
     grid = _parse_ks(ks)
     lm, tokenizer = roe.load(model)
@@ -118,7 +111,8 @@ def evaluate(*, model: str | None = None, text: str | None = None, ks: str = "1,
     source = text or default_split_path("test")
     if schedule is None and model is None and default_schedule_path().is_file():
         schedule = str(default_schedule_path())
-    _check_fits(lm, _roe_config(roster_size=1, tau=tau, schedule=schedule, seed=seed))
+    # a schedule of another layer count or model is refused here, before any scoring
+    schedule_for(lm, _roe_config(roster_size=1, tau=tau, schedule=schedule, seed=seed))
     windows = make_windows(text_tokens(tokenizer, source), window)
     if max_windows and len(windows) > max_windows:
         windows = windows[np.linspace(0, len(windows) - 1, max_windows).astype(int)]
@@ -126,7 +120,7 @@ def evaluate(*, model: str | None = None, text: str | None = None, ks: str = "1,
     if against_tau is not None and against_schedule:
         raise ValueError("give --against-tau or --against-schedule, not both")
     if against_tau is not None or against_schedule:
-        _check_fits(lm, _roe_config(roster_size=1, tau=against_tau, schedule=against_schedule, seed=seed))
+        schedule_for(lm, _roe_config(roster_size=1, tau=against_tau, schedule=against_schedule, seed=seed))
         against = functools.partial(_roe_config, tau=against_tau, schedule=against_schedule, seed=seed)
     rows = perplexity_sweep(lm, windows, grid, lambda K: _roe_config(K, tau, schedule, seed), batch_size,
                             bytes_total=window_bytes(tokenizer, windows), against=against)

@@ -31,7 +31,7 @@ from roe.cache import CleanCache, attention_windows, member_masks
 from roe.config import RoEConfig
 from roe.kernels import PackedHead
 from roe.routing import NoiseBank, NoisePlan
-from roe.schedule import model_fingerprint
+from roe.schedule import Schedule, model_fingerprint
 
 SCORE_ROWS = 4096  # query rows per folded scoring forward (bounds the mask and logits memory)
 FOLD_KEYS = 512  # folding M members makes each query attend over S * (1 + M) keys: keep that small
@@ -82,8 +82,7 @@ class Roster:
         self.model, self.cfg = model, cfg
         self.text_config = model.config.get_text_config()
         self.slots = adapters.find_routers(model)
-        self.schedule = cfg.schedule(len(self.slots))
-        self.schedule.check_model(model_fingerprint(model))
+        self.schedule = schedule_for(model, cfg, self.slots)
         self.windows = attention_windows(self.text_config)
         self.strategy = "fold" if self.windows is not None else "expand"
         self.mask_dtype = model.get_output_embeddings().weight.dtype
@@ -441,6 +440,17 @@ class Roster:
         logits = self.forward(member_BQ=member_BQ, position_BQ=pos_BQ, input_ids=ids_BQ,
                               attention_mask=masks, past_key_values=cache).logits
         return logits.view(B, M, S, -1)
+
+
+def schedule_for(model, cfg: RoEConfig, slots: list | None = None) -> Schedule:
+    """``cfg``'s schedule for ``model``: one tau per MoE layer, made for this architecture.
+
+    Raises ValueError for another layer count or a schedule calibrated for another model.
+    ``slots`` (the model's routers) saves finding them again.
+    """
+    schedule = cfg.schedule(len(slots if slots is not None else adapters.find_routers(model)))
+    schedule.check_model(model_fingerprint(model))
+    return schedule
 
 
 @contextmanager

@@ -103,7 +103,6 @@ class NoiseBank:
     def __init__(self, seed: int, members: int, ahead: int = 64) -> None:
         self.seed, self.members, self.ahead = seed, members, ahead
         self._next_ahead = min(8, ahead)
-        self._all_members = list(range(members))
         self._draws: dict[tuple, _Draw] = {}
 
     def noise(self, layers: list[int], taus: list[float], num_experts: int, member_T: torch.Tensor,
@@ -114,7 +113,7 @@ class NoiseBank:
         draw = self._draws.get(key)
         if draw is None or not draw.covers(positions):
             draw = self._draws[key] = self._draw(layers, taus, num_experts, positions)
-        if len(set(positions)) == 1 and members == self._all_members:
+        if len(set(positions)) == 1 and members == list(range(self.members)):
             return draw.noise_LPME[:, draw.slot_of[positions[0] - draw.first]]
         slot_T = torch.tensor([draw.slot_of[p - draw.first] for p in positions])
         return draw.noise_LPME[:, slot_T, torch.tensor(members)]
@@ -133,7 +132,7 @@ class NoiseBank:
         member_R = torch.arange(self.members).repeat(len(positions))
         position_R = torch.tensor(positions).repeat_interleave(self.members)
         gumbel_LRE = keyed_gumbel(row_keys(self.seed, member_R, position_R), list(layers), num_experts)
-        noise_LRE = gumbel_LRE * noise_scale(member_R, taus)[..., None]
+        noise_LRE = scaled_noise(gumbel_LRE, member_R, taus)
         return _Draw(noise_LRE.view(len(layers), len(positions), self.members, num_experts), slot_of, first)
 
 
@@ -149,10 +148,10 @@ class _Draw:
         return all(0 <= p - self.first < len(self.slot_of) and self.slot_of[p - self.first] >= 0 for p in positions)
 
 
-def noise_scale(member_T: torch.Tensor, taus: list[float]) -> torch.Tensor:
-    """[L, T]: each layer's tau on the noisy rows, zero on member 0's."""
-    tau_L1 = torch.tensor(taus, dtype=torch.float32)[:, None]
-    return (member_T != 0).to(torch.float32)[None, :] * tau_L1
+def scaled_noise(gumbel_LTE: torch.Tensor, member_T: torch.Tensor, taus: list[float]) -> torch.Tensor:
+    """tau_l * G [L, T, E]: each layer's tau on the noisy rows, zero on member 0's."""
+    tau_L1 = torch.tensor(taus, dtype=torch.float32, device=gumbel_LTE.device)[:, None]
+    return gumbel_LTE * ((member_T != 0).to(torch.float32)[None, :] * tau_L1)[..., None]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -190,7 +189,7 @@ class NoisePlan:
                 noise_LTE = self.bank.noise(layers, taus, num_experts, self.member_T, self.position_T)
             else:
                 gumbel_LTE = keyed_gumbel(row_keys(self.seed, self.member_T, self.position_T), layers, num_experts)
-                noise_LTE = gumbel_LTE * noise_scale(self.member_T, taus)[..., None]
+                noise_LTE = scaled_noise(gumbel_LTE, self.member_T, taus)
             self._drawn.update({(i, num_experts): noise_LTE[j] for j, i in enumerate(layers)})
         return self._drawn[(layer, num_experts)].to(device=logits_TE.device, dtype=logits_TE.dtype)
 
