@@ -3,9 +3,9 @@
     python benchmarks/update_readme.py
 
 Each table sits between `<!-- begin NAME -->` and `<!-- end NAME -->` markers in README.md;
-NAME is the stem of its JSON file: models (roe models --json), eval_test / eval_unseen
-(roe eval --json), bench_* (roe bench --json), tasks (roe tasks --json), calibrate (roe
-calibrate --json), serve_load (benchmarks/serve_load.py), profile (benchmarks/profile_step.py).
+NAME is the stem of its JSON file: models (roe models --json), eval_* (roe eval --json),
+bench_* (roe bench --json), tasks (roe tasks --json), calibrate_* (roe calibrate --json),
+serve_load (benchmarks/serve_load.py), profile (benchmarks/profile_step.py).
 """
 
 from __future__ import annotations
