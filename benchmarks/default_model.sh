@@ -74,11 +74,11 @@ step tasks
 step bench
 "$BIN/roe" bench --ks 1,2,4,8,16,32,64 --methods roster --new-tokens 32 --time-box 6 --repeats 25 --plot "$R/bench.png" --json \
     | tail -n1 > "$R/bench_roster.json"
-"$BIN/roe" bench --ks 1,8,32 --methods roster,separate,batched-own-cache,recompute --new-tokens 16 --time-box 5 --repeats 6 \
+"$BIN/roe" bench --ks 1,8,32 --methods roster,separate,batched-own-cache,recompute --new-tokens 16 --time-box 5 --repeats 12 \
     --json | tail -n1 > "$R/bench_methods.json"
 "$BIN/roe" bench --ks 1,2,4,8,16,32,64 --methods roster --schedule "$R/schedule_clean_ends.json" --new-tokens 32 \
     --time-box 6 --repeats 25 --json | tail -n1 > "$R/bench_clean_ends.json"
-"$BIN/python" benchmarks/profile_step.py --ks 1,8,32 --steps 20 | tail -n1 > "$R/profile.json"
+"$BIN/python" benchmarks/profile_step.py --ks 1,8,32 --steps 60 | tail -n1 > "$R/profile.json"
 
 step serve load
 "$BIN/python" benchmarks/serve_load.py --clients 4 --requests 5 --max-tokens 16 --max-time 90 | tail -n1 > "$R/serve_load.json"
