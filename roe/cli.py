@@ -57,7 +57,8 @@ def generate(prompt: str, *, model: str | None = None, roster_size: int = 8, tau
         return
     print(f"prompt: {prompt}\n")
     print(f"--- base model (greedy) ---\n{prompt}{texts['base']}\n")
-    print(f"--- RoE K={roster_size}, tau per MoE layer {list(r.schedule.tau)} (greedy) ---\n{prompt}{texts['roe']}")
+    taus = ", ".join(f"{t:.3g}" for t in r.schedule.tau)
+    print(f"--- RoE K={roster_size}, tau per MoE layer [{taus}] (greedy) ---\n{prompt}{texts['roe']}")
 
 
 def models(*, json_out: bool = False) -> None:
