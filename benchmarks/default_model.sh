@@ -21,9 +21,9 @@ step ship weights
 "$BIN/python" -m roe.data.ship --run "$RUN" "${history_args[@]}"
 
 step "calibrate: the paper's protocol over every MoE layer (about 65 minutes)"
-# the App. B grid (one tau on all six MoE layers), then TPE per layer seeded with the grid's best;
-# the better of the two on validation is shipped (it is the TPE point: the last lines of the
-# calibrate table), and compared with the grid's best on both held-out sets below
+# the App. B grid (one tau on all six MoE layers), then TPE per layer seeded with the grid's best
+# (its first trial), so its result is the better of the two on validation; that is shipped, and
+# compared with the grid's best on both held-out sets below
 "$BIN/roe" calibrate -K 8 --trials 1 --uniform --grid 0,0.05,0.1,0.15,0.2,0.25,0.3 --tau-max 0.3 --skip-first 0 \
     --skip-last 0 --window 256 --max-windows 400 --out "$R/schedule_uniform_all.json" \
     --plot "$R/calibrate_every_layer.png" --json | tail -n1 > "$R/calibrate_every_layer.json"
