@@ -44,6 +44,11 @@ step eval unseen
     | tail -n1 > "$R/eval_unseen.json"
 "$BIN/roe" eval --text data/unseen.txt --schedule "$R/schedule_all_layers_tpe.json" --ks 1,8 --max-windows 400 \
     --against-schedule "$R/schedule_uniform_all.json" --json | tail -n1 > "$R/eval_unseen_every_layer_tpe.json"
+# the same two pairings with another noise seed
+"$BIN/roe" eval --schedule "$R/schedule_all_layers_tpe.json" --ks 1,8 --max-windows 400 --seed 1 \
+    --against-schedule "$R/schedule_uniform_all.json" --json | tail -n1 > "$R/eval_test_every_layer_tpe_seed1.json"
+"$BIN/roe" eval --text data/unseen.txt --schedule "$R/schedule_all_layers_tpe.json" --ks 1,8 --max-windows 400 \
+    --seed 1 --against-schedule "$R/schedule_uniform_all.json" --json | tail -n1 > "$R/eval_unseen_every_layer_tpe_seed1.json"
 
 step "earlier searches with the first and last MoE layer clean (the paper's L = 1; about 2.5 hours)"
 # the middle-layer grid and TPE (the schedule shipped until the searches above: uniform 0.2 on the
