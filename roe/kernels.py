@@ -11,14 +11,25 @@ caches (oneDNN's fixed cost per call is about 40 us), so only the head is swappe
 head for the duration of a step; the model's own forward still does everything around the
 product (scaling, soft-capping). Results equal ``F.linear`` up to float rounding (a different
 summation order: about 1e-5 on logits of size 10).
+
+``SmallM`` does the same for the per-layer products: MKL takes 2-3x as long for 8 rows as for 1
+at these sizes (256 x 256: about 39 against 16 us), though it reads the weight once either way.
+Its AVX2 kernel reads one weight row into registers and multiplies it with every row (up to 8,
+one FMA chain each), so 8 rows cost about as much as 1 (17 us). It is C++, compiled on first use
+with ``torch.utils.cpp_extension`` (g++ and ninja; about 40 s once, then cached); without a
+compiler or AVX2, or if the build fails, decode steps keep ``F.linear``. Measured with
+``benchmarks/small_m_kernel.py``.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 
 class PackedHead:
@@ -73,3 +84,79 @@ class PackedHead:
                 del self.linear.forward
             else:
                 self.linear.forward = saved
+
+
+class SmallM:
+    """The model's per-layer ``nn.Linear`` products through the small-M kernel; see the module docstring.
+
+    Applies to fp32 CPU linears without bias whose input width is a multiple of 32 (the lanes of
+    four AVX2 registers); products of more than ``MAX_ROWS`` rows keep ``F.linear``.
+    """
+
+    MAX_ROWS = 8
+    _extension = None  # the built module; False once building failed
+
+    def __init__(self, linears: list[torch.nn.Linear], product) -> None:
+        self.linears = linears
+        self._product = product
+
+    @classmethod
+    def extension(cls):
+        """The compiled kernel module, built on first use; None where it cannot be built."""
+        if cls._extension is None:
+            cls._extension = False
+            if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+                from torch.utils.cpp_extension import _get_build_directory, load_inline
+
+                try:
+                    if not any(Path(_get_build_directory("roe_small_m", verbose=False)).glob("*.so")):
+                        print("roe: compiling the small-M decode kernel (once, about 40 s)", file=sys.stderr)
+                    source = Path(__file__).with_name("small_m.cpp").read_text()
+                    cls._extension = load_inline("roe_small_m", cpp_sources=source, functions=["small_m_linear"],
+                                                 extra_cflags=["-O3", "-mavx2", "-mfma"])
+                except Exception as error:  # no compiler, no ninja, a failed build: keep F.linear
+                    print(f"roe: small-M kernel unavailable ({type(error).__name__}); using F.linear",
+                          file=sys.stderr)
+        return cls._extension or None
+
+    @classmethod
+    def for_model(cls, model) -> SmallM | None:
+        """The kernel for ``model``'s decoder linears, or None where it does not apply or does not agree."""
+        head = model.get_output_embeddings()
+        linears = [m for m in model.modules()
+                   if type(m) is torch.nn.Linear and m is not head and m.bias is None
+                   and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
+                   and m.in_features % 32 == 0]
+        extension = cls.extension() if linears else None
+        if extension is None:
+            return None
+        x = torch.randn(5, 64, generator=torch.Generator().manual_seed(0))
+        w = torch.randn(24, 64, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            got, want = extension.small_m_linear(x, w), F.linear(x, w)
+        if not bool((got - want).abs().max() <= 1e-4 * want.abs().max().clamp(min=1.0)):
+            return None
+        return cls(linears, extension.small_m_linear)
+
+    def forward(self, linear: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.shape[0] > self.MAX_ROWS or not linear.weight.is_contiguous():
+            return F.linear(x, linear.weight)
+        return self._product(rows.contiguous(), linear.weight).view(*x.shape[:-1], linear.out_features)
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        """Route every applicable linear's forward through the kernel inside the block."""
+        with ExitStack() as stack:
+            for linear in self.linears:
+                saved = linear.__dict__.get("forward")
+                linear.forward = lambda x, _linear=linear: self.forward(_linear, x)
+                stack.callback(_restore, linear, saved)
+            yield
+
+
+def _restore(module: torch.nn.Module, saved) -> None:
+    if saved is None:
+        module.__dict__.pop("forward", None)
+    else:
+        module.forward = saved

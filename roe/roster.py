@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from functools import cached_property
 from typing import Any
 
@@ -29,7 +29,7 @@ from roe import adapters
 from roe.aggregate import AGGREGATORS
 from roe.cache import CleanCache, attention_windows, member_masks
 from roe.config import RoEConfig
-from roe.kernels import PackedHead
+from roe.kernels import PackedHead, SmallM
 from roe.routing import NoiseBank, NoisePlan
 from roe.schedule import Schedule, model_fingerprint
 
@@ -329,18 +329,26 @@ class Roster:
         """The packed LM head of decode steps, packed on first use; None for one member."""
         return PackedHead.for_model(self.model) if self.members > 1 else None
 
+    @cached_property
+    def _small_m(self) -> SmallM | None:
+        """The small-M kernel for the per-layer products of decode steps; None for one member."""
+        return SmallM.for_model(self.model) if self.members > 1 else None
+
     @contextmanager
     def decode_kernels(self) -> Iterator[None]:
         """Faster products for the K rows of a decode step (roe/kernels.py); none when K = 1.
 
         With one member the model runs untouched, so K = 1 reproduces it bit for bit. Nor with
-        autograd on: the oneDNN product has no backward, and on inputs that require grad it took
-        about 60 ms instead of 0.3 (measured); the decoders' callers all run under no_grad.
+        autograd on: neither kernel has a backward, and on inputs that require grad the oneDNN
+        head took about 60 ms instead of 0.3 (measured); the decoders' callers all run under no_grad.
         """
-        if self._head is None or torch.is_grad_enabled():
+        if self.members == 1 or torch.is_grad_enabled():
             yield
             return
-        with self._head.installed():
+        with ExitStack() as stack:
+            for kernel in (self._head, self._small_m):
+                if kernel is not None:
+                    stack.enter_context(kernel.installed())
             yield
 
     @property
