@@ -83,6 +83,9 @@ step bench
     --json | tail -n1 > "$R/bench_methods.json"
 "$BIN/roe" bench --ks 1,2,4,8,16,32,64 --methods roster --schedule "$R/schedule_clean_ends.json" --new-tokens 32 \
     --time-box 6 --repeats 25 --json | tail -n1 > "$R/bench_clean_ends.json"
+"$BIN/roe" bench --ks 1,8,32 --methods roster --new-tokens 32 --time-box 6 --repeats 25 --json \
+    | tail -n1 > "$R/bench_roster_repeat.json"
+"$BIN/python" benchmarks/small_m_kernel.py --ks 8,1,8,1 --steps 300 | tail -n1 > "$R/small_m_kernel.json"
 "$BIN/python" benchmarks/profile_step.py --ks 1,8,32 --steps 60 | tail -n1 > "$R/profile.json"
 
 step serve load

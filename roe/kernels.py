@@ -13,9 +13,9 @@ product (scaling, soft-capping). Results equal ``F.linear`` up to float rounding
 summation order: about 1e-5 on logits of size 10).
 
 ``SmallM`` does the same for the per-layer products: MKL takes 2-3x as long for 8 rows as for 1
-at these sizes (256 x 256: about 39 against 16 us), though it reads the weight once either way.
+at these sizes (256 x 256: 30-39 against 15-16 us), though it reads the weight once either way.
 Its AVX2 kernel reads one weight row into registers and multiplies it with every row (up to 8,
-one FMA chain each), so 8 rows cost about as much as 1 (17 us). It is C++, compiled on first use
+one FMA chain each), so 8 rows cost little more than 1 (17 against 12 us). It is C++, compiled on first use
 with ``torch.utils.cpp_extension`` (g++ and ninja; about 40 s once, then cached); without a
 compiler or AVX2, or if the build fails, decode steps keep ``F.linear``. Measured with
 ``benchmarks/small_m_kernel.py``.
