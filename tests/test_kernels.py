@@ -1,4 +1,6 @@
-"""The packed LM head of decode steps: same products as the model's head, installed only inside a step."""
+"""The faster products of decode steps (packed LM head, small-M kernel): as the model's, only inside a step."""
+
+import shutil
 
 import pytest
 import torch
@@ -70,8 +72,12 @@ def test_not_installed_while_autograd_is_on(olmoe, prompt_ids):
 
 
 def _small_m_or_skip():
+    from torch.utils.cpp_extension import is_ninja_available
+
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         pytest.skip("the small-M kernel needs AVX2")
+    if shutil.which("c++") is None or not is_ninja_available():
+        pytest.skip("the small-M kernel is compiled on first use: needs a C++ compiler and ninja")
     extension = SmallM.extension()
     assert extension is not None, "AVX2 is present but the small-M kernel did not build (see stderr)"
     return extension
