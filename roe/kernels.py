@@ -140,7 +140,8 @@ class SmallM:
 
     def forward(self, linear: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        if rows.shape[0] > self.MAX_ROWS or not linear.weight.is_contiguous():
+        if (not 1 <= rows.shape[0] <= self.MAX_ROWS or x.dtype != torch.float32
+                or not linear.weight.is_contiguous()):
             return F.linear(x, linear.weight)
         return self._product(rows.contiguous(), linear.weight).view(*x.shape[:-1], linear.out_features)
 
