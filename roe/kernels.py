@@ -14,11 +14,14 @@ summation order: about 1e-5 on logits of size 10).
 
 ``SmallM`` does the same for the per-layer products: MKL takes 2-3x as long for 8 rows as for 1
 at these sizes (256 x 256: 30-39 against 15-16 us), though it reads the weight once either way.
-Its AVX2 kernel reads one weight row into registers and multiplies it with every row (up to 8,
-one FMA chain each), so 8 rows cost little more than 1 (17 against 12 us). It is C++, compiled on first use
-with ``torch.utils.cpp_extension`` (g++ and ninja; about 40 s once, then cached); without a
-compiler or AVX2, or if the build fails, decode steps keep ``F.linear``. Measured with
-``benchmarks/small_m_kernel.py``.
+Its AVX2 kernel (``small_m.cpp``) reads one weight row into registers and multiplies it with
+every row (up to 8, one FMA chain each), so 8 rows cost little more than 1 (17 against 12 us).
+It is compiled on first use with ``torch.utils.cpp_extension`` (g++ and ninja; about 40 s once,
+then cached); without a compiler or AVX2, or if the build fails, decode steps keep ``F.linear``.
+Measured with ``benchmarks/small_m_kernel.py``.
+
+Both are installed the same way (``_replace_forward``) and checked the same way before use
+(``_agrees``: a product on random rows against ``F.linear``).
 """
 
 from __future__ import annotations
@@ -62,8 +65,7 @@ class PackedHead:
                 got, want = packed.product(x), torch.nn.functional.linear(x, head.weight, head.bias)
         except (RuntimeError, AttributeError):  # an op missing from this torch build
             return None
-        scale = want.abs().max().clamp(min=1.0)
-        return packed if bool((got - want).abs().max() <= 1e-4 * scale) else None
+        return packed if _agrees(got, want) else None
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
         if self.linear.weight._version != self.version:  # the weight was changed in place: repack
@@ -75,15 +77,9 @@ class PackedHead:
     @contextmanager
     def installed(self) -> Iterator[None]:
         """Route the head's forward through ``product`` inside the block."""
-        saved = self.linear.__dict__.get("forward")
-        self.linear.forward = self.product
-        try:
+        with ExitStack() as stack:
+            _replace_forward(stack, self.linear, self.product)
             yield
-        finally:
-            if saved is None:
-                del self.linear.forward
-            else:
-                self.linear.forward = saved
 
 
 class SmallM:
@@ -106,11 +102,11 @@ class SmallM:
         if cls._extension is None:
             cls._extension = False
             if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-                from torch.utils.cpp_extension import _get_build_directory, load_inline
+                from torch.utils.cpp_extension import load_inline
 
+                if not _small_m_built():
+                    print("roe: compiling the small-M decode kernel (once, about 40 s)", file=sys.stderr)
                 try:
-                    if not any(Path(_get_build_directory("roe_small_m", verbose=False)).glob("*.so")):
-                        print("roe: compiling the small-M decode kernel (once, about 40 s)", file=sys.stderr)
                     source = Path(__file__).with_name("small_m.cpp").read_text()
                     cls._extension = load_inline("roe_small_m", cpp_sources=source, functions=["small_m_linear"],
                                                  extra_cflags=["-O3", "-mavx2", "-mfma"])
@@ -134,9 +130,7 @@ class SmallM:
         w = torch.randn(24, 64, generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
             got, want = extension.small_m_linear(x, w), F.linear(x, w)
-        if not bool((got - want).abs().max() <= 1e-4 * want.abs().max().clamp(min=1.0)):
-            return None
-        return cls(linears, extension.small_m_linear)
+        return cls(linears, extension.small_m_linear) if _agrees(got, want) else None
 
     def forward(self, linear: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
@@ -150,14 +144,27 @@ class SmallM:
         """Route every applicable linear's forward through the kernel inside the block."""
         with ExitStack() as stack:
             for linear in self.linears:
-                saved = linear.__dict__.get("forward")
-                linear.forward = lambda x, _linear=linear: self.forward(_linear, x)
-                stack.callback(_restore, linear, saved)
+                _replace_forward(stack, linear, lambda x, _linear=linear: self.forward(_linear, x))
             yield
 
 
-def _restore(module: torch.nn.Module, saved) -> None:
-    if saved is None:
-        module.__dict__.pop("forward", None)
-    else:
-        module.forward = saved
+def _agrees(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """A kernel's product matches ``F.linear``'s up to float rounding (relative 1e-4)."""
+    return bool((got - want).abs().max() <= 1e-4 * want.abs().max().clamp(min=1.0))
+
+
+def _replace_forward(stack: ExitStack, module: torch.nn.Module, forward) -> None:
+    """Set ``module.forward`` until ``stack`` closes, then restore any instance forward it had."""
+    saved = module.__dict__.get("forward")
+    module.forward = forward
+    stack.callback(lambda: module.__dict__.pop("forward") if saved is None else setattr(module, "forward", saved))
+
+
+def _small_m_built() -> bool:
+    """Whether torch's extension cache already holds the kernel (only to say when it compiles)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory  # private: may move
+
+        return any(Path(_get_build_directory("roe_small_m", verbose=False)).glob("*.so"))
+    except Exception:
+        return False
