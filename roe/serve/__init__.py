@@ -1,0 +1,26 @@
+"""roe serve: an OpenAI-compatible HTTP server (completions, chat completions, streaming) over RoE.
+
+One worker thread owns the model. A request is validated on the event loop, becomes one ``Job``
+per choice, and waits in a bounded queue (429 when full). The worker takes the oldest job plus
+every queued job with the same RoE and sampling settings (up to ``max_batch``), runs them as one
+left-padded ``Roster.generate`` batch, and sends each step's token back to the waiting request,
+which turns tokens into text (eos, stop strings, its own ``max_tokens``). The engine gives a
+prompt the same tokens in a batch as alone, so a response never depends on its batch-mates.
+
+RoE settings are extra request fields (``roster_size``, ``tau``, ``schedule``, ``seed``,
+``skip_first``, ``skip_last``) with the server's defaults. ``n`` > 1 gives choice i the seed
+``seed + i``. ``logprobs`` (completions: a count; chat: ``logprobs``/``top_logprobs``) report
+the log-probability of each generated token under the RoE aggregate the engine chose it from
+(the members' averaged distribution, before temperature and top-p), and the most likely
+alternatives. This module knows nothing of routers or caches. FastAPI and uvicorn are imported
+lazily: ``pip install 'roe[serve]'``.
+"""
+
+from roe.serve.app import Service, create_app, require_serve_extra, run
+from roe.serve.protocol import ApiError, Parsed, Sampling, ServeConfig, chat_prompt_ids, parse_request
+from roe.serve.text import ChoiceText, token_bytes, token_text
+from roe.serve.worker import Job, Worker, run_batch
+
+__all__ = ["ApiError", "ChoiceText", "Job", "Parsed", "Sampling", "ServeConfig", "Service", "Worker",
+           "chat_prompt_ids", "create_app", "parse_request", "require_serve_extra", "run", "run_batch",
+           "token_bytes", "token_text"]
