@@ -28,8 +28,9 @@ SETTINGS = dict(roster_size=3, tau=0.5, seed=0)
 
 
 @contextmanager
-def running(app):
-    """uvicorn serving ``app`` on a free loopback port in a background thread; yields (server, url)."""
+def running(app, wait_ready: bool = True):
+    """uvicorn serving ``app`` on a free loopback port in a background thread; yields (server, url)
+    once /health says ready (unless ``wait_ready`` is False)."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
@@ -39,8 +40,12 @@ def running(app):
     while not srv.started:
         assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
         time.sleep(0.02)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    while wait_ready and httpx.get(f"{url}/health").status_code != 200:
+        assert time.monotonic() < deadline + 60, "the server did not become ready"
+        time.sleep(0.05)
     try:
-        yield srv, f"http://127.0.0.1:{sock.getsockname()[1]}"
+        yield srv, url
     finally:
         srv.should_exit = True
         thread.join(20)
@@ -81,7 +86,7 @@ def assert_alive(server):
 
 def test_health_and_models(server):
     assert_alive(server)
-    assert [m.id for m in server.client.models.list()] == ["tiny"]
+    assert [m.id for m in server.client.models.list()] == ["tiny", "roe"]
 
 
 @pytest.mark.parametrize("extra", [{"seed": 5}, {"seed": 2, "temperature": 0.9, "top_p": 0.9},
@@ -174,7 +179,7 @@ BAD = [
     ({"prompt": "hi", "skip_first": 2, "skip_last": 2}, 400, None),
     ({"prompt": "hi", "temperature": "warm"}, 400, "temperature"),
     ({"prompt": "hi", "stop": 3}, 400, "stop"),
-    ({"prompt": "hi", "n": 9}, 429, None),  # more choices than the queue holds
+    ({"prompt": "hi", "n": 9}, 400, "n"),  # more choices than the queue holds: can never fit
 ]
 
 
@@ -259,6 +264,7 @@ def test_a_full_queue_answers_429_under_real_load(saved_model):
         answered = [r for r in results if not isinstance(r, openai.RateLimitError)]
         assert limited and answered, f"{len(limited)} limited, {len(answered)} answered"
         assert all(e.status_code == 429 and e.body["code"] == "queue_full" for e in limited)
+        assert all(int(e.response.headers["retry-after"]) >= 1 for e in limited)
         assert all(c.finish_reason in ("stop", "length") for c in answered)
         assert client.completions.create(model="tiny", prompt="after", max_tokens=2).choices
 

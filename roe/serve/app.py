@@ -1,16 +1,42 @@
-"""The HTTP app: ``Service`` (the model's facts, the worker, a request's lifecycle), routes and ``run``."""
+"""The HTTP app: ``Service`` (the model's facts, the worker, a request's lifecycle), routes and ``run``.
+
+A request is read with its size capped (413), refused unless JSON (415), parsed and tokenised
+off the event loop (roe/serve/protocol.py: 400 for anything malformed or over budget), then
+handed to the worker as one ``Job`` per choice. A client that goes away cancels its jobs,
+streaming or not. ``/health`` is 503 until the model is warmed up (the decode kernel built, one
+RoE step run) and whenever the worker thread is dead. Host and API key: roe/serve/guard.py.
+"""
 
 import asyncio
 import json
+import logging
+import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
 
 import roe
 from roe.config import RoEConfig
-from roe.serve.protocol import ApiError, Parsed, ServeConfig, parse_request
+from roe.roster import schedule_for
+from roe.schedule import Schedule
+from roe.serve.guard import Guard
+from roe.serve.protocol import (
+    CHAT_SCHEMA,
+    COMPLETION_SCHEMA,
+    ApiError,
+    ModelFacts,
+    Parsed,
+    ServeConfig,
+    decode_body,
+    openapi_body,
+    parse_request,
+)
 from roe.serve.text import ChoiceText
 from roe.serve.worker import Job, Worker
 
+log = logging.getLogger("roe.serve")
 
 def require_serve_extra():
     """(fastapi, uvicorn), or an ImportError naming the extra to install."""
@@ -24,17 +50,20 @@ def require_serve_extra():
 
 
 class Service:
-    """What the HTTP handlers need: the model's facts, the worker, and the request lifecycle."""
+    """What the HTTP handlers need: the model's facts, the worker, readiness and the request lifecycle."""
 
     def __init__(self, model, tokenizer, cfg: ServeConfig) -> None:
-        self.cfg, self.tokenizer = cfg, tokenizer
+        self.cfg, self.model, self.tokenizer = cfg, model, tokenizer
         with roe.roster(model, RoEConfig(roster_size=1, tau=0.0, skip_first=0, skip_last=0)) as r:
-            self.moe_layers = len(r.slots)
-        RoEConfig(roster_size=cfg.roster_size, tau=cfg.schedule or cfg.tau, seed=cfg.seed, skip_first=cfg.skip_first,
-                  skip_last=cfg.skip_last).schedule(self.moe_layers)
+            slots = r.slots
+        schedules = load_schedules(model, cfg.schedules)
+        default = RoEConfig(roster_size=cfg.roster_size, tau=schedules[cfg.schedule] if cfg.schedule else cfg.tau,
+                            seed=cfg.seed, skip_first=cfg.skip_first, skip_last=cfg.skip_last)
+        schedule_for(model, default, slots)  # the server's own defaults must fit the model
         text_config = model.config.get_text_config()
-        self.context = getattr(text_config, "max_position_embeddings", None)
-        self.vocab = model.get_output_embeddings().weight.shape[0]
+        self.facts = ModelFacts(tokenizer=tokenizer, vocab=model.get_output_embeddings().weight.shape[0],
+                                context=getattr(text_config, "max_position_embeddings", None), moe_layers=len(slots),
+                                schedules=schedules, resolve=lambda one: schedule_for(model, one, slots))
         gen = getattr(model, "generation_config", None)
         eos = getattr(gen, "eos_token_id", None)
         self.eos = frozenset([eos] if isinstance(eos, int) else (eos or []))
@@ -42,9 +71,60 @@ class Service:
         pad = pad if pad is not None else tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (min(self.eos) if self.eos else 0)
         self.worker = Worker(model, tokenizer, cfg, self.pad_id)
+        # NOTE: one parsing thread: tokenising is off the event loop, and one tokenizer is never
+        # encoding in two threads at once.
+        self.parser = ThreadPoolExecutor(1, thread_name_prefix="roe-serve-parse")
+        self.ready = threading.Event()
+        self.failure: str | None = None
+        self.stopping = False
         self.created = int(time.time())
 
+    def start(self) -> None:
+        """Warm up in the background (the server answers /health 503 meanwhile), then start the worker."""
+        threading.Thread(target=self._warm_up_then_start, name="roe-serve-warmup", daemon=True).start()
+
+    def _warm_up_then_start(self) -> None:
+        try:
+            warm_up(self.model, self.pad_id)
+        except Exception as err:  # the server stays up to say so on /health
+            self.failure = f"warm-up failed: {type(err).__name__}: {err}"
+            log.exception("warm-up failed")
+            return
+        if not self.stopping:
+            self.worker.start()
+            self.ready.set()
+            log.info("ready")
+
+    def close(self) -> None:
+        self.stopping = True
+        self.worker.close()
+        self.parser.shutdown(wait=False, cancel_futures=True)
+
+    def health(self) -> tuple[int, dict]:
+        """(status code, body): 200 only when warmed up and the worker thread is alive."""
+        worker = self.worker
+        state = ("failed" if self.failure else "starting" if not self.ready.is_set()
+                 else "ok" if worker.thread.is_alive() else "worker_dead")
+        body = {"status": state, "queued": len(worker.queue), "submitted": worker.submitted,
+                "batches": worker.batches}
+        return (200 if state == "ok" else 503), ({**body, "detail": self.failure} if self.failure else body)
+
+    def check_serving(self) -> None:
+        status, body = self.health()
+        if status != 200:
+            message = {"starting": "the server is warming up; retry shortly"}.get(
+                body["status"], "the server cannot serve: its worker is not running")
+            raise ApiError(503, message, type="server_error", code="not_ready")
+
+    async def parse(self, raw: bytes, chat: bool) -> Parsed:
+        """decode_body + parse_request on the parsing thread (tokenising can take a while)."""
+        def work() -> Parsed:
+            return parse_request(decode_body(raw), chat=chat, cfg=self.cfg, facts=self.facts)
+
+        return await asyncio.get_running_loop().run_in_executor(self.parser, work)
+
     def submit(self, parsed: Parsed) -> tuple[list[Job], list[ChoiceText], asyncio.Queue]:
+        self.check_serving()
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         n = len(parsed.cfgs)
 
@@ -82,6 +162,63 @@ class Service:
                 yield index, piece, choice.finish
 
 
+def load_schedules(model, paths: dict[str, str]) -> dict[str, Schedule]:
+    """The operator's named schedule files, loaded and checked against the model (ValueError naming the bad one)."""
+    schedules = {}
+    for name, path in paths.items():
+        if not name or not isinstance(name, str):
+            raise ValueError(f"a schedule needs a name, got {name!r}")
+        try:
+            schedules[name] = schedule_for(model, RoEConfig(tau=Schedule.load(path)))
+        except (ValueError, OSError) as err:
+            raise ValueError(f"schedule {name!r} ({path}): {err}") from None
+    return schedules
+
+
+@torch.no_grad()
+def warm_up(model, pad_id: int) -> None:
+    """Build the decode kernel and run two RoE decode steps (K=2), so the first request pays neither."""
+    log.info("warming up: building the decode kernel and running one RoE step")
+    with roe.roster(model, RoEConfig(roster_size=2)) as r:
+        r.generate(torch.tensor([[pad_id, pad_id]]), max_new_tokens=2)
+
+
+async def _read_body(request, limit: int) -> bytes:
+    """The body, refused with 413 beyond ``limit`` bytes (by Content-Length first, then while reading)."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise ApiError(413, f"the request body is larger than this server's limit of {limit} bytes",
+                       code="body_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"the request body is larger than this server's limit of {limit} bytes",
+                           code="body_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _require_json(request) -> None:
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != "application/json":
+        raise ApiError(415, f"the request body must be application/json, not {media or 'unlabelled'!r}",
+                       code="unsupported_media_type")
+
+
+async def _until_disconnected(request) -> None:
+    """Returns when the client has gone (the body is already read: the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _json(body: dict, status: int = 200, headers: dict | None = None):
+    """A JSON response with non-ASCII escaped: a string that is not valid UTF-8 can never break the answer."""
+    from starlette.responses import Response
+
+    return Response(json.dumps(body), status_code=status, headers=headers, media_type="application/json")
+
+
 def _usage(parsed: Parsed, choices: list[ChoiceText]) -> dict:
     prompt = sum(len(p) for p in parsed.prompts)
     completion = sum(len(c.tokens) for c in choices)
@@ -100,58 +237,55 @@ def _choice(chat: bool, index: int, text: str | None, finish: str | None, *, del
 
 
 def create_app(model, tokenizer, cfg: ServeConfig | None = None):
-    """The FastAPI app serving ``model`` (the worker starts and drains with the app's lifespan)."""
+    """The FastAPI app serving ``model`` (warm-up and the worker start with the app's lifespan; it drains on exit)."""
     fastapi, _ = require_serve_extra()
     from contextlib import asynccontextmanager
 
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import StreamingResponse
     from starlette.exceptions import HTTPException
 
     service = Service(model, tokenizer, cfg or ServeConfig())
 
     @asynccontextmanager
     async def lifespan(app):
-        service.worker.start()
+        service.start()
         yield
-        await asyncio.to_thread(service.worker.close)
+        await asyncio.to_thread(service.close)
 
     app = fastapi.FastAPI(title="roe", lifespan=lifespan)
     app.state.service = service
+    app.add_middleware(Guard, cfg=service.cfg)
 
     @app.exception_handler(ApiError)
     async def api_error(request, err: ApiError):
-        return JSONResponse(err.body(), status_code=err.status)
+        return _json(err.body(), err.status, err.headers())
 
     @app.exception_handler(HTTPException)
     async def http_error(request, err: HTTPException):
-        return JSONResponse(ApiError(err.status_code, str(err.detail)).body(), status_code=err.status_code)
+        return _json(ApiError(err.status_code, str(err.detail)).body(), err.status_code)
 
     @app.get("/health")
     async def health():
-        worker = service.worker
-        return {"status": "ok" if worker.thread.is_alive() else "worker_dead", "queued": len(worker.queue),
-                "submitted": worker.submitted, "batches": worker.batches}
+        status, body = service.health()
+        return _json(body, status)
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": service.cfg.model_id, "object": "model",
-                                            "created": service.created, "owned_by": "roe"}]}
+        names = [service.cfg.model_id, *(a for a in service.cfg.aliases if a != service.cfg.model_id)]
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": service.created,
+                                            "owned_by": "roe"} for name in names],
+                "schedules": sorted(service.facts.schedules)}
 
     async def complete(request, chat: bool):
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ApiError(400, f"the request body is not valid JSON: {err}", code="invalid_json") from None
-        parsed = parse_request(body, chat=chat, cfg=service.cfg, tokenizer=tokenizer, vocab=service.vocab,
-                               context=service.context, moe_layers=service.moe_layers)
+        _require_json(request)
+        parsed = await service.parse(await _read_body(request, service.cfg.max_body_bytes), chat)
         jobs, choices, events = service.submit(parsed)
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": service.cfg.model_id}
         if parsed.stream:
             return StreamingResponse(_stream(head, chat, parsed, jobs, choices, events), media_type="text/event-stream")
         try:
-            async for _ in service.updates(choices, events):
-                pass
+            await _collect_unless_disconnected(request, service.updates(choices, events))
         finally:
             for job in jobs:
                 job.cancelled = True
@@ -185,20 +319,41 @@ def create_app(model, tokenizer, cfg: ServeConfig | None = None):
                 job.cancelled = True
         yield "data: [DONE]\n\n"
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=openapi_body(COMPLETION_SCHEMA))
     async def completions(request: fastapi.Request):
         return await complete(request, chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=openapi_body(CHAT_SCHEMA))
     async def chat_completions(request: fastapi.Request):
         return await complete(request, chat=True)
 
     return app
 
 
+async def _collect_unless_disconnected(request, updates) -> None:
+    """Consume ``updates`` to the end, unless the client disconnects first (then stop waiting: the
+    caller cancels the jobs, and the worker drops them)."""
+    async def drain() -> None:
+        async for _ in updates:
+            pass
+
+    waiting, gone = asyncio.ensure_future(drain()), asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (waiting, gone):
+            task.cancel()
+    if waiting.done() and not waiting.cancelled():
+        waiting.result()  # raises the request's ApiError, if any
+    else:
+        raise ApiError(499, "the client closed the request", code="client_closed")
+
+
 def run(*, model: str | None, host: str, port: int, cfg: ServeConfig, log_level: str = "info") -> None:
     """Load the model and serve it until interrupted (in-flight requests finish on shutdown)."""
+    import dataclasses
+
     _, uvicorn = require_serve_extra()
     lm, tokenizer = roe.load(model)
-    app = create_app(lm, tokenizer, cfg)
+    app = create_app(lm, tokenizer, dataclasses.replace(cfg, host=host))
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=int(cfg.timeout) + 5)

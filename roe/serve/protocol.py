@@ -3,8 +3,10 @@
 Nothing here touches the model: the worker and the app consume what ``parse_request`` returns.
 """
 
+import json
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from roe.config import RoEConfig
 
@@ -13,12 +15,22 @@ ROLES = ("system", "developer", "user", "assistant", "tool")
 
 @dataclass(frozen=True, kw_only=True)
 class ServeConfig:
-    """Server settings: RoE defaults for requests that do not set them, and the server's limits."""
+    """Server settings: RoE defaults for requests that do not set them, security and the limits.
+
+    tau None is the model's default schedule (roe/schedule.py). ``schedules`` maps the names a
+    request may send as ``schedule`` to files the operator chose (loaded and checked against the
+    model at start-up); ``schedule`` is the default name. ``api_key``: the Bearer token every
+    /v1 route requires (None: no key). ``host`` is the bound host; the Host header must name it,
+    an IP address, localhost or one of ``allowed_hosts`` ("*": any), against DNS rebinding.
+    ``max_request_cost`` bounds roster_size x choices x max_tokens of one request.
+    """
 
     model_id: str = "roe-default"
+    aliases: tuple[str, ...] = ("roe",)
     roster_size: int = 8
-    tau: float = 0.1
+    tau: float | None = None
     schedule: str | None = None
+    schedules: dict[str, str] = field(default_factory=dict)
     seed: int = 0
     skip_first: int = 1
     skip_last: int = 1
@@ -28,23 +40,41 @@ class ServeConfig:
     max_tokens_limit: int = 512
     max_roster_size: int = 64
     max_n: int = 16
+    max_request_cost: int = 65536
+    max_body_bytes: int = 1 << 20
+    max_prompt_chars: int = 100_000
+    api_key: str | None = None
+    host: str = "127.0.0.1"
+    allowed_hosts: tuple[str, ...] = ()
     threads: int = 0  # torch threads of the worker; 0 leaves torch's default
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_queue", "max_tokens_limit", "max_roster_size", "max_n"):
+        for name in ("max_batch", "max_queue", "max_tokens_limit", "max_roster_size", "max_n", "max_request_cost",
+                     "max_body_bytes", "max_prompt_chars"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.timeout > 0:
             raise ValueError(f"timeout must be > 0, got {self.timeout}")
+        if self.schedule is not None and self.schedule not in self.schedules:
+            raise ValueError(f"the default schedule {self.schedule!r} is not among the registered schedules "
+                             f"{sorted(self.schedules)}")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("api_key must not be empty (None serves without a key)")
 
 
 class ApiError(Exception):
     """An error answered with an OpenAI-style body ``{"error": {message, type, param, code}}``."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
+                 code: str | None = None, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.retry_after = retry_after
+        if status in (429, 503) and retry_after is None:
+            self.retry_after = 1
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -84,14 +114,15 @@ def _int(body: dict, name: str, default: int, lo: int, hi: int | None = None) ->
     return value
 
 
-def _number(body: dict, name: str, default: float, lo: float, hi: float) -> float:
+def _number(body: dict, name: str, default: float | None, lo: float, hi: float) -> float | None:
     value = body.get(name)
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ApiError(400, f"{name} must be a number, got {value!r}", param=name, code="invalid_type")
-    if not (math.isfinite(value) and lo <= value <= hi):
-        raise ApiError(400, f"{name} must be between {lo} and {hi}, got {value}", param=name, code="invalid_value")
+    # NOTE: compared before any float(): a 400-digit integer overflows float() but compares exactly.
+    if not (lo <= value <= hi and math.isfinite(value)):
+        raise ApiError(400, f"{name} must be between {lo} and {hi}", param=name, code="invalid_value")
     return float(value)
 
 
@@ -114,45 +145,68 @@ def _sampling(body: dict) -> Sampling:
     return Sampling(do_sample, temperature if do_sample else 1.0, top_p if do_sample else 1.0, _stop(body))
 
 
-def _roe_configs(body: dict, cfg: ServeConfig, n: int, moe_layers: int) -> tuple[list[RoEConfig], list[tuple]]:
+UNKNOWN_SCHEDULE = "unknown schedule name; GET /v1/models lists the schedules this server registered"
+
+
+def _tau(body: dict, cfg: ServeConfig, moe_layers: int) -> float | tuple[float, ...] | None:
+    """A number (uniform), one number per MoE layer, or the server's default (None: the model's)."""
+    value = body.get("tau")
+    if not isinstance(value, list):
+        return _number(body, "tau", cfg.tau, 0.0, 1e6)
+    if len(value) != moe_layers:
+        raise ApiError(400, f"a tau list needs one value per MoE layer ({moe_layers}), got {len(value)}",
+                       param="tau", code="invalid_value")
+    return tuple(_number({"tau": t}, "tau", None, 0.0, 1e6) for t in value)
+
+
+def _roe_configs(body: dict, cfg: ServeConfig, n: int, facts: "ModelFacts") -> tuple[list[RoEConfig], list[tuple]]:
+    """One RoEConfig per choice (seed + i) and its batching key; ``schedule`` is a registered name.
+
+    NOTE: an unknown schedule name gets one fixed message: the name never reaches the file
+    system, so the answer cannot tell a client anything about the server's files.
+    """
     roster_size = _int(body, "roster_size", cfg.roster_size, 1, cfg.max_roster_size)
-    tau = _number(body, "tau", cfg.tau, 0.0, 1e6)
-    schedule = body.get("schedule", cfg.schedule)
-    if schedule is not None and not isinstance(schedule, str):
-        raise ApiError(400, f"schedule must be the path of a schedule JSON file, got {schedule!r}", param="schedule")
+    tau = _tau(body, cfg, facts.moe_layers)
+    name = body.get("schedule")
+    if name is not None and (not isinstance(name, str) or name not in facts.schedules):
+        raise ApiError(400, UNKNOWN_SCHEDULE, param="schedule", code="unknown_schedule")
+    if name is not None and body.get("tau") is not None:
+        raise ApiError(400, "give tau or schedule, not both", param="schedule")
+    name = name if name is not None or body.get("tau") is not None else cfg.schedule
     seed = _int(body, "seed", cfg.seed, 0, (1 << 62))
-    skips = {name: _int(body, name, getattr(cfg, name), 0, moe_layers) for name in ("skip_first", "skip_last")}
-    cfgs = []
-    for i in range(n):
-        try:
-            one = RoEConfig(roster_size=roster_size, tau=schedule or tau, seed=seed + i, **skips)
-            one.schedule(moe_layers)
-        except (ValueError, TypeError, OSError, KeyError) as err:
-            raise ApiError(400, f"invalid RoE settings: {err}", param="schedule" if schedule else None) from None
-        cfgs.append(one)
-    tau_key = ("schedule", schedule) if schedule else ("tau", tau)
+    skips = {key: _int(body, key, getattr(cfg, key), 0, facts.moe_layers) for key in ("skip_first", "skip_last")}
+    try:
+        cfgs = [RoEConfig(roster_size=roster_size, tau=facts.schedules[name] if name else tau, seed=seed + i, **skips)
+                for i in range(n)]
+        facts.resolve(cfgs[0])  # the schedule does not depend on the seed
+    except (ValueError, TypeError) as err:
+        raise ApiError(400, f"invalid RoE settings: {err}", param="tau" if body.get("tau") is not None else None,
+                       code="invalid_value") from None
+    tau_key = ("schedule", name) if name else ("tau", tau)
     keys = [(roster_size, tau_key, skips["skip_first"], skips["skip_last"], c.seed) for c in cfgs]
     return cfgs, keys
 
 
-def _completion_prompts(body: dict, tokenizer, vocab: int) -> list[list[int]]:
+def _completion_inputs(body: dict, vocab: int) -> list[str | list[int]]:
+    """The prompts as sent: strings, or lists of token ids in [0, vocab)."""
     prompt = body.get("prompt")
     if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)):
         prompt = [prompt]
     if not isinstance(prompt, list) or not prompt:
         raise ApiError(400, "prompt must be a non-empty string, a list of strings or a list of token ids",
                        param="prompt")
-    prompts = []
     for p in prompt:
-        if isinstance(p, str):
-            ids = tokenizer(p).input_ids if p else []
-        elif isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in p):
-            ids = list(p)
-        else:
-            raise ApiError(400, f"prompt entries must be strings or lists of token ids in [0, {vocab})", param="prompt")
-        if not ids:
-            raise ApiError(400, "prompt is empty", param="prompt", code="empty_prompt")
-        prompts.append(ids)
+        if not (isinstance(p, str) or isinstance(p, list) and p and all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in p)):
+            raise ApiError(400, f"prompt entries must be non-empty strings or lists of token ids in [0, {vocab})",
+                           param="prompt")
+    return prompt
+
+
+def _completion_prompts(inputs: list[str | list[int]], tokenizer) -> list[list[int]]:
+    prompts = [(tokenizer(p).input_ids if p else []) if isinstance(p, str) else list(p) for p in inputs]
+    if not all(prompts):
+        raise ApiError(400, "prompt is empty", param="prompt", code="empty_prompt")
     return prompts
 
 
@@ -178,7 +232,8 @@ def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     return tokenizer(text).input_ids
 
 
-def _chat_prompts(body: dict, tokenizer) -> list[list[int]]:
+def _chat_messages(body: dict) -> list[dict]:
+    """The messages as ``{"role", "content"}`` with text content, validated."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty list", param="messages")
@@ -186,7 +241,7 @@ def _chat_prompts(body: dict, tokenizer) -> list[list[int]]:
     plain = [{"role": m["role"], "content": text} for m, text in zip(messages, texts)]
     if not any(m["content"] for m in plain):
         raise ApiError(400, "every message is empty", param="messages", code="empty_prompt")
-    return [chat_prompt_ids(tokenizer, plain)]
+    return plain
 
 
 MAX_TOP_LOGPROBS = 20
@@ -217,13 +272,52 @@ def _logprobs(body: dict, chat: bool) -> int | None:
     return (top or 0) if wanted else None
 
 
-def parse_request(body, *, chat: bool, cfg: ServeConfig, tokenizer, vocab: int, context: int | None,
-                  moe_layers: int) -> Parsed:
-    """Validate an OpenAI request body; every problem is an ``ApiError`` (4xx)."""
+@dataclass(frozen=True)
+class ModelFacts:
+    """What parsing needs to know of the served model, found once at start-up."""
+
+    tokenizer: object
+    vocab: int
+    context: int | None
+    moe_layers: int
+    schedules: dict  # registered name -> Schedule, checked against the model
+    resolve: Callable[[RoEConfig], object]  # a config's Schedule for this model (ValueError if it does not fit)
+
+
+def decode_body(raw: bytes) -> dict:
+    """The JSON object of a request body; 400 for anything else, including strings that are not
+    Unicode (a lone surrogate ``"\\ud800"`` would fail later in the tokenizer and in the answer)."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as err:  # bad JSON or UTF-8, a 5000-digit integer, deep nesting
+        raise ApiError(400, f"the request body is not valid JSON: {str(err)[:200]}", code="invalid_json") from None
     if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
+        raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+    pending = [body]
+    while pending:
+        item = pending.pop()
+        values = [*item.keys(), *item.values()] if isinstance(item, dict) else item if isinstance(item, list) else ()
+        for value in values:
+            if isinstance(value, str):
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ApiError(400, "the request holds a string that is not valid Unicode (a lone surrogate)",
+                                   code="invalid_unicode") from None
+            elif isinstance(value, (dict, list)):
+                pending.append(value)
+    return body
+
+
+def parse_request(body: dict, *, chat: bool, cfg: ServeConfig, facts: ModelFacts) -> Parsed:
+    """Validate an OpenAI request body; every problem is an ``ApiError`` (4xx).
+
+    Cheap checks and the cost bounds come before tokenising: the prompt's characters, the budget
+    roster_size x choices x max_tokens, and choices no more than the queue holds (400: such a
+    request can never fit, unlike a full queue's 429).
+    """
     model = body.get("model")
-    if model is not None and model != cfg.model_id:
+    if model is not None and model not in (cfg.model_id, *cfg.aliases):
         raise ApiError(404, f"the model {model!r} does not exist; this server serves {cfg.model_id!r}",
                        param="model", code="model_not_found")
     top_logprobs = _logprobs(body, chat)
@@ -234,16 +328,86 @@ def parse_request(body, *, chat: bool, cfg: ServeConfig, tokenizer, vocab: int, 
     max_tokens = _int(body, tokens_field, default_tokens, 1, cfg.max_tokens_limit)
     n = _int(body, "n", 1, 1, cfg.max_n)
     sampling = _sampling(body)
-    cfgs, keys = _roe_configs(body, cfg, n, moe_layers)
-    prompts = _chat_prompts(body, tokenizer) if chat else _completion_prompts(body, tokenizer, vocab)
-    for ids in prompts:
-        if context is not None and len(ids) + max_tokens > context:
-            raise ApiError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
-                           f"context of {context} tokens", param="prompt", code="context_length_exceeded")
+    cfgs, keys = _roe_configs(body, cfg, n, facts)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError(400, f"stream must be a boolean, got {stream!r}", param="stream")
     options = body.get("stream_options") or {}
     include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
+    inputs = _chat_messages(body) if chat else _completion_inputs(body, facts.vocab)
+    _check_cost(cfg, inputs, chat, n * (1 if chat else len(inputs)), cfgs[0].roster_size, max_tokens)
+    if chat:
+        prompts = [chat_prompt_ids(facts.tokenizer, inputs)]
+    else:
+        prompts = _completion_prompts(inputs, facts.tokenizer)
+    for ids in prompts:
+        if facts.context is not None and len(ids) + max_tokens > facts.context:
+            raise ApiError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
+                           f"context of {facts.context} tokens", param="prompt", code="context_length_exceeded")
     return Parsed(prompts, cfgs, [(*k, sampling) for k in keys], sampling, max_tokens, stream, include_usage,
                   top_logprobs)
+
+
+def _check_cost(cfg: ServeConfig, inputs: list, chat: bool, choices: int, roster_size: int, max_tokens: int) -> None:
+    chars = sum(len(m["content"]) for m in inputs) if chat else sum(len(p) for p in inputs if isinstance(p, str))
+    if chars > cfg.max_prompt_chars:
+        raise ApiError(400, f"the prompt has {chars} characters; this server takes at most {cfg.max_prompt_chars}",
+                       param="messages" if chat else "prompt", code="prompt_too_long")
+    if choices > cfg.max_queue:
+        raise ApiError(400, f"the request asks for {choices} choices; the queue holds {cfg.max_queue}",
+                       param="n", code="too_many_choices")
+    cost = roster_size * choices * max_tokens
+    if cost > cfg.max_request_cost:
+        raise ApiError(400, f"roster_size x choices x max_tokens = {roster_size} x {choices} x {max_tokens} = {cost} "
+                       f"exceeds this server's per-request budget of {cfg.max_request_cost}", code="over_budget")
+
+
+# ---------------------------------------------------------------- request-body schemas (OpenAPI)
+
+_INT = {"type": "integer"}
+_NUMBER = {"type": "number"}
+_ROE_FIELDS = {
+    "roster_size": {**_INT, "minimum": 1, "description": "K, the members averaged at each token"},
+    "tau": {"oneOf": [{**_NUMBER, "minimum": 0}, {"type": "array", "items": {**_NUMBER, "minimum": 0}}],
+            "description": "a uniform temperature on the middle MoE layers, or one per MoE layer"},
+    "schedule": {"type": "string", "description": "the name of a schedule the operator registered (not a path)"},
+    "seed": {**_INT, "minimum": 0},
+    "skip_first": {**_INT, "minimum": 0},
+    "skip_last": {**_INT, "minimum": 0},
+}
+_COMMON = {
+    "model": {"type": "string"},
+    "max_tokens": {**_INT, "minimum": 1},
+    "n": {**_INT, "minimum": 1},
+    "temperature": {**_NUMBER, "minimum": 0, "maximum": 2},
+    "top_p": {**_NUMBER, "exclusiveMinimum": 0, "maximum": 1},
+    "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 4}]},
+    "stream": {"type": "boolean"},
+    "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
+    **_ROE_FIELDS,
+}
+COMPLETION_SCHEMA = {"type": "object", "required": ["prompt"], "properties": {
+    **_COMMON,
+    "prompt": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}},
+                         {"type": "array", "items": {**_INT, "minimum": 0}},
+                         {"type": "array", "items": {"type": "array", "items": {**_INT, "minimum": 0}}}]},
+    "logprobs": {**_INT, "minimum": 0, "maximum": MAX_TOP_LOGPROBS},
+    "echo": {"type": "boolean"}, "suffix": {"type": "string"}, "best_of": _INT,
+}}
+_CONTENT = {"oneOf": [{"type": "string"}, {"type": "null"}, {"type": "array", "items": {
+    "type": "object", "required": ["type", "text"],
+    "properties": {"type": {"enum": ["text"]}, "text": {"type": "string"}}}}]}
+CHAT_SCHEMA = {"type": "object", "required": ["messages"], "properties": {
+    **_COMMON,
+    "messages": {"type": "array", "minItems": 1, "items": {
+        "type": "object", "required": ["role", "content"],
+        "properties": {"role": {"enum": list(ROLES)}, "content": _CONTENT}}},
+    "max_completion_tokens": {**_INT, "minimum": 1},
+    "logprobs": {"type": "boolean"},
+    "top_logprobs": {**_INT, "minimum": 0, "maximum": MAX_TOP_LOGPROBS},
+}}
+
+
+def openapi_body(schema: dict) -> dict:
+    """``openapi_extra`` for a route whose JSON body the handler parses itself."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
