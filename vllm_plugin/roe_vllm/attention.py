@@ -1,0 +1,125 @@
+"""Attention of the member rows: the request's stored clean history plus the member's own key/value.
+
+Shapes: M member rows, R RoE requests, J member slots per request (K - 1, padded to the largest),
+H query heads, G = H / Hkv query heads per KV head, P history positions, D head dim.
+
+    out_m = softmax([q_m . K_hist(<p) , q_m . k_m] * scale) @ [V_hist(<p) ; v_m]
+
+The clean rows go through vLLM's own attention first, which writes their keys/values (so a
+member of a prefill's last chunk also sees that chunk's earlier tokens); the member rows then
+read the paged cache through the request's block table and write nothing: the KV cache holds
+the clean sequence only, whatever K is (roe's clean cache, DESIGN §1).
+
+NOTE: the CPU cache layout is not the nominal [blocks, Hkv, block, 2 * D]: the kernels of some
+ISAs store keys dimension-major inside a block. ``cpu_layout`` finds the layout by writing known
+keys/values through vLLM's own ``cpu_attn_reshape_and_cache`` once per (ISA, shape), and reading
+them back, so the member rows read exactly what the clean attention reads.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from roe_vllm.members import Step
+
+
+def check_layer(layer) -> None:
+    """Refuse attention features the member attention does not implement (at model start-up)."""
+    impl = getattr(layer, "impl", None)
+    what = []
+    if getattr(impl, "sinks", None) is not None:
+        what.append("attention sinks")
+    if getattr(impl, "alibi_slopes", None) is not None:
+        what.append("ALiBi")
+    if getattr(impl, "logits_soft_cap", 0) not in (0, None):
+        what.append("logit soft-capping")
+    if str(getattr(layer, "kv_cache_dtype", "auto")) != "auto":
+        what.append(f"a quantized KV cache ({layer.kv_cache_dtype})")
+    if getattr(layer, "attn_type", "decoder") not in ("decoder",):
+        what.append(f"{layer.attn_type} attention")
+    if what:
+        raise ValueError(f"RoE on vLLM: layer {layer.layer_name} uses {', '.join(what)}, which member attention "
+                         "does not implement")
+
+
+@functools.cache
+def cpu_layout(isa: str, num_kv_heads: int, block_size: int, head_dim: int, dtype: torch.dtype) -> tuple[bool, bool]:
+    """(keys dimension-major, values dimension-major) inside a CPU cache block, found by probing."""
+    from vllm import _custom_ops as ops
+
+    cache = torch.zeros(1, num_kv_heads, 2 * block_size, head_dim, dtype=dtype)
+    key_cache, value_cache = cache.chunk(2, dim=2)
+    key_BHD = torch.arange(block_size * num_kv_heads * head_dim, dtype=torch.float32).view(
+        block_size, num_kv_heads, head_dim).to(dtype)
+    value_BHD = key_BHD + 0.5
+    ops.cpu_attn_reshape_and_cache(key_BHD, value_BHD, key_cache, value_cache,
+                                   torch.arange(block_size, dtype=torch.long), isa)
+    major = []
+    for stored, given_BHD in ((key_cache, key_BHD), (value_cache, value_BHD)):
+        flat_HX = stored[0].reshape(num_kv_heads, -1)
+        if torch.equal(flat_HX, given_BHD.permute(1, 0, 2).reshape(num_kv_heads, -1)):
+            major.append(False)
+        elif torch.equal(flat_HX, given_BHD.permute(1, 2, 0).reshape(num_kv_heads, -1)):
+            major.append(True)
+        else:
+            raise ValueError(f"RoE on vLLM: unknown CPU KV cache layout for ISA {isa!r}")
+    return major[0], major[1]
+
+
+def _read(cache_NHBD: torch.Tensor, blocks_RN: torch.Tensor, dim_major: bool) -> torch.Tensor:
+    """[R, Hkv, N * block, D] of the given blocks, in position order."""
+    R, N = blocks_RN.shape
+    _, H, B, D = cache_NHBD.shape
+    got = cache_NHBD[blocks_RN.reshape(-1)]  # [R*N, H, B, D] (a copy)
+    if dim_major:
+        got = got.view(R * N, H, D, B).transpose(-1, -2)
+    return got.view(R, N, H, B, D).permute(0, 2, 1, 3, 4).reshape(R, H, N * B, D)
+
+
+def history(layer, kv_cache: torch.Tensor, block_table: torch.Tensor, step: Step, length: int):
+    """Keys and values [R, Hkv, P, D] of the RoE requests' first ``length`` positions (CPU paged cache)."""
+    num_blocks, num_kv_heads, block_size, two_d = kv_cache.shape
+    head_dim = two_d // 2
+    key_cache, value_cache = kv_cache.view(num_blocks, num_kv_heads, 2 * block_size, head_dim).chunk(2, dim=2)
+    keys_major, values_major = cpu_layout(layer.isa, num_kv_heads, block_size, head_dim, kv_cache.dtype)
+    used = -(-length // block_size)
+    index_R = torch.tensor([r.index for r in step.requests])
+    blocks_RN = block_table[index_R, :used].long()
+    keys = _read(key_cache, blocks_RN, keys_major)[:, :, :length]
+    values = _read(value_cache, blocks_RN, values_major)[:, :, :length]
+    return keys, values
+
+
+def member_attention(layer, query_MHD: torch.Tensor, key_MHD: torch.Tensor, value_MHD: torch.Tensor,
+                     step: Step, attn_metadata, kv_cache: torch.Tensor) -> torch.Tensor:
+    """Attention output [M, H, D] of the member rows (see the module docstring)."""
+    M, H, D = query_MHD.shape
+    Hkv = key_MHD.shape[1]
+    G = H // Hkv
+    R = len(step.requests)
+    J = max(r.roster.members for r in step.requests) - 1
+    slot_M = (step.request_M, step.member_M - 1)
+    position_R = torch.tensor([r.position for r in step.requests])
+    P = int(position_R.max())
+    keys_RHPD, values_RHPD = history(layer, kv_cache, attn_metadata.block_table, step, P)
+    dtype = torch.float32
+    q_RJHD = query_MHD.new_zeros(R, J, H, D, dtype=dtype).index_put_(slot_M, query_MHD.to(dtype))
+    k_RJHD = key_MHD.new_zeros(R, J, Hkv, D, dtype=dtype).index_put_(slot_M, key_MHD.to(dtype))
+    v_RJHD = value_MHD.new_zeros(R, J, Hkv, D, dtype=dtype).index_put_(slot_M, value_MHD.to(dtype))
+    q_RHQD = q_RJHD.view(R, J, Hkv, G, D).permute(0, 2, 1, 3, 4).reshape(R, Hkv, J * G, D)
+    scale = layer.impl.scale
+    hist_RHQP = torch.matmul(q_RHQD, keys_RHPD.to(dtype).transpose(-1, -2)) * scale
+    keep_RP = torch.arange(P)[None, :] < position_R[:, None]
+    window = getattr(layer.impl, "sliding_window", -1)
+    if window is not None and window > 0:
+        keep_RP &= torch.arange(P)[None, :] > position_R[:, None] - window
+    hist_RHQP = hist_RHQP.masked_fill(~keep_RP[:, None, None, :], float("-inf"))
+    own_RJHG = (q_RJHD.view(R, J, Hkv, G, D) * k_RJHD[:, :, :, None, :]).sum(-1) * scale
+    own_RHQ1 = own_RJHG.permute(0, 2, 1, 3).reshape(R, Hkv, J * G, 1)
+    probs_RHQX = torch.softmax(torch.cat([hist_RHQP, own_RHQ1], dim=-1), dim=-1)
+    v_own_RHQD = v_RJHD[:, :, :, None, :].expand(R, J, Hkv, G, D).permute(0, 2, 1, 3, 4).reshape(R, Hkv, J * G, D)
+    out_RHQD = torch.matmul(probs_RHQX[..., :P], values_RHPD.to(dtype)) + probs_RHQX[..., P:] * v_own_RHQD
+    out_RJHD = out_RHQD.view(R, Hkv, J, G, D).permute(0, 2, 1, 3, 4).reshape(R, J, H, D)
+    return out_RJHD[slot_M].to(query_MHD.dtype)

@@ -1,0 +1,225 @@
+"""``RoEModel``: a vLLM causal LM whose forward also runs the RoE members of its requests as extra rows.
+
+Shapes: T clean rows of a forward, M member rows, N requests (logits rows), V vocab, D hidden.
+
+One forward (roe_vllm/members.py for the rows, routing.py for the experts, attention.py for the
+member attention):
+
+1. ``forward`` reads the batch's RoE requests (roe_vllm/requests.py) and, if some sample a token
+   this step, builds the ``Step``; otherwise it is the stock forward, untouched.
+2. Pre-hooks append the member rows at the input of the batch's first noisy MoE block (every
+   earlier layer, and that layer's attention, run on the T clean rows only) and widen the
+   residual, positions and the final norm's inputs after it. The model code is unchanged.
+3. Each attention layer runs vLLM's attention on the clean rows (writing the KV cache) and the
+   member attention on the member rows (reading it). Each router re-selects the member rows'
+   experts with roe's keyed noise and gives them the clean gate weights.
+4. ``forward`` returns the T clean rows and keeps the M member rows; ``compute_logits`` replaces
+   each RoE request's logits row with ``log mean_k softmax(logits_k)`` over its K members, so
+   greedy, sampling, returned logprobs and stop strings all act on the averaged distribution.
+
+The stock class's weights, kernels and KV cache are used as they are. A tied LM head that vLLM's
+class does not tie (OLMoE) is tied at load.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from roe.aggregate import MeanProb
+from roe_vllm import attention, routing
+from roe_vllm.members import Request, Step
+from roe_vllm.requests import table_for
+
+
+def check_engine(vllm_config) -> None:
+    """Refuse engine settings under which member rows cannot be run correctly."""
+    problems = []
+    if not vllm_config.model_config.enforce_eager:
+        problems.append("compiled graphs (pass enforce_eager=True; roe_vllm.engine_args does)")
+    if vllm_config.speculative_config is not None:
+        problems.append("speculative decoding")
+    parallel = vllm_config.parallel_config
+    if parallel.pipeline_parallel_size > 1:
+        problems.append("pipeline parallel")
+    if parallel.data_parallel_size > 1:
+        problems.append("data parallel (MoE gathers the rows of all ranks before routing)")
+    if getattr(parallel, "enable_eplb", False):
+        problems.append("EPLB")
+    if getattr(vllm_config.compilation_config.pass_config, "enable_sp", False):
+        problems.append("sequence parallel")
+    if vllm_config.use_v2_model_runner:
+        problems.append("the V2 model runner (set VLLM_USE_V2_MODEL_RUNNER=0)")
+    if problems:
+        raise ValueError("RoE on vLLM does not support " + "; ".join(problems))
+
+
+class RoEModel:
+    """Mixed into a stock vLLM ``*ForCausalLM`` class (roe_vllm/architectures.py)."""
+
+    def __init__(self, *, vllm_config, prefix: str = "", **kwargs) -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
+        check_engine(vllm_config)
+        self._roe_config = vllm_config
+        self._roe_step: Step | None = None
+        self._roe_members: tuple[int, torch.Tensor] | None = None  # (requests, member hidden rows [M, D])
+        self._roe_layers = self._roe_install()
+
+    def _roe_install(self) -> int:
+        """Hook every router, MoE block, decoder layer, attention layer and the final norm; the MoE layer count."""
+        from vllm.model_executor.layers.attention import Attention
+        from vllm.model_executor.layers.fused_moe.router.fused_moe_router import FusedMoERouter
+
+        runners = [(name, m) for name, m in self.named_modules() if isinstance(getattr(m, "router", None),
+                                                                               FusedMoERouter)]
+        if not runners:
+            raise ValueError(f"{type(self).__name__} has no fused MoE layer for RoE")
+        step_of = self._roe_current
+        for layer, (name, runner) in enumerate(runners):
+            routing.install(runner.router, layer, step_of)
+            block = self.get_submodule(name.rsplit(".", 1)[0])
+            block.register_forward_pre_hook(self._roe_fan_out_hook(layer), with_kwargs=True)
+        decoder_layers = self._roe_decoder_layers(runners[0][0])
+        for module in list(decoder_layers) + [getattr(self._roe_holder, "norm", None)]:
+            if module is not None:
+                module.register_forward_pre_hook(self._roe_widen_hook, with_kwargs=True)
+        for module in self.modules():
+            if isinstance(module, Attention):
+                attention.check_layer(module)
+                self._roe_wrap_attention(module)
+        return len(runners)
+
+    def _roe_decoder_layers(self, runner_path: str) -> torch.nn.ModuleList:
+        parts = runner_path.split(".")
+        for cut in range(len(parts) - 1, 0, -1):
+            holder = self.get_submodule(".".join(parts[:cut - 1])) if cut > 1 else self
+            layers = getattr(holder, parts[cut - 1], None)
+            if isinstance(layers, torch.nn.ModuleList) and parts[cut].isdigit():
+                self._roe_holder = holder
+                return layers
+        raise ValueError(f"{type(self).__name__}: cannot find the decoder layers around {runner_path}")
+
+    def _roe_current(self) -> Step | None:
+        return self._roe_step
+
+    def _roe_fan_out_hook(self, layer: int):
+        def hook(_module, args, kwargs):
+            step = self._roe_step
+            if step is None or step.wide or step.fan_out != layer:
+                return None
+            step.wide = True
+            return self._roe_widen(step, args, kwargs)
+        return hook
+
+    def _roe_widen_hook(self, _module, args, kwargs):
+        step = self._roe_step
+        if step is None or not step.wide:
+            return None
+        return self._roe_widen(step, args, kwargs)
+
+    @staticmethod
+    def _roe_widen(step: Step, args, kwargs):
+        """Append the member rows to every per-row tensor argument that has only the T clean rows."""
+        def widen(value):
+            if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == step.rows:
+                return step.widen(value)
+            return value
+        return tuple(widen(a) for a in args), {k: widen(v) for k, v in kwargs.items()}
+
+    def _roe_wrap_attention(self, layer) -> None:
+        original = layer.forward
+
+        def forward(query, key, value, *args, **kwargs):
+            step = self._roe_step
+            if step is None or not step.wide or query.shape[0] == step.rows:
+                return original(query, key, value, *args, **kwargs)
+            T = step.rows
+            clean = original(query[:T], key[:T], value[:T], *args, **kwargs)
+            from vllm.forward_context import get_forward_context
+
+            metadata = get_forward_context().attn_metadata
+            metadata = metadata[layer.layer_name] if isinstance(metadata, dict) else metadata
+            q_MHD = query[T:].reshape(-1, layer.num_heads, layer.head_size)
+            k_MHD = key[T:].reshape(-1, layer.num_kv_heads, layer.head_size)
+            v_MHD = value[T:].reshape(-1, layer.num_kv_heads, layer.head_size)
+            out_MHD = attention.member_attention(layer, q_MHD, k_MHD, v_MHD, step, metadata, layer.kv_cache)
+            return torch.cat([clean, out_MHD.reshape(out_MHD.shape[0], *clean.shape[1:])])
+
+        layer.forward = forward
+
+    def _roe_requests(self, positions: torch.Tensor) -> list[Request]:
+        """The RoE requests of this forward whose last scheduled token is sampled."""
+        table = table_for(self._roe_config)
+        if table is None or not table.rows:
+            return []
+        from vllm.forward_context import get_forward_context
+
+        metadata = get_forward_context().attn_metadata
+        if not metadata:
+            return []
+        metadata = next(iter(metadata.values())) if isinstance(metadata, dict) else metadata
+        last_N = (metadata.query_start_loc[1:] - 1).tolist()
+        found = []
+        for index, entry in table.rows.items():
+            if index >= len(last_N):
+                continue
+            if not entry.resolved:
+                entry.roster = table.engine.roster(entry.extra_args, self._roe_layers)
+                entry.resolved = True
+            if entry.roster is None:
+                continue
+            row = last_N[index]
+            position = int(positions[row])
+            if entry.prompt_len is not None and position + 1 < entry.prompt_len:
+                continue  # a prefill chunk that is not the last: its logits are not sampled
+            found.append(Request(index=index, row=row, position=position, roster=entry.roster))
+        return sorted(found, key=lambda r: r.index)
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+        requests = self._roe_requests(positions)
+        self._roe_members = None
+        if not requests:
+            return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+        step = Step.build(positions.shape[0], requests)
+        self._roe_step = step
+        try:
+            hidden = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+        finally:
+            self._roe_step = None
+        if not step.wide:
+            raise RuntimeError(f"RoE: the member rows were never appended (MoE layer {step.fan_out} did not run)")
+        T = step.rows
+        self._roe_members = (step, hidden[T:])
+        return hidden[:T]
+
+    def compute_logits(self, hidden_states: torch.Tensor, *args, **kwargs):
+        logits = super().compute_logits(hidden_states, *args, **kwargs)
+        members, self._roe_members = self._roe_members, None
+        if members is None:
+            return logits
+        step, member_hidden = members
+        member_logits = super().compute_logits(member_hidden, *args, **kwargs)
+        if logits is None:  # a tensor-parallel rank that does not hold the gathered logits
+            return logits
+        return aggregate(logits, member_logits, step)
+
+    def load_weights(self, weights):
+        loaded = super().load_weights(weights)
+        config = self._roe_config.model_config.hf_config
+        head = getattr(self, "lm_head", None)
+        embed = getattr(getattr(self, "model", None), "embed_tokens", None)
+        if (getattr(config, "tie_word_embeddings", False) and head is not None and embed is not None
+                and "lm_head.weight" not in loaded and head is not embed):
+            # NOTE: vLLM's OLMoE builds its own head and ignores tie_word_embeddings; a tied checkpoint has
+            # no lm_head.weight and would run with an uninitialised head. Both are sharded alike over TP.
+            head.weight.data.copy_(embed.weight.data)
+            loaded = set(loaded) | {"lm_head.weight"}
+        return loaded
+
+
+def aggregate(logits_NV: torch.Tensor, member_logits_MV: torch.Tensor, step: Step) -> torch.Tensor:
+    """Each RoE request's row replaced by log mean_k softmax over its K members (member 0 = its own row)."""
+    out_NV = logits_NV.clone()
+    for i, request in enumerate(step.requests):
+        rows_K = torch.cat([logits_NV[request.index][None], member_logits_MV[step.request_M == i]])
+        out_NV[request.index] = MeanProb.from_logits(rows_K, dim=0).to(out_NV.dtype)
+    return out_NV

@@ -1,0 +1,77 @@
+"""The per-request RoE settings of a running batch, carried to the model by a vLLM logits processor.
+
+vLLM's V1 logits processors see every change of the persistent batch (``update_state``) before
+each forward, in the batch's row order, which is also the order of the requests' token rows in
+the forward. ``RoERequests`` keeps, per batch row, the request's raw ``extra_args`` and prompt
+length; the model (roe_vllm/model.py) resolves them against its MoE layer count. The processor
+never changes logits: the model's ``compute_logits`` writes the averaged distribution.
+
+``validate_params`` refuses invalid RoE settings per request at admission (a 400 in the server),
+so an engine never sees them.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from vllm.config import get_current_vllm_config_or_none
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
+from vllm.v1.sample.logits_processor.builtin import process_dict_updates
+
+from roe_vllm.settings import EngineSettings, check_request
+
+# NOTE: vLLM builds the logits processor and the model separately from the same VllmConfig; this
+# registry (instance id -> processor, weak) is how the model finds its engine's batch table.
+_TABLES: weakref.WeakValueDictionary[str, RoERequests] = weakref.WeakValueDictionary()
+
+
+@dataclass
+class Entry:
+    """One request in the batch: its RoE keys (resolved once by the model) and prompt length."""
+
+    extra_args: dict | None
+    prompt_len: int | None
+    roster: Any = None
+    resolved: bool = False
+
+
+class RoERequests(LogitsProcessor):
+    """Batch row -> the request's RoE settings; logits untouched."""
+
+    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
+        self.engine = EngineSettings.parse(vllm_config.additional_config)
+        self.rows: dict[int, Entry] = {}
+        _TABLES[vllm_config.instance_id] = self
+
+    @classmethod
+    def validate_params(cls, sampling_params) -> None:
+        vllm_config = get_current_vllm_config_or_none()
+        engine = EngineSettings.parse(vllm_config.additional_config if vllm_config is not None else None)
+        num_layers = None
+        if vllm_config is not None and vllm_config.model_config is not None:
+            from roe_vllm.architectures import num_moe_layers
+
+            num_layers = num_moe_layers(vllm_config.model_config.hf_config)
+        check_request(engine, sampling_params, num_layers)
+
+    def is_argmax_invariant(self) -> bool:
+        return True
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        process_dict_updates(self.rows, batch_update, _entry)
+
+
+def _entry(params, prompt_tok_ids, output_tok_ids) -> Entry | None:
+    extra = params.extra_args if params is not None else None
+    return Entry(extra_args=dict(extra) if extra else None,
+                 prompt_len=len(prompt_tok_ids) if prompt_tok_ids is not None else None)
+
+
+def table_for(vllm_config) -> RoERequests | None:
+    return _TABLES.get(vllm_config.instance_id)
