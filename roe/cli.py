@@ -372,23 +372,39 @@ def tasks(*, model: str | None = None, text: str | None = None, roster_size: int
 
 
 def serve(*, model: str | None = None, host: str = "127.0.0.1", port: int = 8000, roster_size: int = 8,
-          tau: float = 0.1, schedule: str | None = None, seed: int = 0, max_batch: int = 8, max_queue: int = 64,
-          timeout: float = 60.0, max_tokens_limit: int = 512, threads: int = 0) -> None:
+          tau: float | None = None, schedule: list[str] | None = None, schedule_dir: str | None = None,
+          default_schedule: str | None = None, seed: int = 0, api_key: str | None = None,
+          allowed_hosts: str | None = None, max_batch: int = 8, max_queue: int = 64, timeout: float = 60.0,
+          max_tokens_limit: int = 512, max_request_cost: int = 65536, max_body_bytes: int = 1 << 20,
+          max_prompt_chars: int = 100_000, threads: int = 0) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (needs: pip install 'roe[serve]').
 
-    Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions
-    (streaming with "stream": true). -K, --tau, --schedule and --seed are the defaults of
-    requests that do not send roster_size, tau, schedule or seed as extra fields (the untouched
-    model is roster_size 1). One worker thread owns the model and batches queued requests that
-    share their RoE and sampling settings, up to --max-batch; beyond --max-queue waiting choices
-    the server answers 429, after --timeout seconds 504. max_tokens is capped by
-    --max-tokens-limit.
-    """
-    from roe.serve import ServeConfig, run
+    Endpoints: GET /health (503 until warmed up), GET /v1/models, POST /v1/completions,
+    POST /v1/chat/completions (streaming with "stream": true). -K, --tau and --seed are the
+    defaults of requests that do not send roster_size, tau or seed as extra fields (no --tau: the
+    model's default schedule). --schedule NAME=PATH (repeatable) and --schedule-dir DIR (each
+    *.json there, named by its stem) register the schedule files a request may name in its
+    "schedule" field; --default-schedule NAME is used when a request sends neither. Requests
+    never name server paths.
 
-    cfg = ServeConfig(model_id=model or "roe-default", roster_size=roster_size, tau=tau, schedule=schedule, seed=seed,
-                      max_batch=max_batch, max_queue=max_queue, timeout=timeout, max_tokens_limit=max_tokens_limit,
-                      threads=threads)
+    Security: --api-key KEY (else the VLLM_API_KEY environment variable, as vLLM) is required as
+    "Authorization: Bearer KEY" on /v1 routes (401); bodies must be application/json (415); the
+    Host header must name --host, an IP address or localhost, else one of --allowed-hosts (comma
+    separated, "*" for any; 400). Limits: --max-body-bytes (413), --max-prompt-chars,
+    --max-request-cost (roster_size x choices x max_tokens), --max-tokens-limit (all 400); beyond
+    --max-queue waiting choices the server answers 429, after --timeout seconds 504.
+    """
+    import os
+
+    from roe.serve import ServeConfig, registered_schedules, run
+
+    key = api_key if api_key is not None else os.environ.get("VLLM_API_KEY") or None
+    hosts = tuple(h.strip() for h in (allowed_hosts or "").split(",") if h.strip())
+    cfg = ServeConfig(model_id=model or "roe-default", roster_size=roster_size, tau=tau,
+                      schedules=registered_schedules(schedule or [], schedule_dir), schedule=default_schedule,
+                      seed=seed, api_key=key, allowed_hosts=hosts, max_batch=max_batch, max_queue=max_queue,
+                      timeout=timeout, max_tokens_limit=max_tokens_limit, max_request_cost=max_request_cost,
+                      max_body_bytes=max_body_bytes, max_prompt_chars=max_prompt_chars, threads=threads)
     try:
         run(model=model, host=host, port=port, cfg=cfg)
     except ImportError as err:
@@ -491,6 +507,10 @@ def build_parser() -> argparse.ArgumentParser:
             flags = [f"--{param.name.replace('_', '-')}".replace("--json-out", "--json")]
             if param.name in SHORT:
                 flags.insert(0, SHORT[param.name])
+            if typing.get_origin(kind) is list:  # a repeatable option
+                p.add_argument(*flags, dest=param.name, action="append", type=typing.get_args(kind)[0],
+                               default=None, help="repeatable")
+                continue
             if kind is bool:
                 p.add_argument(*flags, dest=param.name, action="store_true")
             else:

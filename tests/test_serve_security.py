@@ -359,3 +359,31 @@ def test_the_readme_serving_examples_run_verbatim(saved_model):
             assert outputs and all(o.choices and o.model == "roe-default" for o in outputs)
         listed = [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]]
         assert "roe" in listed
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def test_roe_serve_registers_named_schedules_and_reads_the_vllm_key(tmp_path, monkeypatch):
+    import roe.serve
+    from roe.cli import main
+
+    (tmp_path / "dir").mkdir()
+    for name in ("calibrated", "flat"):
+        (tmp_path / "dir" / f"{name}.json").write_text("{}")
+    seen = {}
+    monkeypatch.setattr(roe.serve, "run", lambda **kwargs: seen.update(kwargs))
+    monkeypatch.setenv("VLLM_API_KEY", "from-env")
+    main(["serve", "--schedule", "a=x.json", "--schedule", "b=y.json", "--schedule-dir", str(tmp_path / "dir"),
+          "--default-schedule", "flat", "--allowed-hosts", "api.example, other.example"])
+    cfg = seen["cfg"]
+    assert cfg.schedules == {"a": "x.json", "b": "y.json", "calibrated": str(tmp_path / "dir" / "calibrated.json"),
+                             "flat": str(tmp_path / "dir" / "flat.json")}
+    assert cfg.schedule == "flat" and cfg.tau is None
+    assert cfg.api_key == "from-env" and cfg.allowed_hosts == ("api.example", "other.example")
+    main(["serve", "--api-key", "from-flag"])
+    assert seen["cfg"].api_key == "from-flag" and seen["cfg"].schedules == {}
+    for bad in (["--schedule", "x.json"], ["--schedule", "a=x.json", "--schedule", "a=y.json"],
+                ["--schedule", "../a=x.json"], ["--default-schedule", "missing"], ["--schedule-dir", "/nonexistent"]):
+        with pytest.raises(SystemExit):
+            main(["serve", *bad])

@@ -16,11 +16,11 @@ alternatives. This module knows nothing of routers or caches. FastAPI and uvicor
 lazily: ``pip install 'roe[serve]'``.
 """
 
-from roe.serve.app import Service, create_app, require_serve_extra, run
+from roe.serve.app import Service, create_app, registered_schedules, require_serve_extra, run
 from roe.serve.protocol import ApiError, Parsed, Sampling, ServeConfig, chat_prompt_ids, parse_request
 from roe.serve.text import ChoiceText, token_bytes, token_text
 from roe.serve.worker import Job, Worker, run_batch
 
 __all__ = ["ApiError", "ChoiceText", "Job", "Parsed", "Sampling", "ServeConfig", "Service", "Worker",
-           "chat_prompt_ids", "create_app", "parse_request", "require_serve_extra", "run", "run_batch",
-           "token_bytes", "token_text"]
+           "chat_prompt_ids", "create_app", "parse_request", "registered_schedules", "require_serve_extra", "run",
+           "run_batch", "token_bytes", "token_text"]

@@ -10,10 +10,12 @@ RoE step run) and whenever the worker thread is dead. Host and API key: roe/serv
 import asyncio
 import json
 import logging
+import re
 import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 
@@ -160,6 +162,27 @@ class Service:
             piece = choice.delta()
             if piece or choice.finish:
                 yield index, piece, choice.finish
+
+
+SCHEDULE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def registered_schedules(entries: list[str], folder: str | None = None) -> dict[str, str]:
+    """``--schedule NAME=PATH`` entries and ``--schedule-dir`` files (named by their stem) as {name: path}."""
+    found = {}
+    pairs = [entry.partition("=")[::2] for entry in entries]
+    if folder is not None:
+        if not Path(folder).is_dir():
+            raise ValueError(f"--schedule-dir {folder}: not a directory")
+        pairs += [(path.stem, str(path)) for path in sorted(Path(folder).glob("*.json"))]
+    for name, path in pairs:
+        if not SCHEDULE_NAME.fullmatch(name) or not path:
+            raise ValueError(f"a schedule is registered as NAME=PATH with NAME of letters, digits, '.', '_' or '-' "
+                             f"(got {name!r}={path!r})")
+        if name in found:
+            raise ValueError(f"the schedule name {name!r} is registered twice")
+        found[name] = path
+    return found
 
 
 def load_schedules(model, paths: dict[str, str]) -> dict[str, Schedule]:

@@ -58,6 +58,8 @@ class ServeConfig:
         if self.schedule is not None and self.schedule not in self.schedules:
             raise ValueError(f"the default schedule {self.schedule!r} is not among the registered schedules "
                              f"{sorted(self.schedules)}")
+        if self.schedule is not None and self.tau is not None:
+            raise ValueError("give a default tau or a default schedule, not both")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty (None serves without a key)")
 
