@@ -89,6 +89,12 @@ class BufferLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.length if self.is_initialized else 0
 
+    def select(self, rows_B: torch.Tensor, start: int) -> None:
+        """Keep the given batch rows and drop the first ``start`` stored positions (one copy)."""
+        if self._keys is not None:
+            self._keys, self._values = self._keys[rows_B, :, start:], self._values[rows_B, :, start:]
+            self.length -= start
+
 
 class CleanCache(Cache):
     """A cache whose ``update`` keeps the clean history only.
@@ -111,23 +117,34 @@ class CleanCache(Cache):
         return sum(t.numel() * t.element_size() for layer in self.layers if layer.is_initialized and layer.length
                    for t in (layer.keys, layer.values))
 
+    def select(self, rows_B: torch.Tensor, start: int) -> None:
+        """Keep the given batch rows (drop finished prompts) and the stored positions from ``start`` on."""
+        for layer in self.layers:
+            layer.select(rows_B, start)
+
     @classmethod
-    def left_padded(cls, caches: list[CleanCache], lengths: list[int]) -> CleanCache:
-        """Stack batch-1 caches of different lengths into one batch, right-aligned (left padding)."""
+    def left_padded(cls, caches: list[CleanCache], lengths: list[int], batches: list[int] | None = None) -> CleanCache:
+        """Stack caches of different lengths into one batch, right-aligned (left padding).
+
+        Each cache holds ``batches[i]`` rows (default 1) of ``lengths[i]`` stored positions; a cache
+        of length 0 may hold no layers. A running batch and newly prefilled prompts merge this way.
+        """
+        batches = batches if batches is not None else [1] * len(caches)
         batch = cls()
-        width = max(lengths)
+        width = max(lengths, default=0)
         if width == 0:
             return batch
+        first_B = [sum(batches[:i]) for i in range(len(batches))]
         num_layers = max(len(c.layers) for c in caches)
         for layer_idx in range(num_layers):
             ref = next(c.layers[layer_idx] for c, n in zip(caches, lengths) if n > 0)
-            shape = (len(caches), ref.keys.shape[1], width, ref.keys.shape[-1])
+            shape = (sum(batches), ref.keys.shape[1], width, ref.keys.shape[-1])
             keys = ref.keys.new_zeros(shape)
             values = ref.values.new_zeros(shape[:-1] + (ref.values.shape[-1],))
-            for b, (cache, n) in enumerate(zip(caches, lengths)):
+            for cache, n, first, rows in zip(caches, lengths, first_B, batches, strict=True):
                 if n > 0:
-                    keys[b, :, width - n:] = cache.layers[layer_idx].keys[0]
-                    values[b, :, width - n:] = cache.layers[layer_idx].values[0]
+                    keys[first : first + rows, :, width - n:] = cache.layers[layer_idx].keys
+                    values[first : first + rows, :, width - n:] = cache.layers[layer_idx].values
             layer = BufferLayer()
             layer.lazy_initialization(keys, values)
             layer.keys, layer.values = keys, values

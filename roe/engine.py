@@ -21,38 +21,79 @@ path, one forward per step).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 from roe.cache import CleanCache, first_member, member_masks
 from roe.roster import Roster, check_inputs
-from roe.routing import sampling_uniform
+from roe.routing import NoiseBank, sampling_uniform
 
 
 class FoldedDecoder:
     """Attention-only models: one clean cache, the K members folded into the sequence axis.
 
-    Prefill: each prompt but its last token, clean, at batch 1; the histories are stacked
-    left-padded. Step: ONE forward of B x K rows; member 0's keys/values are committed.
+    Prefill (``admit``): each prompt but its last token, clean, at batch 1; the histories are
+    stacked right-aligned (left padding) after the running prompts', whose rows are re-padded when
+    a newcomer's history is longer. Step: ONE forward of B x K rows; member 0's keys/values are
+    committed. ``keep`` drops finished prompts between steps. Each prompt carries its own noise
+    seed, so prompts of requests with different seeds share the forward.
     """
 
-    def __init__(self, roster: Roster, rows: list[torch.Tensor], fan_out: bool = True) -> None:
+    def __init__(self, roster: Roster, rows: Sequence[torch.Tensor] = (), fan_out: bool = True,
+                 seeds: Sequence[int] | None = None) -> None:
         self.roster, self.fan_out = roster, fan_out
         self.bank = roster.noise_bank()
-        caches, lengths = [], []
+        self.cache = CleanCache()
+        self.pos_BP = torch.zeros(0, 0, dtype=torch.long)
+        self.valid_BP = torch.zeros(0, 0, dtype=torch.bool)
+        self.seed_B = torch.zeros(0, dtype=torch.long)
+        self.admit(rows, seeds)
+
+    def admit(self, rows: Sequence[torch.Tensor], seeds: Sequence[int] | None = None) -> None:
+        """Add prompts (1-D token ids, last token not yet fed) after the running ones."""
+        if not len(rows):
+            return
+        seeds = list(seeds) if seeds is not None else [self.roster.cfg.seed] * len(rows)
+        running_B, running_P = self.pos_BP.shape
+        lengths = [len(row) - 1 for row in rows]
+        width = max([running_P, *lengths])
+        self.cache = CleanCache.left_padded([self.cache, *self._prefill(rows)], [running_P, *lengths],
+                                            [running_B] + [1] * len(rows))
+        slot_P = torch.arange(width)
+        start_N = width - torch.tensor(lengths)
+        pad_BP = torch.zeros(running_B, width - running_P, dtype=torch.long)
+        self.valid_BP = torch.cat([torch.cat([pad_BP.bool(), self.valid_BP], dim=1),
+                                   slot_P[None, :] >= start_N[:, None]])
+        self.pos_BP = torch.cat([torch.cat([pad_BP, self.pos_BP], dim=1),
+                                 (slot_P[None, :] - start_N[:, None]).clamp(min=0)])
+        self.seed_B = torch.cat([self.seed_B, torch.tensor(seeds, dtype=torch.long)])
+
+    def _prefill(self, rows: Sequence[torch.Tensor]) -> list[CleanCache]:
+        """The clean history of each prompt but its last token, at batch 1.
+
+        NOTE: identical prompts (the n choices of one request) are prefilled once: the batch-1
+        forward of the same tokens is the same computation, so sharing it changes nothing.
+        """
+        done: dict[tuple, CleanCache] = {}
         for row in rows:
-            cache = CleanCache()
-            if len(row) > 1:
-                prefix = row[:-1][None]
-                roster.clean_forward(prefix, torch.ones_like(prefix, dtype=torch.bool), cache)
-            caches.append(cache)
-            lengths.append(len(row) - 1)
-        slot_P = torch.arange(max(lengths))
-        start_B = max(lengths) - torch.tensor(lengths)
-        self.valid_BP = slot_P[None, :] >= start_B[:, None]
-        self.pos_BP = (slot_P[None, :] - start_B[:, None]).clamp(min=0)
-        self.cache = CleanCache.left_padded(caches, lengths)
+            key = tuple(row[:-1].tolist())
+            if key not in done:
+                done[key] = CleanCache()
+                if key:
+                    prefix = row[:-1][None]
+                    self.roster.clean_forward(prefix, torch.ones_like(prefix, dtype=torch.bool), done[key])
+        return [done[tuple(row[:-1].tolist())] for row in rows]
+
+    def keep(self, rows_B: torch.Tensor) -> None:
+        """Keep only the given prompts (indices into the batch), and drop the padding no kept prompt needs."""
+        valid_BP = self.valid_BP[rows_B]
+        used_P = valid_BP.any(dim=0)
+        start = int(used_P.long().argmax()) if bool(used_P.any()) else used_P.shape[0]
+        self.cache.select(rows_B, start)
+        self.valid_BP, self.pos_BP = valid_BP[:, start:], self.pos_BP[rows_B, start:]
+        self.seed_B = self.seed_B[rows_B]
 
     def step(self, tokens_B: torch.Tensor, pos_B: torch.Tensor) -> torch.Tensor:
         """Aggregated log-probs [B, V] after feeding each prompt's token at its position."""
@@ -65,13 +106,13 @@ class FoldedDecoder:
                 masks_1 = first_member(masks, self.pos_BP.shape[1])
                 logits_BKV = roster.fan_out_forward(
                     member_BK=torch.arange(K).expand(B, K), position_B=pos_B, input_ids_B=tokens_B,
-                    masks_1=masks_1, masks_K=masks, cache=self.cache, bank=self.bank,
+                    masks_1=masks_1, masks_K=masks, cache=self.cache, bank=self.bank, seed_B=self.seed_B,
                 ).logits
             else:
                 logits_BKV = roster.forward(
                     member_BQ=torch.arange(K).expand(B, K), position_BQ=pos_BK,
                     input_ids=tokens_B[:, None].expand(B, K), attention_mask=masks, past_key_values=self.cache,
-                    bank=self.bank,
+                    bank=self.bank, seed_BQ=self.seed_B[:, None],
                 ).logits
         self.pos_BP = torch.cat([self.pos_BP, pos_B[:, None]], dim=1)
         self.valid_BP = torch.cat([self.valid_BP, torch.ones(B, 1, dtype=torch.bool)], dim=1)
@@ -100,17 +141,29 @@ class ExpandedDecoder:
     Per prompt, the model's own cache holds the clean state at batch 1. A step copies it to K
     batch rows, runs the K members, and keeps row 0 (the clean member): the state is re-synced
     to the clean member every step. Costs K x the state memory during the step and one
-    forward per prompt.
+    forward per prompt. Prompts join (``admit``) and leave (``keep``) between steps.
     """
 
-    def __init__(self, roster: Roster, rows: list[torch.Tensor]) -> None:
-        self.roster, self.caches = roster, []
-        self.banks = [roster.noise_bank() for _ in rows]  # one per prompt: each runs its own forward
-        for row in rows:
+    def __init__(self, roster: Roster, rows: Sequence[torch.Tensor] = (), seeds: Sequence[int] | None = None) -> None:
+        self.roster, self.caches, self.banks, self.seeds = roster, [], [], []
+        self.admit(rows, seeds)
+
+    def admit(self, rows: Sequence[torch.Tensor], seeds: Sequence[int] | None = None) -> None:
+        """Add prompts (1-D token ids, last token not yet fed): each prefilled clean at batch 1."""
+        seeds = list(seeds) if seeds is not None else [self.roster.cfg.seed] * len(rows)
+        for row, seed in zip(rows, seeds, strict=True):
             cache = None  # the model creates its own cache class (MiniMax refuses a DynamicCache)
             if len(row) > 1:
-                cache = roster.model(input_ids=row[None, :-1], use_cache=True).past_key_values
+                cache = self.roster.model(input_ids=row[None, :-1], use_cache=True).past_key_values
             self.caches.append(cache)
+            self.banks.append(NoiseBank(seed, self.roster.members))  # one per prompt: each runs its own forward
+            self.seeds.append(seed)
+
+    def keep(self, rows_B: torch.Tensor) -> None:
+        """Keep only the given prompts (indices into the batch)."""
+        kept = rows_B.tolist()
+        self.caches = [self.caches[b] for b in kept]
+        self.banks, self.seeds = [self.banks[b] for b in kept], [self.seeds[b] for b in kept]
 
     def step(self, tokens_B: torch.Tensor, pos_B: torch.Tensor) -> torch.Tensor:
         K = self.roster.members
@@ -122,6 +175,7 @@ class ExpandedDecoder:
                 outputs = self.roster.forward(
                     member_BQ=torch.arange(K)[:, None], position_BQ=pos.expand(K, 1),
                     input_ids=token.expand(K, 1), past_key_values=self.caches[b], bank=self.banks[b],
+                    seed_BQ=torch.full((K, 1), self.seeds[b]),
                 )
                 self.caches[b] = outputs.past_key_values
                 keep_rows(self.caches[b], torch.zeros(1, dtype=torch.long))
@@ -149,17 +203,26 @@ def score_stepwise(roster: Roster, input_ids: torch.Tensor, mask_BS: torch.Tenso
     return out
 
 
-def choose_next(logprobs_BV, *, do_sample: bool, temperature: float, top_p: float, uniform_B) -> torch.Tensor:
-    """Greedy argmax, or inverse-CDF sampling from the tempered, nucleus-truncated aggregate."""
-    if not do_sample:
-        return logprobs_BV.argmax(dim=-1)
+def choose_next(logprobs_BV, *, do_sample, temperature, top_p, uniform_B) -> torch.Tensor:
+    """Greedy argmax, or inverse-CDF sampling from the tempered, nucleus-truncated aggregate.
+
+    ``do_sample``, ``temperature`` and ``top_p`` are one value for every prompt or a tensor [B]
+    of one per prompt (prompts of different requests share a step); a prompt's token is the
+    same either way.
+    """
+    greedy_B = logprobs_BV.argmax(dim=-1)
+    if not isinstance(do_sample, torch.Tensor) and not do_sample:
+        return greedy_B
+    temperature = temperature[:, None] if isinstance(temperature, torch.Tensor) else temperature
+    top_p = top_p[:, None] if isinstance(top_p, torch.Tensor) else top_p
     probs_BV = torch.softmax(logprobs_BV / temperature, dim=-1)
     sorted_BV, order_BV = probs_BV.sort(dim=-1, descending=True)
     cum_BV = sorted_BV.cumsum(dim=-1)
     sorted_BV = sorted_BV.masked_fill(cum_BV - sorted_BV >= top_p, 0.0)
     cdf_BV = sorted_BV.cumsum(dim=-1)
     pick_B = torch.searchsorted(cdf_BV, (uniform_B * cdf_BV[:, -1])[:, None]).clamp(max=cdf_BV.shape[-1] - 1)
-    return order_BV.gather(-1, pick_B)[:, 0]
+    sampled_B = order_BV.gather(-1, pick_B)[:, 0]
+    return torch.where(do_sample, sampled_B, greedy_B) if isinstance(do_sample, torch.Tensor) else sampled_B
 
 
 def _check_options(max_new_tokens, do_sample, temperature, top_p, stop_strings, tokenizer) -> None:
@@ -177,6 +240,116 @@ def _as_set(token_ids) -> set[int]:
     if token_ids is None:
         return set()
     return {int(token_ids)} if isinstance(token_ids, int) else {int(t) for t in token_ids}
+
+
+def model_eos(model) -> frozenset[int]:
+    """The end-of-sequence ids of the model's generation config (none if it has none)."""
+    return frozenset(_as_set(getattr(getattr(model, "generation_config", None), "eos_token_id", None)))
+
+
+@dataclass(eq=False)
+class Row:
+    """One prompt of a ``Decoding``: its settings, and its progress once admitted.
+
+    ``prompt`` holds 1-D token ids; the row stops after ``max_new_tokens`` tokens or at a token
+    of ``eos`` (which it emits). ``finish`` is None while the row is live, then "eos", "length",
+    or "dropped" (removed by the caller: a stop string, a cancelled request).
+    """
+
+    prompt: torch.Tensor
+    seed: int
+    max_new_tokens: int
+    eos: frozenset[int] = frozenset()
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    token: int = field(init=False)  # the token the next step feeds, at ``position``
+    position: int = field(init=False)
+    generated: int = 0
+    finish: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt, torch.Tensor) or self.prompt.dim() != 1 or len(self.prompt) == 0:
+            raise ValueError("a row's prompt must be a non-empty 1-D tensor of token ids")
+        _check_options(self.max_new_tokens, self.do_sample, self.temperature, self.top_p, None, None)
+        if self.max_new_tokens < 1:
+            raise ValueError(f"a row needs max_new_tokens >= 1, got {self.max_new_tokens}")
+        self.token, self.position = int(self.prompt[-1]), len(self.prompt) - 1
+
+
+@dataclass(frozen=True)
+class Step:
+    """One decode step of a ``Decoding``: its live rows, the token each got [R], and the
+    aggregated RoE log-probs [R, V] it was chosen from (before temperature and top-p). Rows
+    that finished at this step have ``finish`` set and are no longer live."""
+
+    rows: list[Row]
+    tokens_R: torch.Tensor
+    logprobs_RV: torch.Tensor
+
+
+class Decoding:
+    """The live rows of one roster, decoded one step at a time; rows join and leave between steps.
+
+    This is iteration-level batching: ``admit`` prefills newcomers (clean, at batch 1) and merges
+    them into the running batch, ``step`` runs ONE forward over every live row and draws each
+    row's next token, and rows that finish (eos, their own ``max_new_tokens``) or that the caller
+    ``drop``s leave before the next step. A row's tokens do not depend on which rows share its
+    steps: its history is prefilled alone, its noise and its sampling uniform are keyed by (its
+    seed, member, position), and padding is masked out. ``generate`` and the server consume it.
+    """
+
+    def __init__(self, roster: Roster, *, fan_out: bool = True) -> None:
+        self.roster = roster
+        self.decoder = FoldedDecoder(roster, fan_out=fan_out) if roster.strategy == "fold" else ExpandedDecoder(roster)
+        self.rows: list[Row] = []
+
+    def admit(self, rows: list[Row]) -> list[Row]:
+        """Prefill ``rows`` and add them to the batch; they take part from the next step on."""
+        if any(row in self.rows or row.finish for row in rows):
+            raise ValueError("a row can be admitted once")
+        self.decoder.admit([row.prompt for row in rows], [row.seed for row in rows])
+        self.rows.extend(rows)
+        return rows
+
+    def drop(self, rows: list[Row]) -> None:
+        """Remove live rows before the next step (their ``finish`` becomes "dropped" if unset)."""
+        gone = {id(row) for row in rows}
+        kept = [b for b, row in enumerate(self.rows) if id(row) not in gone]
+        if len(kept) == len(self.rows):
+            return
+        for row in rows:
+            row.finish = row.finish or "dropped"
+        self.decoder.keep(torch.tensor(kept, dtype=torch.long))
+        self.rows = [self.rows[b] for b in kept]
+
+    def step(self) -> Step:
+        """Feed every live row its token, choose its next one, and retire the rows that finished."""
+        rows = list(self.rows)
+        if not rows:
+            raise RuntimeError("no live rows to decode")
+        pos_R = torch.tensor([row.position for row in rows])
+        logprobs_RV = self.decoder.step(torch.tensor([row.token for row in rows]), pos_R)
+        sampling = any(row.do_sample for row in rows)
+        chosen_R = choose_next(
+            logprobs_RV, do_sample=torch.tensor([row.do_sample for row in rows]) if sampling else False,
+            temperature=torch.tensor([row.temperature for row in rows], dtype=logprobs_RV.dtype),
+            top_p=torch.tensor([row.top_p for row in rows], dtype=logprobs_RV.dtype),
+            uniform_B=sampling_uniform(torch.tensor([row.seed for row in rows]), pos_R) if sampling else None,
+        )
+        for row, token in zip(rows, chosen_R.tolist(), strict=True):
+            row.token, row.position, row.generated = token, row.position + 1, row.generated + 1
+            if token in row.eos:
+                row.finish = "eos"
+            elif row.generated >= row.max_new_tokens:
+                row.finish = "length"
+        self.drop([row for row in rows if row.finish])
+        return Step(rows, chosen_R, logprobs_RV)
+
+    def steps(self) -> Iterator[Step]:
+        """Steps until no row is live; rows may be admitted or dropped between them."""
+        while self.rows:
+            yield self.step()
 
 
 @torch.no_grad()
@@ -202,46 +375,41 @@ def generate(
     Prompts are left-padded rows of ``input_ids`` with ``attention_mask``. Stops per prompt at
     ``eos_token_id`` (default: the model's generation config) or when the decoded continuation
     contains one of ``stop_strings`` (needs ``tokenizer``); finished prompts are padded with
-    ``pad_token_id``. ``streamer`` is a transformers streamer (``put``/``end``); ``callback``
-    receives each step's tokens [B]; ``on_step`` receives the tokens and the aggregated RoE
-    log-probs [B, V] they were chosen from (before temperature and top-p).
+    ``pad_token_id`` and no longer computed. ``streamer`` is a transformers streamer
+    (``put``/``end``); ``callback`` receives each step's tokens [B]; ``on_step`` receives the
+    tokens and the aggregated RoE log-probs [B, V] they were chosen from (before temperature and
+    top-p; NaN on the rows of prompts already finished). A consumer of ``Decoding``.
     """
     mask_BS = check_inputs(input_ids, attention_mask)
     _check_options(max_new_tokens, do_sample, temperature, top_p, stop_strings, tokenizer)
-    gen_config = getattr(roster.model, "generation_config", None)
-    eos = _as_set(eos_token_id if eos_token_id is not None else getattr(gen_config, "eos_token_id", None))
-    pad = pad_token_id if pad_token_id is not None else getattr(gen_config, "pad_token_id", None)
+    eos = _as_set(eos_token_id) if eos_token_id is not None else set(model_eos(roster.model))
+    pad = pad_token_id if pad_token_id is not None else getattr(getattr(roster.model, "generation_config", None),
+                                                                "pad_token_id", None)
     pad = pad if pad is not None else (min(eos) if eos else 0)
-    rows = [ids[m] for ids, m in zip(input_ids, mask_BS, strict=True)]
     if streamer is not None:
         streamer.put(input_ids.cpu())
     if max_new_tokens == 0:
         return input_ids.clone()
-    decoder = DECODERS[roster.strategy](roster, rows)
-    tokens_B = torch.stack([row[-1] for row in rows])
-    pos_B = torch.tensor([len(row) - 1 for row in rows])
-    done_B = torch.zeros(len(rows), dtype=torch.bool)
-    eos_V = torch.tensor(sorted(eos), dtype=torch.long)
+    decoding = Decoding(roster)
+    rows = decoding.admit([Row(ids[m], seed=roster.cfg.seed, max_new_tokens=max_new_tokens, eos=frozenset(eos),
+                               do_sample=do_sample, temperature=temperature, top_p=top_p)
+                           for ids, m in zip(input_ids, mask_BS, strict=True)])
+    index = {id(row): b for b, row in enumerate(rows)}
     new_tokens = []
-    for _ in range(max_new_tokens):
-        logprobs_BV = decoder.step(tokens_B, pos_B)
-        uniform_B = sampling_uniform(roster.cfg.seed, pos_B) if do_sample else None
-        chosen_B = choose_next(logprobs_BV, do_sample=do_sample, temperature=temperature, top_p=top_p,
-                               uniform_B=uniform_B)
-        chosen_B = torch.where(done_B, torch.full_like(chosen_B, pad), chosen_B)
+    for step in decoding.steps():
+        at_R = torch.tensor([index[id(row)] for row in step.rows])
+        chosen_B = torch.full((len(rows),), pad, dtype=torch.long).index_copy_(0, at_R, step.tokens_R)
         new_tokens.append(chosen_B)
-        tokens_B, pos_B = chosen_B, pos_B + 1
         if streamer is not None:
             streamer.put(chosen_B.cpu())
         if callback is not None:
             callback(chosen_B)
         if on_step is not None:
-            on_step(chosen_B, logprobs_BV)
-        done_B |= torch.isin(chosen_B, eos_V)
+            logprobs_BV = step.logprobs_RV.new_full((len(rows), step.logprobs_RV.shape[1]), math.nan)
+            on_step(chosen_B, logprobs_BV.index_copy_(0, at_R, step.logprobs_RV))
         if stop_strings:
-            done_B |= _hit_stop(tokenizer, torch.stack(new_tokens, dim=1), stop_strings)
-        if done_B.all():
-            break
+            hit_R = _hit_stop(tokenizer, torch.stack(new_tokens, dim=1)[at_R], stop_strings)
+            decoding.drop([row for row, hit in zip(step.rows, hit_R.tolist(), strict=True) if hit])
     if streamer is not None:
         streamer.end()
     return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)

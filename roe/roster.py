@@ -155,11 +155,14 @@ class Roster:
                 slot.module.forward = slot.saved_forward
         self.plan = None
 
-    def _plan(self, member_BQ: torch.Tensor, position_BQ: torch.Tensor, bank: NoiseBank | None) -> NoisePlan | None:
-        """The noise of a forward's rows; None when every row is the clean member (nothing to draw)."""
+    def _plan(self, member_BQ: torch.Tensor, position_BQ: torch.Tensor, bank: NoiseBank | None,
+              seed_BQ: torch.Tensor | None = None) -> NoisePlan | None:
+        """The noise of a forward's rows (seeded by ``cfg.seed``, or per row by ``seed_BQ``); None when
+        every row is the clean member (nothing to draw)."""
         if not bool((member_BQ != 0).any()):
             return None
-        return NoisePlan.for_rows(seed=self.cfg.seed, member_T=member_BQ.reshape(-1),
+        seed = self.cfg.seed if seed_BQ is None else seed_BQ.expand_as(member_BQ).reshape(-1)
+        return NoisePlan.for_rows(seed=seed, member_T=member_BQ.reshape(-1),
                                   position_T=position_BQ.reshape(-1), tau_L=self.tau_L,
                                   noisy_weights=self.cfg.noisy_weights, bank=bank)
 
@@ -168,12 +171,14 @@ class Roster:
         return NoiseBank(self.cfg.seed, self.members)
 
     def forward(self, *, member_BQ: torch.Tensor, position_BQ: torch.Tensor, bank: NoiseBank | None = None,
-                **model_kwargs):
+                seed_BQ: torch.Tensor | None = None, **model_kwargs):
         """One model forward whose rows carry (member, position); member 0 rows stay clean.
 
         ``bank`` (from ``noise_bank()``) serves decode steps' noise from draws made ahead.
+        ``seed_BQ`` gives each row its own noise seed (rows of requests with different seeds);
+        without it every row uses ``cfg.seed``.
         """
-        self.plan = self._plan(member_BQ, position_BQ, bank)
+        self.plan = self._plan(member_BQ, position_BQ, bank, seed_BQ)
         try:
             model_kwargs.setdefault("use_cache", True)
             return self.model(position_ids=position_BQ, output_router_logits=False, **model_kwargs)
@@ -268,7 +273,8 @@ class Roster:
         return (block, axes) if ok else None
 
     def fan_out_forward(self, *, member_BK: torch.Tensor, position_B: torch.Tensor, input_ids_B: torch.Tensor,
-                        masks_1, masks_K, cache: CleanCache, bank: NoiseBank | None = None):
+                        masks_1, masks_K, cache: CleanCache, bank: NoiseBank | None = None,
+                        seed_B: torch.Tensor | None = None):
         """A decode step that runs the clean prefix once per prompt, then the K members.
 
         The model sees one query row per prompt (``masks_1``). The clean prefix is every layer
@@ -277,14 +283,15 @@ class Roster:
         repeats the hidden states and per-query inputs to the K member rows (the query axis of
         each input found by ``_query_axes``), and pre-hooks on the later layers do the same
         and swap in the K-row masks. The clean prefix is identical for all members, so the
-        result equals ``forward`` on K rows while the prefix costs 1/K.
+        result equals ``forward`` on K rows while the prefix costs 1/K. ``seed_B``: one noise seed
+        per prompt (default ``cfg.seed``).
         """
         if not self.can_fan_out:
             raise RuntimeError("fan-out is not available for this model")
         return self._fan_out(member_BK=member_BK, position_B=position_B, input_ids_B=input_ids_B, masks_1=masks_1,
-                             masks_K=masks_K, cache=cache, bank=bank, block=self._block)
+                             masks_K=masks_K, cache=cache, bank=bank, block=self._block, seed_B=seed_B)
 
-    def _fan_out(self, *, member_BK, position_B, input_ids_B, masks_1, masks_K, cache, bank, block):
+    def _fan_out(self, *, member_BK, position_B, input_ids_B, masks_1, masks_K, cache, bank, block, seed_B=None):
         layers, start = self.clean_prefix
         B, K = member_BK.shape
         # id -> (original, replacement); holding the original keeps its id from being reused by a
@@ -315,7 +322,8 @@ class Roster:
         first = [block] if block is not None else [(layers[start], self._axes)]
         later = [(layer, self._axes) for layer in layers[start + 1:]]
         handles = [m.register_forward_pre_hook(hook_for(axes), with_kwargs=True) for m, axes in first + later]
-        self.plan = self._plan(member_BK, position_B[:, None].expand(B, K), bank)
+        seed_BK = None if seed_B is None else seed_B[:, None].expand(B, K)
+        self.plan = self._plan(member_BK, position_B[:, None].expand(B, K), bank, seed_BK)
         try:
             return self.model(input_ids=input_ids_B[:, None], position_ids=position_B[:, None], attention_mask=masks_1,
                               past_key_values=cache, use_cache=True, output_router_logits=False)

@@ -52,9 +52,13 @@ def mix64(z: torch.Tensor) -> torch.Tensor:
     return z ^ _shr(z, 31)
 
 
-def row_keys(seed: int, member_T: torch.Tensor, position_T: torch.Tensor) -> torch.Tensor:
-    """One int64 key per row from (seed, member, position); layers and experts are mixed in later."""
-    seed_key = mix64(torch.tensor(seed, dtype=torch.int64, device=member_T.device))
+def row_keys(seed: int | torch.Tensor, member_T: torch.Tensor, position_T: torch.Tensor) -> torch.Tensor:
+    """One int64 key per row from (seed, member, position); layers and experts are mixed in later.
+
+    ``seed`` is one int for every row or a tensor of one seed per row (rows of different requests
+    share a forward); a row's key is the same either way.
+    """
+    seed_key = mix64(torch.as_tensor(seed, dtype=torch.int64, device=member_T.device))
     return mix64(mix64(seed_key + member_T.long()) + position_T.long())
 
 
@@ -77,8 +81,8 @@ def keyed_gumbel(keys_T: torch.Tensor, layer: int | list[int], num_experts: int)
     return gumbel_LTE[0] if isinstance(layer, int) else gumbel_LTE
 
 
-def sampling_uniform(seed: int, position_B: torch.Tensor) -> torch.Tensor:
-    """Uniform(0, 1) per prompt for drawing the next token at the given positions."""
+def sampling_uniform(seed: int | torch.Tensor, position_B: torch.Tensor) -> torch.Tensor:
+    """Uniform(0, 1) per prompt for drawing the next token at the given positions (one seed, or one per prompt)."""
     member_B = torch.full_like(position_B, _SAMPLING_STREAM)
     return uniform_from_keys(mix64(row_keys(seed, member_B, position_B)))
 
@@ -86,16 +90,19 @@ def sampling_uniform(seed: int, position_B: torch.Tensor) -> torch.Tensor:
 class NoiseBank:
     """Noise drawn ahead for decode steps: one hash pass per ``ahead`` positions, not per step.
 
-    A decode step needs the noise of a few (member, position) rows. Drawing them is ~50 small
-    tensor ops, about half a millisecond on CPU: more than some layers cost. The bank draws every
-    member of the next ``ahead`` positions of each prompt at once, already scaled by each layer's
-    tau (member 0 times zero), and serves the following steps by indexing: a step of one prompt
-    whose rows are members 0..K-1 gets a view of the draw, no copy. The values are the keyed
-    stream's (``keyed_gumbel`` of the same keys, scaled as ``NoisePlan`` scales them), so a banked
-    plan routes exactly like a direct one. One bank serves the steps of one set of prompts that
-    advance together (a refill replaces the previous draw); the draws start 8 positions ahead and
-    double up to ``ahead``, so short generations draw little extra. Draws live on the CPU; the plan
-    moves what a router reads to the router's device.
+    A decode step needs the noise of a few (seed, member, position) rows. Drawing them is ~50
+    small tensor ops, about half a millisecond on CPU: more than some layers cost. The bank
+    draws every member of the next ``ahead`` positions of each row's (seed, position) at once,
+    already scaled by each layer's tau (member 0 times zero), and serves the following steps by
+    indexing: a step of one prompt whose rows are members 0..K-1 gets a view of the draw, no
+    copy. The values are the keyed stream's (``keyed_gumbel`` of the same keys, scaled as
+    ``NoisePlan`` scales them), so a banked plan routes exactly like a direct one. Rows carry
+    their own seeds (``seed`` is the default), so requests with different seeds share a bank
+    and a forward. One bank serves the steps of a set of prompts that advance together; a row
+    it does not cover (a prompt that joined, or the end of the draw) makes a new draw for every
+    current row. The draws start 8 positions ahead and double up to ``ahead``, so short
+    generations draw little extra. Draws live on the CPU; the plan moves what a router reads to
+    the router's device.
     """
 
     BUDGET = 1 << 21  # floats held per (layers, experts) draw: about 8 MB
@@ -106,46 +113,49 @@ class NoiseBank:
         self._draws: dict[tuple, _Draw] = {}
 
     def noise(self, layers: list[int], taus: list[float], num_experts: int, member_T: torch.Tensor,
-              position_T: torch.Tensor) -> torch.Tensor:
-        """tau_l * G [L, T, E] of these rows (zeros for member 0), equal to a direct draw's."""
+              position_T: torch.Tensor, seed: int | torch.Tensor | None = None) -> torch.Tensor:
+        """tau_l * G [L, T, E] of these rows (zeros for member 0), equal to a direct draw's.
+
+        ``seed``: one for every row or one per row (default: the bank's).
+        """
         key = (tuple(layers), tuple(taus), num_experts)
         positions, members = position_T.tolist(), member_T.tolist()
+        seed = self.seed if seed is None else seed
+        seeds = seed.tolist() if isinstance(seed, torch.Tensor) else [seed] * len(positions)
+        rows = list(zip(seeds, positions, strict=True))
         draw = self._draws.get(key)
-        if draw is None or not draw.covers(positions):
-            draw = self._draws[key] = self._draw(layers, taus, num_experts, positions)
-        if len(set(positions)) == 1 and members == list(range(self.members)):
-            return draw.noise_LPME[:, draw.slot_of[positions[0] - draw.first]]
-        slot_T = torch.tensor([draw.slot_of[p - draw.first] for p in positions])
+        if draw is None or not draw.covers(rows):
+            draw = self._draws[key] = self._draw(layers, taus, num_experts, rows)
+        if len(set(rows)) == 1 and members == list(range(self.members)):
+            return draw.noise_LPME[:, draw.slot_of[rows[0]]]
+        slot_T = torch.tensor([draw.slot_of[row] for row in rows])
         return draw.noise_LPME[:, slot_T, torch.tensor(members)]
 
-    def _draw(self, layers: list[int], taus: list[float], num_experts: int, starts: list[int]) -> _Draw:
-        """Every member at each row's position and the ``ahead`` - 1 positions after it."""
+    def _draw(self, layers: list[int], taus: list[float], num_experts: int, starts: list[tuple[int, int]]) -> _Draw:
+        """Every member at each (seed, position) row and the ``ahead`` - 1 positions after it."""
         starts = sorted(set(starts))
         per_position = len(layers) * self.members * num_experts
         ahead = max(1, min(self._next_ahead, self.BUDGET // (per_position * len(starts))))
         self._next_ahead = min(2 * self._next_ahead, self.ahead)
-        positions = sorted({p for start in starts for p in range(start, start + ahead)})
-        first = positions[0]
-        slot_of = [-1] * (positions[-1] - first + 1)
-        for slot, p in enumerate(positions):
-            slot_of[p - first] = slot
-        member_R = torch.arange(self.members).repeat(len(positions))
-        position_R = torch.tensor(positions).repeat_interleave(self.members)
-        gumbel_LRE = keyed_gumbel(row_keys(self.seed, member_R, position_R), list(layers), num_experts)
+        slots = sorted({(seed, p) for seed, start in starts for p in range(start, start + ahead)})
+        seed_R = torch.tensor([seed for seed, _ in slots]).repeat_interleave(self.members)
+        position_R = torch.tensor([p for _, p in slots]).repeat_interleave(self.members)
+        member_R = torch.arange(self.members).repeat(len(slots))
+        gumbel_LRE = keyed_gumbel(row_keys(seed_R, member_R, position_R), list(layers), num_experts)
         noise_LRE = scaled_noise(gumbel_LRE, member_R, taus)
-        return _Draw(noise_LRE.view(len(layers), len(positions), self.members, num_experts), slot_of, first)
+        noise_LPME = noise_LRE.view(len(layers), len(slots), self.members, num_experts)
+        return _Draw(noise_LPME, {row: slot for slot, row in enumerate(slots)})
 
 
 @dataclass(frozen=True)
 class _Draw:
-    """One draw of a bank: noise [L, positions, members, E]; ``slot_of[p - first]`` is p's slot or -1."""
+    """One draw of a bank: noise [L, slots, members, E]; ``slot_of[(seed, position)]`` is that row's slot."""
 
     noise_LPME: torch.Tensor
-    slot_of: list[int]
-    first: int
+    slot_of: dict[tuple[int, int], int]
 
-    def covers(self, positions: list[int]) -> bool:
-        return all(0 <= p - self.first < len(self.slot_of) and self.slot_of[p - self.first] >= 0 for p in positions)
+    def covers(self, rows: list[tuple[int, int]]) -> bool:
+        return all(row in self.slot_of for row in rows)
 
 
 def scaled_noise(gumbel_LTE: torch.Tensor, member_T: torch.Tensor, taus: list[float]) -> torch.Tensor:
@@ -156,15 +166,16 @@ def scaled_noise(gumbel_LTE: torch.Tensor, member_T: torch.Tensor, taus: list[fl
 
 @dataclass(frozen=True, kw_only=True)
 class NoisePlan:
-    """What the routers of one forward need: the (member, position) of every row, and the temperatures.
+    """What the routers of one forward need: the (seed, member, position) of every row, and the temperatures.
 
     ``member_T`` and ``position_T`` follow the flattened row order the routers see
-    (batch-major, then sequence). ``tau_L`` has one entry per MoE layer. Member 0 rows are
-    never noisy; ``noisy_weights`` selects the gate-weight variant (see adapters/base.py).
-    ``bank`` (decode) serves the noise from draws made ahead; without it each plan draws its own.
+    (batch-major, then sequence); ``seed`` is one int for every row or a [T] tensor of one
+    seed per row. ``tau_L`` has one entry per MoE layer. Member 0 rows are never noisy;
+    ``noisy_weights`` selects the gate-weight variant (see adapters/base.py). ``bank`` (decode)
+    serves the noise from draws made ahead; without it each plan draws its own.
     """
 
-    seed: int
+    seed: int | torch.Tensor
     member_T: torch.Tensor
     position_T: torch.Tensor
     tau_L: tuple[float, ...]
@@ -186,7 +197,7 @@ class NoisePlan:
             layers = [i for i, t in enumerate(self.tau_L) if t != 0.0 and (i, num_experts) not in self._drawn]
             taus = [self.tau_L[i] for i in layers]
             if self.bank is not None:
-                noise_LTE = self.bank.noise(layers, taus, num_experts, self.member_T, self.position_T)
+                noise_LTE = self.bank.noise(layers, taus, num_experts, self.member_T, self.position_T, self.seed)
             else:
                 gumbel_LTE = keyed_gumbel(row_keys(self.seed, self.member_T, self.position_T), layers, num_experts)
                 noise_LTE = scaled_noise(gumbel_LTE, self.member_T, taus)
@@ -194,7 +205,8 @@ class NoisePlan:
         return self._drawn[(layer, num_experts)].to(device=logits_TE.device, dtype=logits_TE.dtype)
 
     @classmethod
-    def for_rows(cls, *, seed: int, member_T: torch.Tensor, position_T: torch.Tensor,
+    def for_rows(cls, *, seed: int | torch.Tensor, member_T: torch.Tensor, position_T: torch.Tensor,
                  tau_L: tuple[float, ...], noisy_weights: bool = False, bank: NoiseBank | None = None) -> NoisePlan:
+        seed = seed.long().reshape(-1) if isinstance(seed, torch.Tensor) else seed
         return cls(seed=seed, member_T=member_T.long(), position_T=position_T.long(), tau_L=tau_L,
                    noisy_weights=noisy_weights, bank=bank)
