@@ -10,6 +10,7 @@ import argparse
 import functools
 import inspect
 import json
+import math
 import sys
 import typing
 from pathlib import Path
@@ -17,28 +18,30 @@ from pathlib import Path
 SHORT = {"roster_size": "-K"}
 
 
-def _roe_config(roster_size: int, tau: float, schedule: str | None, seed: int, skip_first: int = 1,
+def _roe_config(roster_size: int, tau: float | None, schedule: str | None, seed: int, skip_first: int = 1,
                 skip_last: int = 1):
+    """--schedule FILE, else --tau (uniform), else None: the model's default schedule (roe/schedule.py)."""
     from roe import RoEConfig
 
+    if schedule and tau is not None:
+        raise ValueError("give --tau or --schedule, not both")
     return RoEConfig(roster_size=roster_size, tau=schedule if schedule else tau, seed=seed,
                      skip_first=skip_first, skip_last=skip_last)
 
 
-def generate(prompt: str, *, model: str | None = None, roster_size: int = 8, tau: float = 0.1,
+def generate(prompt: str, *, model: str | None = None, roster_size: int = 8, tau: float | None = None,
              schedule: str | None = None, seed: int = 0, max_new_tokens: int = 40, json_out: bool = False) -> None:
     """Continue PROMPT with the untouched model and with RoE (greedy), and print both.
 
     --model is a local checkpoint directory or hub id (default: the embedded model). -K is the
     roster size, --tau a uniform temperature on the middle MoE layers, --schedule a schedule
-    JSON file (overrides --tau; the embedded model uses its shipped schedule unless --schedule
-    is given). Same seed, same output.
+    JSON file; with neither, the model's default schedule (the schedule.json shipped in its
+    directory, as the embedded model does, else uniform tau 0.1). Same seed, same output.
     """
     import torch
 
     import roe
 
-    schedule = schedule or _default_schedule(model)
     cfg = _roe_config(roster_size, tau, schedule, seed)
     lm, tokenizer = roe.load(model)
     ids = tokenizer(prompt, return_tensors="pt").input_ids
@@ -77,7 +80,8 @@ def models(*, json_out: bool = False) -> None:
     print(markdown_table(rows))
 
 
-def evaluate(*, model: str | None = None, text: str | None = None, ks: str = "1,2,4,8,16,32", tau: float = 0.1,
+def evaluate(*, model: str | None = None, text: str | None = None, ks: str = "1,2,4,8,16,32",
+             tau: float | None = None,
          schedule: str | None = None, seed: int = 0, window: int = 256, max_windows: int = 200,
          batch_size: int = 4, against_tau: float | None = None, against_schedule: str | None = None,
          json_out: bool = False, plot: str | None = None) -> None:
@@ -88,8 +92,8 @@ def evaluate(*, model: str | None = None, text: str | None = None, ks: str = "1,
     non-overlapping windows of --window + 1 tokens (at most --max-windows, spread evenly), each
     scored on its own, predicting its last --window tokens. Every K is scored on the same
     windows, so delta_nll (against K = 1) is a paired per-window difference and delta_se its
-    standard error, sd(per-window delta) / sqrt(windows). Temperatures: --schedule FILE, else
-    the embedded model's shipped schedule when no --model is given, else a uniform --tau.
+    standard error, sd(per-window delta) / sqrt(windows). Temperatures: --schedule FILE or a
+    uniform --tau, else the model's default schedule (its shipped schedule.json, else uniform 0.1).
     --against-tau T also scores, at every K > 1 and on the same windows and noise, one uniform
     tau T on the middle MoE layers (the first and last stay clean, as in calibrate's --uniform):
     against_delta_nll is the paired difference (schedule minus uniform; negative: the schedule
@@ -102,7 +106,7 @@ def evaluate(*, model: str | None = None, text: str | None = None, ks: str = "1,
 
     import roe
     from roe.eval.perplexity import make_windows, perplexity_sweep, text_tokens, window_bytes
-    from roe.loading import default_schedule_path, default_split_path
+    from roe.loading import default_split_path
     from roe.roster import schedule_for
 
     grid = _parse_ks(ks)
@@ -110,8 +114,6 @@ def evaluate(*, model: str | None = None, text: str | None = None, ks: str = "1,
     if text is None and model is not None:
         raise ValueError("--text FILE is required with --model (the built-in test split belongs to the default model)")
     source = text or default_split_path("test")
-    if schedule is None and model is None and default_schedule_path().is_file():
-        schedule = str(default_schedule_path())
     # a schedule of another layer count or model is refused here, before any scoring
     schedule_for(lm, _roe_config(roster_size=1, tau=tau, schedule=schedule, seed=seed))
     windows = make_windows(text_tokens(tokenizer, source), window)
@@ -127,7 +129,7 @@ def evaluate(*, model: str | None = None, text: str | None = None, ks: str = "1,
                             bytes_total=window_bytes(tokenizer, windows), against=against)
     conditions = {"model": model or "embedded default", "text": _shown_path(source), "windows": len(windows),
                   "window_tokens": window, "tokens": int(windows[:, 1:].numel()), "seed": seed,
-                  "schedule": _shown_schedule(schedule, tau), "against_tau": against_tau,
+                  "schedule": _shown_schedule(lm, schedule, tau), "against_tau": against_tau,
                   "against_schedule": _shown_path(against_schedule) if against_schedule else None, "dtype": "float32",
                   **_versions()}
     columns = ["K", "nll", "ppl", "bpb", "delta_nll", "delta_se"]
@@ -149,7 +151,8 @@ def evaluate(*, model: str | None = None, text: str | None = None, ks: str = "1,
 
 
 def bench(*, model: str | None = None, ks: str = "1,2,4,8,16,32,64", prompt_tokens: int = 128,
-          new_tokens: int = 64, methods: str = "roster,separate,batched-own-cache,recompute", tau: float = 0.1,
+          new_tokens: int = 64, methods: str = "roster,separate,batched-own-cache,recompute",
+          tau: float | None = None,
           schedule: str | None = None, seed: int = 0, time_box: float = 15.0, threads: int = 0,
           repeats: int = 1, json_out: bool = False, plot: str | None = None) -> None:
     """Cost of RoE against K: decode-step time, time to first token, tokens/s, peak memory, KV bytes.
@@ -165,8 +168,8 @@ def bench(*, model: str | None = None, ks: str = "1,2,4,8,16,32,64", prompt_toke
     whole sweep N times: times are medians over the rounds, and each ratio is taken within a
     round (paired, so a slow spell of a shared machine cancels) and then its median, with the
     range over rounds in step_ratio_range and, from 6 rounds, a 95% distribution-free confidence
-    interval of that median in step_ratio_ci95. Temperatures: --schedule, else the embedded model's
-    shipped schedule (no --model), else uniform --tau.
+    interval of that median in step_ratio_ci95. Temperatures: --schedule or a uniform --tau, else
+    the model's default schedule (its shipped schedule.json, else uniform 0.1).
     """
     import platform
 
@@ -184,7 +187,6 @@ def bench(*, model: str | None = None, ks: str = "1,2,4,8,16,32,64", prompt_toke
     if threads:
         torch.set_num_threads(threads)
     lm, tokenizer = roe.load(model)
-    schedule = schedule or _default_schedule(model)
     prompt = _bench_prompt(lm, tokenizer, model, prompt_tokens)
     rounds = []
     for round_ in range(repeats):
@@ -202,7 +204,7 @@ def bench(*, model: str | None = None, ks: str = "1,2,4,8,16,32,64", prompt_toke
     rows = combine_rounds(rounds)
     params = sum(p.numel() for p in lm.parameters())
     conditions = {"model": model or "embedded default", "params": params, "prompt_tokens": len(prompt),
-                  "new_tokens": new_tokens, "schedule": _shown_schedule(schedule, tau), "dtype": "float32",
+                  "new_tokens": new_tokens, "schedule": _shown_schedule(lm, schedule, tau), "dtype": "float32",
                   "cpu": platform.processor() or platform.machine(), "cores": _cores(), "time_box_s": time_box,
                   "repeats": repeats, **_versions()}
     print("  ".join(f"{k}={v}" for k, v in conditions.items()))
@@ -304,7 +306,7 @@ def _parse_grid(grid: str) -> list[float]:
     return points
 
 
-def tasks(*, model: str | None = None, text: str | None = None, roster_size: int = 8, tau: float = 0.1,
+def tasks(*, model: str | None = None, text: str | None = None, roster_size: int = 8, tau: float | None = None,
           schedule: str | None = None, seed: int = 0, items: int = 200, task: str = "next-line,last-word",
           context_tokens: int = 200, batch_size: int = 8, export: str | None = None, json_out: bool = False) -> None:
     """Accuracy of the untouched model (K=1) and of RoE at -K on built-in tasks from held-out text.
@@ -318,7 +320,8 @@ def tasks(*, model: str | None = None, text: str | None = None, roster_size: int
     Reports accuracy with a 95% Wilson interval and the paired comparison on the same items
     (McNemar counts and exact p-value). --export DIR writes the items as JSONL and lm-eval task
     YAMLs (lm_eval --include_path DIR --tasks roe_next_line,roe_last_word).
-    Temperatures: --schedule FILE, else the embedded model's shipped schedule, else uniform --tau.
+    Temperatures: --schedule FILE or a uniform --tau, else the model's default schedule (its
+    shipped schedule.json, else uniform 0.1).
     """
     from tqdm import tqdm
 
@@ -333,7 +336,6 @@ def tasks(*, model: str | None = None, text: str | None = None, roster_size: int
         raise ValueError(f"--items must be >= 1, got {items}")
     if text is None and model is not None:
         raise ValueError("--text FILE is required with --model (the built-in test split belongs to the default model)")
-    schedule = schedule or _default_schedule(model)
     cfg = _roe_config(roster_size, tau, schedule, seed)
     lm, tokenizer = roe.load(model)
     source = text or default_split_path("test")
@@ -366,7 +368,7 @@ def tasks(*, model: str | None = None, text: str | None = None, roster_size: int
                    r.get("base_only", ""), r.get("roe_only", ""), r.get("p_value", "")] for r in rows]))
     if json_out:
         conditions = {"model": model or "embedded default", "text": _shown_path(source), "roster_size": roster_size,
-                      "schedule": _shown_schedule(schedule, tau), "seed": seed, "context_tokens": context_tokens,
+                      "schedule": _shown_schedule(lm, schedule, tau), "seed": seed, "context_tokens": context_tokens,
                       **_versions()}
         print(json.dumps({"rows": rows, "conditions": conditions}))
 
@@ -411,8 +413,18 @@ def serve(*, model: str | None = None, host: str = "127.0.0.1", port: int = 8000
         raise SystemExit(f"error: {err}") from None
 
 
-def _shown_schedule(schedule, tau) -> str:
-    return _shown_path(schedule) if schedule else f"uniform tau={tau}"
+def _shown_schedule(lm, schedule, tau) -> str:
+    """The schedule as reported: its file, a uniform tau, or the model's default (its file, else uniform)."""
+    from roe.schedule import DEFAULT_TAU, SCHEDULE_FILE, model_default_schedule
+
+    if schedule:
+        return _shown_path(schedule)
+    if tau is not None:
+        return f"uniform tau={tau}"
+    if model_default_schedule(lm.name_or_path) is None:
+        return f"model default: uniform tau={DEFAULT_TAU}"
+    shipped = Path(lm.name_or_path) / SCHEDULE_FILE
+    return _shown_path(shipped) if shipped.is_file() else f"{lm.name_or_path}/{SCHEDULE_FILE}"
 
 
 def _shown_path(path) -> str:
@@ -428,12 +440,6 @@ def _cores() -> int:
     import os
 
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
-def _default_schedule(model: str | None) -> str | None:
-    from roe.loading import default_schedule_path
-
-    return str(default_schedule_path()) if model is None and default_schedule_path().is_file() else None
 
 
 def _bench_prompt(lm, tokenizer, model, prompt_tokens: int):
@@ -486,6 +492,41 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def _finite_at_least(minimum: float):
+    return lambda value: math.isfinite(value) and value >= minimum
+
+
+def _finite_above(minimum: float):
+    return lambda value: math.isfinite(value) and value > minimum
+
+
+# Options checked right after parsing, before any work, by parameter name (the same name means the
+# same thing in every command): (test, what it requires). 0 never silently means "all".
+CHECKS = {
+    **dict.fromkeys(("tau", "against_tau"), (_finite_at_least(0), "must be finite and >= 0")),
+    "tau_max": (_finite_above(0), "must be finite and > 0"),
+    "time_box": (_finite_above(0), "must be a finite number of seconds > 0"),
+    **dict.fromkeys(("roster_size", "window", "max_windows", "batch_size", "max_new_tokens", "prompt_tokens",
+                     "new_tokens", "repeats", "trials", "items", "context_tokens"),
+                    (_finite_at_least(1), "must be >= 1")),
+    **dict.fromkeys(("seed", "skip_first", "skip_last", "threads"), (_finite_at_least(0), "must be >= 0")),
+}
+# What a None default means, for --help.
+NONE_MEANS = {"model": "the embedded model", "tau": "the model's default schedule (its shipped schedule.json, "
+              "else uniform 0.1)", "text": "the embedded model's held-out split"}
+
+
+class UsageError(SystemExit):
+    """A user error: printed as argparse prints its own, exit status 2, no traceback; str() is the message."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
 def _annotation_type(annotation) -> type:
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     return args[0] if args else annotation
@@ -493,6 +534,7 @@ def _annotation_type(annotation) -> type:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="roe", description=sys.modules[__name__].__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"roe {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn in COMMANDS.items():
         doc = inspect.getdoc(fn) or ""
@@ -507,24 +549,46 @@ def build_parser() -> argparse.ArgumentParser:
             flags = [f"--{param.name.replace('_', '-')}".replace("--json-out", "--json")]
             if param.name in SHORT:
                 flags.insert(0, SHORT[param.name])
+            if kind is bool:
+                p.add_argument(*flags, dest=param.name, action="store_true")
+                continue
             if typing.get_origin(kind) is list:  # a repeatable option
                 p.add_argument(*flags, dest=param.name, action="append", type=typing.get_args(kind)[0],
                                default=None, help="repeatable")
                 continue
-            if kind is bool:
-                p.add_argument(*flags, dest=param.name, action="store_true")
-            else:
-                p.add_argument(*flags, dest=param.name, type=Path if kind is Path else kind, default=param.default)
+            shown = NONE_MEANS.get(param.name) if param.default is None else "%(default)s"
+            p.add_argument(*flags, dest=param.name, type=kind, default=param.default,
+                           help=f"default: {shown}" if shown else None)
     return parser
+
+
+def _check_options(args: dict) -> None:
+    for option, value in args.items():
+        test, requirement = CHECKS.get(option, (None, ""))
+        if test is not None and value is not None and not test(value):
+            raise ValueError(f"--{option.replace('_', '-')} {requirement}, got {value}")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("roe")
+    except PackageNotFoundError:  # run from a source tree that was not installed
+        import roe
+
+        return roe.__version__
 
 
 def main(argv: list[str] | None = None) -> None:
     args = vars(build_parser().parse_args(argv))
-    command = COMMANDS[args.pop("command")]
+    name = args.pop("command")
     try:
-        command(**args)
+        _check_options(args)
+        COMMANDS[name](**args)
     except (ValueError, TypeError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}") from None
+        print(f"roe {name}: error: {err}", file=sys.stderr)
+        raise UsageError(str(err)) from None
 
 
 if __name__ == "__main__":

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from roe.aggregate import AGGREGATORS
-from roe.schedule import Schedule, check_tau_value
+from roe.schedule import DEFAULT_TAU, Schedule, check_tau_value
 
-TauSpec = float | int | list | tuple | str | Path | Schedule
+TauSpec = float | int | list | tuple | str | Path | Schedule | None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -21,16 +21,18 @@ class RoEConfig:
     """Roster of Experts settings.
 
     roster_size: K, the number of members averaged at each token (member 0 is clean).
-    tau: a float (uniform over the noisy MoE layers), a list/tuple (one value per MoE layer,
-        used as given), a ``Schedule``, or the path of a schedule JSON file.
-    skip_first / skip_last: MoE layers kept clean at each end when ``tau`` is a float.
+    tau: None (the default: the model's default schedule, i.e. the ``schedule.json`` shipped in
+        its checkpoint directory, else uniform ``DEFAULT_TAU`` = 0.1; see roe/schedule.py), a
+        float (uniform over the noisy MoE layers), a list/tuple (one value per MoE layer, used as
+        given), a ``Schedule``, or the path of a schedule JSON file.
+    skip_first / skip_last: MoE layers kept clean at each end when the schedule is uniform.
     seed: keys the noise (see roe/routing.py); same seed, same output.
     aggregator: how member distributions combine (see roe/aggregate.py).
     noisy_weights: gate weights from the noisy scores instead of the clean ones (off by default).
     """
 
     roster_size: int = 8
-    tau: TauSpec = 0.1
+    tau: TauSpec = None
     skip_first: int = 1
     skip_last: int = 1
     seed: int = 0
@@ -53,20 +55,27 @@ class RoEConfig:
             object.__setattr__(self, "tau", Schedule(tau=tuple(tau), provenance={"kind": "list"}))
         elif isinstance(tau, (str, Path)):
             object.__setattr__(self, "tau", Schedule.load(tau))
-        elif not isinstance(tau, Schedule):
+        elif tau is not None and not isinstance(tau, Schedule):
             object.__setattr__(self, "tau", check_tau_value(tau, "RoEConfig"))
 
-    def schedule(self, num_moe_layers: int) -> Schedule:
-        """The per-layer tau for a model with this many MoE layers (validated)."""
+    def schedule(self, num_moe_layers: int, model_default: Schedule | None = None) -> Schedule:
+        """The per-layer tau for a model with this many MoE layers (validated).
+
+        ``model_default`` is the model's shipped schedule (``roe.schedule.model_default_schedule``);
+        with ``tau`` None it is used, and without one the schedule is uniform ``DEFAULT_TAU``.
+        ``roe.roster.schedule_for(model, cfg)`` passes it: call that when you hold the model.
+        """
         if self.skip_first + self.skip_last > num_moe_layers:
             raise ValueError(
                 f"skip_first ({self.skip_first}) + skip_last ({self.skip_last}) exceeds the model's "
                 f"{num_moe_layers} MoE layers"
             )
-        if isinstance(self.tau, Schedule):
-            self.tau.check_layers(num_moe_layers)
-            return self.tau
-        return Schedule.uniform(self.tau, num_moe_layers, skip_first=self.skip_first, skip_last=self.skip_last)
+        tau = model_default if self.tau is None else self.tau
+        if isinstance(tau, Schedule):
+            tau.check_layers(num_moe_layers)
+            return tau
+        tau = DEFAULT_TAU if tau is None else tau
+        return Schedule.uniform(tau, num_moe_layers, skip_first=self.skip_first, skip_last=self.skip_last)
 
 
 def _check_int(name: str, value: object, *, minimum: int) -> None:

@@ -50,7 +50,9 @@ class RoELM(HFLM):
 
     pretrained: a checkpoint directory, a hub id, or a loaded ``PreTrainedModel``; default
         the embedded model (``roe.loading.DEFAULT_MODEL``).
-    roster_size, tau, skip_first, skip_last, seed, aggregator, noisy_weights: ``RoEConfig``.
+    roster_size, tau, skip_first, skip_last, seed, aggregator, noisy_weights: ``RoEConfig``;
+        without tau or schedule, the model's default schedule (its shipped ``schedule.json``,
+        as the embedded model's, else uniform 0.1), as everywhere in roe.
     schedule: path of a per-layer schedule JSON (instead of ``tau``).
     dtype: float32 by default, as ``roe.load`` (pass ``dtype=bfloat16`` etc. for big models).
     Every other keyword is HFLM's.
@@ -73,7 +75,7 @@ class RoELM(HFLM):
     ) -> None:
         if tau is not None and schedule is not None:
             raise ValueError("give either tau or schedule, not both")
-        tau_spec = schedule if schedule is not None else RoEConfig.tau if tau is None else tau
+        tau_spec = schedule if schedule is not None else tau  # None: the model's default schedule
         cfg = RoEConfig(roster_size=roster_size, tau=tau_spec, seed=seed, skip_first=skip_first,
                         skip_last=skip_last, aggregator=aggregator, noisy_weights=noisy_weights)
         if pretrained is None:

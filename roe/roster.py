@@ -31,7 +31,7 @@ from roe.cache import CleanCache, attention_windows, member_masks
 from roe.config import RoEConfig
 from roe.kernels import PackedHead, SmallM
 from roe.routing import NoiseBank, NoisePlan
-from roe.schedule import Schedule, model_fingerprint
+from roe.schedule import Schedule, model_default_schedule, model_fingerprint
 
 SCORE_ROWS = 4096  # query rows per folded scoring forward (bounds the mask and logits memory)
 FOLD_KEYS = 512  # folding M members makes each query attend over S * (1 + M) keys: keep that small
@@ -461,10 +461,13 @@ class Roster:
 def schedule_for(model, cfg: RoEConfig, slots: list | None = None) -> Schedule:
     """``cfg``'s schedule for ``model``: one tau per MoE layer, made for this architecture.
 
-    Raises ValueError for another layer count or a schedule calibrated for another model.
-    ``slots`` (the model's routers) saves finding them again.
+    ``tau=None`` resolves to the model's default: the ``schedule.json`` of the directory it was
+    loaded from (``model.name_or_path``), else uniform 0.1 (roe/schedule.py). Raises ValueError
+    for another layer count or a schedule calibrated for another model. ``slots`` (the model's
+    routers) saves finding them again.
     """
-    schedule = cfg.schedule(len(slots if slots is not None else adapters.find_routers(model)))
+    shipped = model_default_schedule(getattr(model, "name_or_path", None)) if cfg.tau is None else None
+    schedule = cfg.schedule(len(slots if slots is not None else adapters.find_routers(model)), shipped)
     schedule.check_model(model_fingerprint(model))
     return schedule
 

@@ -4,6 +4,12 @@ A schedule is the vector tau_L of DESIGN §1: entry l is the Gumbel temperature 
 *MoE* layer (dense layers have no entry). ``Schedule.uniform`` builds the paper's shape: the
 first ``skip_first`` and last ``skip_last`` MoE layers at 0, one value in between. Calibrated
 schedules (``roe calibrate``) are stored as JSON with where they came from.
+
+A model's *default schedule* (what ``RoEConfig(tau=None)`` means) is the roe schedule JSON
+shipped in its checkpoint directory as ``schedule.json`` (the embedded model ships its
+calibrated one), else uniform ``DEFAULT_TAU`` between the clean first and last MoE layers.
+``model_default_schedule`` finds that file from a directory or hub id alone, with no model and
+no transformers, so the vLLM plugin resolves the same default from its own environment.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 SCHEDULE_FORMAT = "roe.schedule/1"
+SCHEDULE_FILE = "schedule.json"  # a checkpoint's default schedule, next to its config.json
+DEFAULT_TAU = 0.1  # the uniform temperature of a model that ships no schedule
 
 
 def check_tau_value(tau: Any, where: str) -> float:
@@ -99,6 +107,40 @@ class Schedule:
         if not isinstance(data, dict) or data.get("format") != SCHEDULE_FORMAT or "tau" not in data:
             raise ValueError(f"{path} is not a roe schedule (expected format {SCHEDULE_FORMAT!r} and a 'tau' list)")
         return cls(tau=tuple(data["tau"]), provenance=data.get("provenance", {}))
+
+
+def model_default_schedule(model_dir: str | Path | None) -> Schedule | None:
+    """The roe schedule shipped with a checkpoint (``schedule.json`` in its directory), or None.
+
+    ``model_dir`` is a local checkpoint directory or a hub id (looked up in the local hub cache
+    only: nothing is downloaded). A ``schedule.json`` of another format (some other tool's file)
+    is not ours and is ignored; one in roe's format that is invalid raises ValueError.
+    """
+    if not model_dir:
+        return None
+    path = Path(model_dir) / SCHEDULE_FILE
+    if not Path(model_dir).is_dir():
+        path = _hub_cached(str(model_dir), SCHEDULE_FILE)
+    if path is None or not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(data, dict) or data.get("format") != SCHEDULE_FORMAT:
+        return None
+    return Schedule.load(path)
+
+
+def _hub_cached(repo_id: str, filename: str) -> Path | None:
+    """A file of a hub repository if the local hub cache holds it (no network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id, filename)
+    except Exception:  # not a valid repo id, or no huggingface_hub: nothing cached to find
+        return None
+    return Path(found) if isinstance(found, str) else None
 
 
 def model_fingerprint(model) -> dict[str, Any]:

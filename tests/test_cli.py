@@ -29,7 +29,7 @@ def test_generate_prints_base_and_roe(capsys, saved_model):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["-K", "0"], "roster_size must be >= 1"),
+    (["-K", "0"], "--roster-size must be >= 1"),
     (["--tau", "-1"], "tau must be finite and >= 0"),
     (["--schedule", "missing.json"], "schedule file not found"),
 ])
@@ -215,3 +215,50 @@ def test_bench_baselines_compute_the_roster_step_until_their_histories_differ(ol
     for name in ("separate", "batched-own-cache"):
         torch.testing.assert_close(steps[name][0], steps["roster"][0], rtol=0, atol=1e-5)
         assert (steps[name][1] - steps["roster"][1]).abs().max() > 1e-4
+
+
+def test_an_explicit_tau_wins_over_the_shipped_schedule(capsys):
+    """On the embedded model (which ships a calibrated schedule) --tau used to be ignored: it must
+    give the uniform schedule it names, and without it the shipped schedule is used."""
+    from roe.loading import default_schedule_path
+    from roe.schedule import Schedule
+
+    common = ["generate", "To be", "-K", "2", "--max-new-tokens", "1", "--json"]
+    assert run_json(capsys, [*common, "--tau", "0.5"])["schedule"] == [0.0, 0.5, 0.5, 0.5, 0.5, 0.0]
+    assert run_json(capsys, common)["schedule"] == list(Schedule.load(default_schedule_path()).tau)
+
+
+SMALL_RUNS = {"generate": ["hello", "--max-new-tokens", "1"],
+              "eval": ["--ks", "1", "--window", "8", "--max-windows", "1"], "tasks": ["--items", "1", "--task", "last-word"],
+              "bench": ["--ks", "1", "--methods", "roster", "--prompt-tokens", "4", "--new-tokens", "1"]}
+
+
+@pytest.mark.parametrize("command", SMALL_RUNS)
+@pytest.mark.parametrize("tau", ["-1", "nan", "inf"])
+def test_a_bad_tau_is_a_usage_error_before_any_work(capsys, command, tau):
+    argv = [command, *SMALL_RUNS[command], "--tau", tau]
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"roe {command}: error: --tau must be finite and >= 0" in err or "argument --tau: invalid float" in err
+    assert "Traceback" not in err
+
+
+def test_the_default_schedule_of_a_checkpoint_directory(capsys, saved_model, tmp_path):
+    """A checkpoint shipping a roe schedule.json uses it by default in every command; --tau and
+    --schedule still win, and both together are refused."""
+    import shutil
+
+    from roe.schedule import Schedule
+
+    model_dir = tmp_path / "with-schedule"
+    shutil.copytree(saved_model, model_dir)
+    Schedule(tau=(0.05, 0.3, 0.2)).save(model_dir / "schedule.json")
+    common = ["generate", "To be", "--model", str(model_dir), "-K", "2", "--max-new-tokens", "2", "--json"]
+    assert run_json(capsys, common)["schedule"] == [0.05, 0.3, 0.2]
+    assert run_json(capsys, [*common, "--tau", "0.4"])["schedule"] == [0.0, 0.4, 0.0]
+    assert run_json(capsys, ["generate", "To be", "--model", str(saved_model), "-K", "2", "--max-new-tokens", "2",
+                             "--json"])["schedule"] == [0.0, 0.1, 0.0]
+    with pytest.raises(SystemExit, match="not both"):
+        main([*common, "--tau", "0.4", "--schedule", str(model_dir / "schedule.json")])

@@ -134,6 +134,19 @@ def test_schedule_file_and_clear_errors(saved_model, tmp_path):
         RoELM(pretrained=saved_model, roster_size=0)
 
 
+def test_the_default_tau_is_the_models_default_schedule(saved_model, tmp_path):
+    """Without tau or schedule, RoELM runs the schedule the checkpoint ships, as the CLI and the
+    library do (it used to fall back to uniform 0.1 while the CLI used the shipped one)."""
+    import shutil
+
+    model_dir = tmp_path / "with-schedule"
+    shutil.copytree(saved_model, model_dir)
+    roe.Schedule(tau=(0.05, 0.3, 0.2)).save(model_dir / "schedule.json")
+    assert RoELM(pretrained=model_dir, roster_size=2).roster.tau_L == (0.05, 0.3, 0.2)
+    assert RoELM(pretrained=model_dir, roster_size=2, tau=0.4).roster.tau_L == (0.0, 0.4, 0.0)
+    assert RoELM(pretrained=saved_model, roster_size=2).roster.tau_L == (0.0, 0.1, 0.0)
+
+
 def run_module(argv, cwd, tmp_path):
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(tmp_path),
                OMP_NUM_THREADS="1", PYTHONPATH=str(Path(roe.__file__).parents[1]))

@@ -80,3 +80,41 @@ def test_mean_prob_from_logits_stays_finite_where_every_member_underflows():
 def test_one_member_is_exactly_the_log_softmax():
     logits = torch.randn(2, 1, 40, generator=torch.Generator().manual_seed(5))
     assert torch.equal(AGGREGATORS["mean-prob"].from_logits(logits, dim=1), torch.log_softmax(logits, dim=-1)[:, 0])
+
+
+def test_the_default_tau_is_the_schedule_shipped_with_the_model(tmp_path):
+    """RoEConfig() means the model's default schedule: the roe schedule.json in the checkpoint
+    directory when there is one, else uniform 0.1 with one clean MoE layer at each end; another
+    tool's schedule.json is not ours and is ignored; an explicit tau always wins."""
+    from transformers import AutoModelForCausalLM
+
+    import roe
+    from roe.roster import schedule_for
+    from roe.schedule import model_default_schedule
+    from tests.conftest import tiny_olmoe
+
+    tiny_olmoe().save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert model_default_schedule(tmp_path) is None
+    assert schedule_for(model, roe.RoEConfig()).tau == (0.0, 0.1, 0.0)
+    shipped = Schedule(tau=(0.07, 0.21, 0.13), provenance={"model": "tiny"})
+    shipped.save(tmp_path / "schedule.json")
+    assert model_default_schedule(tmp_path) == shipped
+    assert schedule_for(model, roe.RoEConfig()).tau == (0.07, 0.21, 0.13)
+    assert schedule_for(model, roe.RoEConfig(tau=0.5)).tau == (0.0, 0.5, 0.0)
+    with roe.roster(model, roe.RoEConfig(roster_size=2)) as r:
+        assert r.tau_L == (0.07, 0.21, 0.13)
+    assert roe.RoEConfig().schedule(3, model_default=shipped) == shipped
+    assert roe.RoEConfig().schedule(4).tau == (0.0, 0.1, 0.1, 0.0)  # no shipped schedule: uniform 0.1
+    (tmp_path / "schedule.json").write_text(json.dumps({"layers": [1, 2, 3]}))  # another tool's file
+    assert schedule_for(model, roe.RoEConfig()).tau == (0.0, 0.1, 0.0)
+    Schedule(tau=(0.1,) * 4).save(tmp_path / "schedule.json")  # ours, but for another layer count
+    with pytest.raises(ValueError, match="4 entries but the model has 3"):
+        schedule_for(model, roe.RoEConfig())
+
+
+def test_the_embedded_model_ships_its_default_schedule():
+    from roe.loading import DEFAULT_MODEL, default_schedule_path
+    from roe.schedule import model_default_schedule
+
+    assert model_default_schedule(DEFAULT_MODEL) == Schedule.load(default_schedule_path())
