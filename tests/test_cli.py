@@ -229,7 +229,8 @@ def test_an_explicit_tau_wins_over_the_shipped_schedule(capsys):
 
 
 SMALL_RUNS = {"generate": ["hello", "--max-new-tokens", "1"],
-              "eval": ["--ks", "1", "--window", "8", "--max-windows", "1"], "tasks": ["--items", "1", "--task", "last-word"],
+              "eval": ["--ks", "1", "--window", "8", "--max-windows", "1"],
+              "tasks": ["--items", "1", "--task", "last-word"],
               "bench": ["--ks", "1", "--methods", "roster", "--prompt-tokens", "4", "--new-tokens", "1"]}
 
 
