@@ -16,8 +16,8 @@ Per request, ``SamplingParams(extra_args={...})`` with these flat keys (same nam
     schedule     str: a schedule registered at engine start (give tau or schedule, not both)
 
 Engine defaults: ``additional_config={"roe": {<the keys above>, "schedules": {name: <roe schedule
-JSON dict or list of taus>}}}`` (reaches every worker). With a "roe" entry, requests without
-extra_args run RoE with the defaults; without it, they run the untouched model. Invalid settings
+JSON dict or list of taus>}}}`` (reaches every worker). When it sets defaults (any key but
+``schedules``), requests without extra_args run RoE with them; otherwise they run the untouched model. Invalid settings
 are refused per request at admission (ValueError offline, HTTP 400 in the server). Requests with
 RoE may not ask for prompt_logprobs.
 

@@ -63,6 +63,25 @@ class RoEModel:
         self._roe_step: Step | None = None
         self._roe_members: tuple[int, torch.Tensor] | None = None  # (requests, member hidden rows [M, D])
         self._roe_layers = self._roe_install()
+        self._roe_check_layers(vllm_config)
+
+    def _roe_check_layers(self, vllm_config) -> None:
+        """The frontend's MoE layer count (which checks requests) must be the model's; defaults must fit it."""
+        from roe_vllm.architectures import num_moe_layers
+        from roe_vllm.settings import EngineSettings
+
+        expected = num_moe_layers(vllm_config.model_config.hf_config)
+        if expected is not None and expected != self._roe_layers:
+            raise ValueError(f"RoE: {type(self).__name__} has {self._roe_layers} MoE layers but its config says "
+                             f"{expected}; roe_vllm.architectures.num_moe_layers is wrong for this model")
+        engine = EngineSettings.parse(vllm_config.additional_config)
+        for name, schedule in engine.schedules.items():
+            try:
+                schedule.check_layers(self._roe_layers)
+            except ValueError as err:
+                raise ValueError(f"RoE schedule {name!r}: {err}") from None
+        if engine.enabled:
+            engine.roster(None, self._roe_layers)
 
     def _roe_install(self) -> int:
         """Hook every router, MoE block, decoder layer, attention layer and the final norm; the MoE layer count."""
@@ -79,7 +98,7 @@ class RoEModel:
             block = self.get_submodule(name.rsplit(".", 1)[0])
             block.register_forward_pre_hook(self._roe_fan_out_hook(layer), with_kwargs=True)
         decoder_layers = self._roe_decoder_layers(runners[0][0])
-        for module in list(decoder_layers) + [getattr(self._roe_holder, "norm", None)]:
+        for module in list(decoder_layers) + [self._roe_norm]:
             if module is not None:
                 module.register_forward_pre_hook(self._roe_widen_hook, with_kwargs=True)
         for module in self.modules():
@@ -94,7 +113,7 @@ class RoEModel:
             holder = self.get_submodule(".".join(parts[:cut - 1])) if cut > 1 else self
             layers = getattr(holder, parts[cut - 1], None)
             if isinstance(layers, torch.nn.ModuleList) and parts[cut].isdigit():
-                self._roe_holder = holder
+                object.__setattr__(self, "_roe_norm", getattr(holder, "norm", None))  # not a submodule
                 return layers
         raise ValueError(f"{type(self).__name__}: cannot find the decoder layers around {runner_path}")
 

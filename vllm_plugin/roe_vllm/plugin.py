@@ -1,5 +1,11 @@
 """vLLM's general-plugin entry point: registers the RoE architectures in every vLLM process.
 
+It also lets the per-request check see its engine: vLLM calls a logits processor's
+``validate_params(params)`` at admission with the request only, while a RoE request is valid only
+against the engine's defaults, registered schedules and MoE layer count. ``register`` wraps the
+admission check (``InputProcessor._validate_params``) to publish the engine config it belongs to
+(``roe_vllm.requests.ADMITTING``) for the duration of the call.
+
 Nothing else changes: an engine that does not select a RoE architecture runs vLLM's stock
 classes, and a request without RoE settings on a RoE engine without defaults runs the untouched
 forward (roe_vllm/model.py).
@@ -17,3 +23,24 @@ def register() -> None:
         name = PREFIX + stock
         if name not in ModelRegistry.get_supported_archs():
             ModelRegistry.register_model(name, f"roe_vllm.models:{name}")
+    _publish_admitting_config()
+
+
+def _publish_admitting_config() -> None:
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    from roe_vllm.requests import ADMITTING
+
+    original = InputProcessor._validate_params
+    if getattr(original, "_roe_vllm", False):
+        return
+
+    def _validate_params(self, params, *args, **kwargs):
+        token = ADMITTING.set(self.vllm_config)
+        try:
+            return original(self, params, *args, **kwargs)
+        finally:
+            ADMITTING.reset(token)
+
+    _validate_params._roe_vllm = True
+    InputProcessor._validate_params = _validate_params

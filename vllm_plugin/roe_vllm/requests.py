@@ -13,6 +13,7 @@ so an engine never sees them.
 from __future__ import annotations
 
 import weakref
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,9 @@ from roe_vllm.settings import EngineSettings, check_request
 # NOTE: vLLM builds the logits processor and the model separately from the same VllmConfig; this
 # registry (instance id -> processor, weak) is how the model finds its engine's batch table.
 _TABLES: weakref.WeakValueDictionary[str, RoERequests] = weakref.WeakValueDictionary()
+# The engine config of the request being admitted (set around vLLM's admission check, plugin.py):
+# ``validate_params`` receives only the request, but the check needs the engine's defaults and layers.
+ADMITTING: ContextVar = ContextVar("roe_vllm_admitting", default=None)
 
 
 @dataclass
@@ -48,7 +52,7 @@ class RoERequests(LogitsProcessor):
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:
-        vllm_config = get_current_vllm_config_or_none()
+        vllm_config = ADMITTING.get() or get_current_vllm_config_or_none()
         engine = EngineSettings.parse(vllm_config.additional_config if vllm_config is not None else None)
         num_layers = None
         if vllm_config is not None and vllm_config.model_config is not None:

@@ -150,6 +150,10 @@ def moved(body: dict, server: ServerRoE) -> dict | None:
     server.check(body, merged)
     if not xargs:
         return None
+    # NOTE: a named schedule travels as its tau list (the same per-layer taus): vLLM runs the plugin's
+    # admission check in the API server without the engine's config, where no name is registered.
+    if "schedule" in merged:
+        merged["tau"] = list(server.engine.schedules[merged.pop("schedule")].tau)
     dropped = {*FIELDS, "experts_per_token"} - {"seed"}
     return {**{k: v for k, v in body.items() if k not in dropped}, "vllm_xargs": merged}
 

@@ -11,15 +11,15 @@ Keys (flat, same names and meaning as ``roe.RoEConfig`` and ``roe serve``):
 
 The engine's ``additional_config={"roe": {...}}`` holds defaults for the same keys plus
 ``schedules``: ``{name: schedule JSON dict (format roe.schedule/1) or list of taus}``. A request's
-``SamplingParams.extra_args`` overrides the defaults key by key. Without an engine "roe" entry, a
-request without RoE keys runs the untouched model; K = 1 or an all-zero schedule also does.
+``SamplingParams.extra_args`` overrides the defaults key by key. Without engine defaults (no "roe"
+entry, or one with only ``schedules``), a request without RoE keys runs the untouched model; K = 1
+or an all-zero schedule also does.
 
 This module knows nothing about vLLM; it validates with roe's own ``RoEConfig`` and ``Schedule``.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -67,7 +67,7 @@ class EngineSettings:
 
     defaults: dict
     schedules: dict[str, Schedule]
-    enabled: bool  # an engine "roe" entry exists: requests without extra_args get the defaults
+    enabled: bool  # the engine sets RoE defaults: requests without RoE keys run RoE with them
 
     @classmethod
     def parse(cls, additional_config: Mapping | None) -> EngineSettings:
@@ -84,7 +84,7 @@ class EngineSettings:
             raise TypeError('additional_config["roe"]["schedules"] must be a dict {name: schedule}')
         parsed = {str(name): _schedule(str(name), spec) for name, spec in schedules.items()}
         defaults = {k: v for k, v in entry.items() if k != "schedules"}
-        settings = cls(defaults=defaults, schedules=parsed, enabled=True)
+        settings = cls(defaults=defaults, schedules=parsed, enabled=bool(defaults))
         settings._config(defaults)  # the defaults alone must be valid
         return settings
 
@@ -126,14 +126,16 @@ class EngineSettings:
 
 
 def check_request(engine: EngineSettings, params, num_moe_layers: int | None) -> None:
-    """Refuse a request whose RoE settings are invalid (raises ValueError/TypeError with the reason)."""
-    cfg = engine.config(params.extra_args)
-    if cfg is None:
-        return
+    """Refuse a request whose RoE settings are invalid: a ValueError with the reason (vLLM turns it into
+    a validation error, HTTP 400 in the server)."""
+    try:
+        cfg = engine.config(params.extra_args)
+        if cfg is None:
+            return
+        if num_moe_layers is not None:
+            cfg.schedule(num_moe_layers)
+    except TypeError as err:
+        raise ValueError(str(err)) from None
     for name, what in UNSUPPORTED_REQUEST.items():
         if getattr(params, name, None) is not None:
             raise ValueError(f"RoE requests do not support {what}")
-    if num_moe_layers is not None:
-        cfg.schedule(num_moe_layers)
-    if isinstance(cfg.tau, float) and not math.isfinite(cfg.tau):
-        raise ValueError("RoE tau must be finite")
