@@ -25,8 +25,6 @@ from roe.roster import schedule_for
 from roe.schedule import Schedule
 from roe.serve.guard import Guard
 from roe.serve.protocol import (
-    CHAT_SCHEMA,
-    COMPLETION_SCHEMA,
     ApiError,
     ModelFacts,
     Parsed,
@@ -34,6 +32,7 @@ from roe.serve.protocol import (
     decode_body,
     openapi_body,
     parse_request,
+    request_schemas,
 )
 from roe.serve.text import ChoiceText
 from roe.serve.worker import Job, Worker
@@ -342,11 +341,13 @@ def create_app(model, tokenizer, cfg: ServeConfig | None = None):
                 job.cancelled = True
         yield "data: [DONE]\n\n"
 
-    @app.post("/v1/completions", openapi_extra=openapi_body(COMPLETION_SCHEMA))
+    completion_schema, chat_schema = request_schemas(service.cfg, service.facts)
+
+    @app.post("/v1/completions", openapi_extra=openapi_body(completion_schema))
     async def completions(request: fastapi.Request):
         return await complete(request, chat=False)
 
-    @app.post("/v1/chat/completions", openapi_extra=openapi_body(CHAT_SCHEMA))
+    @app.post("/v1/chat/completions", openapi_extra=openapi_body(chat_schema))
     async def chat_completions(request: fastapi.Request):
         return await complete(request, chat=True)
 

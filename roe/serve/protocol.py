@@ -366,48 +366,62 @@ def _check_cost(cfg: ServeConfig, inputs: list, chat: bool, choices: int, roster
 
 # ---------------------------------------------------------------- request-body schemas (OpenAPI)
 
-_INT = {"type": "integer"}
-_NUMBER = {"type": "number"}
-_ROE_FIELDS = {
-    "roster_size": {**_INT, "minimum": 1, "description": "K, the members averaged at each token"},
-    "tau": {"oneOf": [{**_NUMBER, "minimum": 0}, {"type": "array", "items": {**_NUMBER, "minimum": 0}}],
-            "description": "a uniform temperature on the middle MoE layers, or one per MoE layer"},
-    "schedule": {"type": "string", "description": "the name of a schedule the operator registered (not a path)"},
-    "seed": {**_INT, "minimum": 0},
-    "skip_first": {**_INT, "minimum": 0},
-    "skip_last": {**_INT, "minimum": 0},
-}
-_COMMON = {
-    "model": {"type": "string"},
-    "max_tokens": {**_INT, "minimum": 1},
-    "n": {**_INT, "minimum": 1},
-    "temperature": {**_NUMBER, "minimum": 0, "maximum": 2},
-    "top_p": {**_NUMBER, "exclusiveMinimum": 0, "maximum": 1},
-    "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 4}]},
-    "stream": {"type": "boolean"},
-    "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
-    **_ROE_FIELDS,
-}
-COMPLETION_SCHEMA = {"type": "object", "required": ["prompt"], "properties": {
-    **_COMMON,
-    "prompt": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}},
-                         {"type": "array", "items": {**_INT, "minimum": 0}},
-                         {"type": "array", "items": {"type": "array", "items": {**_INT, "minimum": 0}}}]},
-    "logprobs": {**_INT, "minimum": 0, "maximum": MAX_TOP_LOGPROBS},
-    "echo": {"type": "boolean"}, "suffix": {"type": "string"}, "best_of": _INT,
-}}
-_CONTENT = {"oneOf": [{"type": "string"}, {"type": "null"}, {"type": "array", "items": {
-    "type": "object", "required": ["type", "text"],
-    "properties": {"type": {"enum": ["text"]}, "text": {"type": "string"}}}}]}
-CHAT_SCHEMA = {"type": "object", "required": ["messages"], "properties": {
-    **_COMMON,
-    "messages": {"type": "array", "minItems": 1, "items": {
-        "type": "object", "required": ["role", "content"],
-        "properties": {"role": {"enum": list(ROLES)}, "content": _CONTENT}}},
-    "max_completion_tokens": {**_INT, "minimum": 1},
-    "logprobs": {"type": "boolean"},
-    "top_logprobs": {**_INT, "minimum": 0, "maximum": MAX_TOP_LOGPROBS},
-}}
+
+def request_schemas(cfg: ServeConfig, facts: ModelFacts) -> tuple[dict, dict]:
+    """JSON schemas of the completions and chat bodies, with this server's limits and RoE fields.
+
+    What a schema cannot say (the per-request budget, prompt + max_tokens within the context,
+    the tokenised prompt being non-empty) is still checked by ``parse_request`` (400).
+    """
+    integer = lambda lo, hi: {"type": "integer", "minimum": lo, "maximum": hi}  # noqa: E731
+    tau = {"type": "number", "minimum": 0, "maximum": 1e6}
+    text = {"type": "string", "minLength": 1, "maxLength": cfg.max_prompt_chars}
+    roe_fields = {
+        "roster_size": {**integer(1, cfg.max_roster_size), "description": "K, the members averaged at each token"},
+        "tau": {"oneOf": [tau, {"type": "array", "items": tau, "minItems": facts.moe_layers,
+                                "maxItems": facts.moe_layers}],
+                "description": "a uniform temperature on the middle MoE layers, or one per MoE layer"},
+        "seed": integer(0, 1 << 62),
+        "skip_first": integer(0, facts.moe_layers),
+        "skip_last": integer(0, facts.moe_layers),
+    }
+    if facts.schedules:
+        roe_fields["schedule"] = {"enum": sorted(facts.schedules),
+                                  "description": "the name of a schedule the operator registered (never a path)"}
+    common = {
+        "model": {"enum": [cfg.model_id, *cfg.aliases]},
+        "max_tokens": integer(1, cfg.max_tokens_limit),
+        "n": integer(1, cfg.max_n),
+        "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+        "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+        "stop": {"oneOf": [{"type": "string", "minLength": 1},
+                           {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 4}]},
+        "stream": {"type": "boolean"},
+        "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
+        **roe_fields,
+    }
+    not_both = {"not": {"required": ["tau", "schedule"]}}
+    ids = {"type": "array", "minItems": 1, "items": integer(0, facts.vocab - 1)}
+    completion = {"type": "object", "required": ["prompt"], **not_both, "properties": {
+        **common,
+        "prompt": {"oneOf": [text, {"type": "array", "minItems": 1, "maxItems": cfg.max_queue, "items": text}, ids,
+                             {"type": "array", "minItems": 1, "maxItems": cfg.max_queue, "items": ids}]},
+        "logprobs": integer(0, MAX_TOP_LOGPROBS),
+        "best_of": {"enum": [1]},
+    }}
+    content = {"oneOf": [text, {"type": "array", "minItems": 1, "items": {
+        "type": "object", "required": ["type", "text"],
+        "properties": {"type": {"enum": ["text"]}, "text": text}}}]}
+    chat = {"type": "object", "required": ["messages"], **not_both, "properties": {
+        **common,
+        "messages": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["role", "content"],
+            "properties": {"role": {"enum": list(ROLES)}, "content": content}}},
+        "max_completion_tokens": integer(1, cfg.max_tokens_limit),
+        "logprobs": {"type": "boolean"},
+        "top_logprobs": integer(0, MAX_TOP_LOGPROBS),
+    }}
+    return completion, chat
 
 
 def openapi_body(schema: dict) -> dict:
