@@ -31,6 +31,7 @@ SCHEDULE = ROOT / "roe" / "assets" / "default" / "schedule.json"
 KEY = "test-key"
 PROMPT = "To be, or not to be, that is"
 STEPS = 32
+LOGPROB_TOL = 1e-4  # fp32 in both engines, different kernels and summation orders
 START_TIMEOUT_S = 300
 
 # (name, RoE request fields, the same settings as roe.RoEConfig keywords; tau "SCHEDULE" = the file)
@@ -39,8 +40,8 @@ CASES = [
     ("schedule", {"roster_size": 8, "schedule": "calib", "seed": 1}, {"roster_size": 8, "tau": "SCHEDULE", "seed": 1}),
     ("list", {"roster_size": 4, "tau": [0.0, 0.5, 0.2, 0.4, 0.1, 0.3], "seed": 0},
      {"roster_size": 4, "tau": [0.0, 0.5, 0.2, 0.4, 0.1, 0.3], "seed": 0}),
-    ("skips", {"roster_size": 2, "tau": 0.5, "skip_first": 0, "skip_last": 2, "seed": 7},
-     {"roster_size": 2, "tau": 0.5, "skip_first": 0, "skip_last": 2, "seed": 7}),
+    ("skips", {"roster_size": 2, "tau": 2.0, "skip_first": 0, "skip_last": 2, "seed": 7},
+     {"roster_size": 2, "tau": 2.0, "skip_first": 0, "skip_last": 2, "seed": 7}),
     ("plain", {}, {"roster_size": 1}),
 ]
 
@@ -55,9 +56,11 @@ ids = tokenizer(prompt, return_tensors="pt").input_ids
 out = {"prompt_ids": ids[0].tolist()}
 for name, cfg in cases.items():
     cfg = {**cfg, "tau": schedule} if cfg.get("tau") == "SCHEDULE" else cfg
+    chosen = []  # log-prob of each chosen token under the RoE average
     with roe.roster(model, roe.RoEConfig(**cfg)) as r:
-        tokens = r.generate(ids, max_new_tokens=steps, eos_token_id=-1)  # no eos stop, as ignore_eos
-    out[name] = tokens[0, ids.shape[1]:].tolist()
+        tokens = r.generate(ids, max_new_tokens=steps, eos_token_id=-1,  # no eos stop, as ignore_eos
+                            on_step=lambda t_B, lp_BV: chosen.append(lp_BV[0, t_B[0]].item()))
+    out[name] = {"tokens": tokens[0, ids.shape[1]:].tolist(), "logprobs": chosen}
 print(json.dumps(out))
 """
 
@@ -98,7 +101,8 @@ def server(roe_tokens, tmp_path_factory):
     port, log = _free_port(), tmp_path_factory.mktemp("serve") / "server.log"
     cmd = [str(Path(sys.executable).parent / "roe-vllm"), "serve", "--port", str(port), "--schedule",
            f"calib={SCHEDULE}", "--api-key", KEY, "--max-model-len", "512"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    # the server as users run it: engine core in its own process (conftest.py sets in-process for LLM tests)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -123,7 +127,7 @@ def expected(roe_tokens):
 
 def _complete(client: httpx.Client, **fields) -> httpx.Response:
     body = {"model": _model(client), "prompt": PROMPT, "max_tokens": STEPS, "temperature": 0, "ignore_eos": True,
-            "return_token_ids": True, **fields}
+            "return_token_ids": True, "logprobs": 0, **fields}
     return client.post("/v1/completions", json=body)
 
 
@@ -139,17 +143,27 @@ def _tokens(response: httpx.Response) -> list[int]:
 # ---------------------------------------------------------------- against roe's engine
 
 
+def _gap(a: list[float], b: list[float]) -> float:
+    assert len(a) == len(b) == STEPS
+    return max(abs(x - y) for x, y in zip(a, b, strict=True))
+
+
 @pytest.mark.parametrize("name,fields", [(n, f) for n, f, _ in CASES])
 def test_tokens_equal_roe_engine(server, expected, name, fields):
     response = _complete(server, **fields)
-    assert response.json()["choices"][0]["prompt_token_ids"] == expected["prompt_ids"]
-    assert _tokens(response) == expected[name]
+    assert _tokens(response) == expected[name]["tokens"]
+    choice = response.json()["choices"][0]
+    assert choice["prompt_token_ids"] == expected["prompt_ids"]
+    assert _gap(choice["logprobs"]["token_logprobs"], expected[name]["logprobs"]) <= LOGPROB_TOL
 
 
 def test_cases_differ_from_the_untouched_model(expected):
-    """Each RoE case changes the tokens, so the equalities above see whether the settings arrived."""
+    """Each case's settings move the log-probs far beyond the tolerance, and one the tokens too,
+    so the equalities above see whether the settings arrived (greedy tokens alone mostly do not)."""
+    plain = expected["plain"]
     for name, _, _ in CASES[:-1]:
-        assert expected[name] != expected["plain"], name
+        assert _gap(expected[name]["logprobs"], plain["logprobs"]) > 100 * LOGPROB_TOL, name
+    assert expected["skips"]["tokens"] != plain["tokens"]
 
 
 def test_roster_size_1_is_the_request_without_fields(server):
@@ -168,7 +182,7 @@ def test_streaming_gives_the_same_tokens(server, expected):
         for line in response.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
                 tokens += json.loads(line[6:])["choices"][0].get("token_ids") or []
-    assert tokens == expected["uniform"]
+    assert tokens == expected["uniform"]["tokens"]
 
 
 # ---------------------------------------------------------------- refusals
@@ -258,7 +272,7 @@ def test_middleware_moves_fields_into_vllm_xargs(path):
     received = json.loads(seen["body"])
     assert status == 200
     assert received == {"prompt": "x", "seed": 5,
-                        "vllm_xargs": {"other": 1, "roster_size": 4, "seed": 5, "schedule": "calib"}}
+                        "vllm_xargs": {"other": 1, "roster_size": 4, "seed": 5, "tau": [0.1]}}  # calib's taus
     assert seen["headers"][b"content-length"] == str(len(seen["body"])).encode()
 
 
