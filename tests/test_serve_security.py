@@ -387,3 +387,33 @@ def test_roe_serve_registers_named_schedules_and_reads_the_vllm_key(tmp_path, mo
                 ["--schedule", "../a=x.json"], ["--default-schedule", "missing"], ["--schedule-dir", "/nonexistent"]):
         with pytest.raises(SystemExit):
             main(["serve", *bad])
+
+
+# ---------------------------------------------------------------- fuzzing the OpenAPI document
+
+
+def test_fuzzing_the_request_schemas_finds_no_5xx(secured):
+    """Schemathesis draws bodies from the server's own request schemas (valid ones and ones that
+    break them) and no answer is a 5xx. A short run; the full one is in the README's note."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+
+    schema = schemathesis.openapi.from_url(f"{secured.url}/openapi.json")
+    assert {"/v1/completions", "/v1/chat/completions"} <= set(schema.raw_schema["paths"])
+    answered = []
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        operation = schema[path]["POST"]
+        body = operation.definition.raw["requestBody"]["content"]["application/json"]["schema"]
+        assert {"roster_size", "tau", "seed", "schedule"} <= set(body["properties"])
+        for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
+            @settings(max_examples=25, deadline=None, database=None, derandomize=True,
+                      suppress_health_check=list(HealthCheck))
+            @given(case=operation.as_strategy(mode))
+            def no_server_error(case):
+                response = case.call(base_url=secured.url, headers=AUTH, timeout=60)
+                answered.append(response.status_code)
+                assert response.status_code < 500, (case.body, response.text)
+
+            no_server_error()
+    assert 200 in answered and any(400 <= code < 500 for code in answered)
+    assert_alive(secured)
