@@ -1,11 +1,12 @@
 """roe serve: an OpenAI-compatible HTTP server (completions, chat completions, streaming) over RoE.
 
 One worker thread owns the model. A request is validated on the event loop, becomes one ``Job``
-per choice, and waits in a bounded queue (429 when full). The worker takes the oldest job plus
-every queued job with the same RoE and sampling settings (up to ``max_batch``), runs them as one
-left-padded ``Roster.generate`` batch, and sends each step's token back to the waiting request,
-which turns tokens into text (eos, stop strings, its own ``max_tokens``). The engine gives a
-prompt the same tokens in a batch as alone, so a response never depends on its batch-mates.
+per choice, and waits in a bounded queue (429 when full). The worker schedules by decode step:
+jobs join a running group of the same roster settings (up to ``max_batch`` rows sharing each
+forward, whatever their seeds and sampling) between steps, the groups take turns one step each,
+and each step's token goes back to the waiting request, which turns tokens into text (eos, stop
+strings, its own ``max_tokens``). The engine gives a prompt the same tokens in a batch as alone,
+so a response never depends on its batch-mates or on when it joined.
 
 RoE settings are extra request fields (``roster_size``, ``tau``, ``schedule``, ``seed``,
 ``skip_first``, ``skip_last``) with the server's defaults. ``n`` > 1 gives choice i the seed
@@ -19,8 +20,8 @@ lazily: ``pip install 'roe[serve]'``.
 from roe.serve.app import Service, create_app, registered_schedules, require_serve_extra, run
 from roe.serve.protocol import ApiError, Parsed, Sampling, ServeConfig, chat_prompt_ids, parse_request
 from roe.serve.text import ChoiceText, token_bytes, token_text
-from roe.serve.worker import Job, Worker, run_batch
+from roe.serve.worker import Job, Worker
 
 __all__ = ["ApiError", "ChoiceText", "Job", "Parsed", "Sampling", "ServeConfig", "Service", "Worker",
            "chat_prompt_ids", "create_app", "parse_request", "registered_schedules", "require_serve_extra", "run",
-           "run_batch", "token_bytes", "token_text"]
+           "token_bytes", "token_text"]

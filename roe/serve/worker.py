@@ -1,20 +1,32 @@
-"""The worker: the one thread that owns the model, fed by a bounded queue of jobs run in batches.
+"""The worker: the one thread that owns the model, scheduling by decode step, not by request.
 
-A request becomes one ``Job`` per choice. The worker takes the oldest job plus every queued job
-with the same RoE and sampling settings (up to ``max_batch``) and runs them as one left-padded
-``Roster.generate`` batch, sending each step's token back through the job's ``emit``.
+A request becomes one ``Job`` per choice, queued (429 beyond ``max_queue``). Before every decode
+step the worker admits the queued jobs it has room for, drops the rows of cancelled jobs, then
+runs ONE step of one live group and sends each of its jobs its token through ``emit``. A group
+is a ``Decoding`` (roe/engine.py) of jobs with the same roster settings (roster size, schedule,
+skips): their rows share each forward even when their seeds, sampling settings, prompt lengths
+and start times differ, since a row's tokens do not depend on its batch-mates. Jobs whose roster
+settings differ cannot share a forward, so the groups take turns: the group that has used the
+least worker time runs next, and a new group starts level with the least. A short request thus
+starts at the next step and gets its share of the worker from then on, instead of waiting for
+the running requests to finish (or for many steps of a costly group). A row leaves its group
+when it ends (eos, its ``max_tokens``, a stop string) and, before the next step, when its job is
+cancelled (the client went away). A step that fails answers an error to its group's jobs only.
 """
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 import roe
 from roe.config import RoEConfig
+from roe.engine import Decoding, Row, model_eos
+from roe.roster import Roster
 from roe.serve.protocol import ApiError, Sampling, ServeConfig
 
 log = logging.getLogger("roe.serve")
@@ -22,7 +34,7 @@ log = logging.getLogger("roe.serve")
 
 @dataclass(eq=False)
 class Job:
-    """One choice of one request: a prompt and the settings its batch must share."""
+    """One choice of one request: a prompt, its RoE and sampling settings, and where its tokens go."""
 
     key: tuple
     cfg: RoEConfig
@@ -34,53 +46,81 @@ class Job:
     emit: Callable[[tuple], None]
     top_logprobs: int | None = None
     cancelled: bool = False
+    steps: int = 0  # decode steps computed for this job (it stops growing once the job is cancelled)
 
 
-class _Abandoned(Exception):
-    """Every job of the running batch has been answered or given up; stop decoding."""
+class Rosters:
+    """The rosters installed on the worker's model, one per roster setting in use, opened on demand.
+
+    NOTE: a roster wraps the routers' ``forward`` and restores what it found when it closes, so
+    the rosters of one model must close in the reverse order of opening. Groups end in any order,
+    so a roster no group uses stays installed (its wrappers pass through: they act only inside
+    its own forwards) until every roster opened after it has closed; a new group with the same
+    settings reuses it meanwhile.
+    """
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.stack: list[tuple[RoEConfig, object, Roster]] = []  # (settings, context manager, roster)
+        self.users: dict[RoEConfig, int] = {}
+
+    def acquire(self, settings: RoEConfig) -> Roster:
+        for cfg, _, roster in self.stack:
+            if cfg == settings:
+                self.users[settings] += 1
+                return roster
+        context = roe.roster(self.model, settings)
+        roster = context.__enter__()
+        self.stack.append((settings, context, roster))
+        self.users[settings] = 1
+        return roster
+
+    def release(self, settings: RoEConfig) -> None:
+        self.users[settings] -= 1
+        while self.stack and self.users[self.stack[-1][0]] == 0:
+            cfg, context, _ = self.stack.pop()
+            del self.users[cfg]
+            context.__exit__(None, None, None)
 
 
-def run_batch(model, tokenizer, jobs: list[Job], pad_id: int) -> None:
-    """One left-padded ``Roster.generate`` over jobs with the same key, tokens sent as they come."""
-    width = max(len(job.prompt_ids) for job in jobs)
-    ids_BS = torch.full((len(jobs), width), pad_id, dtype=torch.long)
-    mask_BS = torch.zeros((len(jobs), width), dtype=torch.long)
-    for b, job in enumerate(jobs):
-        ids_BS[b, width - len(job.prompt_ids):] = torch.tensor(job.prompt_ids)
-        mask_BS[b, width - len(job.prompt_ids):] = 1
+class Group:
+    """Jobs decoded together: one ``Decoding`` on the roster of their shared settings."""
 
-    def on_step(chosen_B: torch.Tensor, logprobs_BV: torch.Tensor) -> None:
-        if all(job.cancelled for job in jobs):
-            raise _Abandoned
-        for b, (job, token) in enumerate(zip(jobs, chosen_B.tolist())):
-            info = None
-            if job.top_logprobs is not None:
-                top = logprobs_BV[b].topk(job.top_logprobs) if job.top_logprobs else None
-                info = (logprobs_BV[b, token].item(),
-                        list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else [])
-            job.emit(("token", job.index, (token, info)))
+    def __init__(self, settings: RoEConfig, roster: Roster, busy: float) -> None:
+        self.settings, self.decoding = settings, Decoding(roster)
+        self.jobs: dict[int, tuple[Row, Job, list[int]]] = {}  # id(row) -> (row, job, its tokens)
+        self.busy, self.steps = busy, 0  # worker seconds spent on this group (from its start level), steps run
 
-    s = jobs[0].sampling
-    with roe.roster(model, jobs[0].cfg) as r:
-        try:
-            r.generate(ids_BS, mask_BS, max_new_tokens=max(job.max_tokens for job in jobs), do_sample=s.do_sample,
-                       temperature=s.temperature, top_p=s.top_p, stop_strings=list(s.stop) or None,
-                       tokenizer=tokenizer, pad_token_id=pad_id, on_step=on_step)
-        except _Abandoned:
-            pass
-    for job in jobs:
-        job.emit(("end", job.index, None))
+    def admit(self, jobs: list[Job], eos: frozenset[int]) -> None:
+        rows = [Row(torch.tensor(job.prompt_ids), seed=job.cfg.seed, max_new_tokens=job.max_tokens, eos=eos,
+                    do_sample=job.sampling.do_sample, temperature=job.sampling.temperature, top_p=job.sampling.top_p)
+                for job in jobs]
+        self.decoding.admit(rows)
+        self.jobs.update({id(row): (row, job, []) for row, job in zip(rows, jobs, strict=True)})
+
+    def drop_cancelled(self) -> None:
+        gone = [row for row, job, _ in self.jobs.values() if job.cancelled]
+        self.decoding.drop(gone)
+        for row in gone:
+            del self.jobs[id(row)]
 
 
 class Worker:
-    """The thread that owns the model, fed by a bounded queue of jobs grouped into batches."""
+    """The thread that owns the model: admits queued jobs into groups and steps the groups in turn."""
+
+    # NOTE: live groups at most; a job that needs another waits in the queue. Groups share the
+    # worker's time, so this bounds how thin each share gets (and the rosters installed).
+    max_groups = 8
 
     def __init__(self, model, tokenizer, cfg: ServeConfig, pad_id: int) -> None:
         self.model, self.tokenizer, self.cfg, self.pad_id = model, tokenizer, cfg, pad_id
+        self.eos = model_eos(model)
         self.queue: deque[Job] = deque()
         self.cond = threading.Condition()
         self.closing = False
-        self.batches = self.submitted = 0
+        self.batches = self.submitted = self.steps = 0
+        self.groups: list[Group] = []
+        self.rosters = Rosters(model)
         self.thread = threading.Thread(target=self._run, name="roe-serve-worker", daemon=True)
 
     def start(self) -> None:
@@ -105,32 +145,112 @@ class Worker:
         if self.thread.is_alive():
             self.thread.join(timeout)
 
-    def next_batch(self) -> list[Job] | None:
-        """The oldest live job and the queued jobs sharing its key (up to max_batch); None when closed."""
+    def _run(self) -> None:
+        if self.cfg.threads:
+            torch.set_num_threads(self.cfg.threads)
+        with torch.no_grad():
+            while (taken := self._take()) is not None:
+                self._admit(taken)
+                for group in list(self.groups):
+                    group.drop_cancelled()
+                    if not group.decoding.rows:
+                        self._retire(group)
+                if self.groups:
+                    self._step(min(self.groups, key=lambda g: (g.busy, g.steps)))
+
+    def _take(self) -> list[tuple[Group | None, RoEConfig, Job]] | None:
+        """The queued jobs there is room for, in order, each with its group (None: a new one for its
+        settings); waits while there is nothing to do; None once closed and drained."""
         with self.cond:
             while True:
-                while self.queue and self.queue[0].cancelled:
-                    self.queue.popleft()
-                if self.queue:
+                self.queue = deque(job for job in self.queue if not job.cancelled)
+                if self.queue or self.groups:
                     break
                 if self.closing:
                     return None
                 self.cond.wait()
-            first = self.queue.popleft()
-            batch = [first] + [job for job in self.queue if job.key == first.key and not job.cancelled]
-            batch = batch[: self.cfg.max_batch]
-            taken = set(map(id, batch))
-            self.queue = deque(job for job in self.queue if id(job) not in taken)
-            return batch
+            room = {id(g): self.cfg.max_batch - len(g.decoding.rows) for g in self.groups}
+            new: dict[RoEConfig, int] = {}  # settings -> rows taken into the new group for it
+            taken = []
+            while self.queue:
+                job = self.queue[0]
+                settings = replace(job.cfg, seed=0)  # rows carry their own seeds
+                group = next((g for g in self.groups if g.settings == settings and room[id(g)] > 0), None)
+                if group is not None:
+                    room[id(group)] -= 1
+                elif 0 < new.get(settings, 0) < self.cfg.max_batch:
+                    new[settings] += 1
+                elif len(self.groups) + len(new) < self.max_groups and settings not in new:
+                    new[settings] = 1
+                else:
+                    break  # FIFO: a job that must wait holds back the ones behind it
+                taken.append((group, settings, self.queue.popleft()))
+            return taken
 
-    def _run(self) -> None:
-        if self.cfg.threads:
-            torch.set_num_threads(self.cfg.threads)
-        while (batch := self.next_batch()) is not None:
+    def _admit(self, taken: list[tuple[Group | None, RoEConfig, Job]]) -> None:
+        """Prefill the taken jobs into their groups (a new group for each new settings)."""
+        by_group: dict[tuple, tuple[Group | None, RoEConfig, list[Job]]] = {}
+        for group, settings, job in taken:
+            key = ("running", id(group)) if group is not None else ("new", settings)
+            by_group.setdefault(key, (group, settings, []))[2].append(job)
+        for group, settings, jobs in by_group.values():
             try:
-                run_batch(self.model, self.tokenizer, batch, self.pad_id)
-            except Exception as err:  # a failed batch must not kill the worker
-                log.exception("batch failed")
-                for job in batch:
-                    job.emit(("error", job.index, f"generation failed: {type(err).__name__}: {err}"))
-            self.batches += 1
+                if group is None:
+                    level = min((g.busy for g in self.groups), default=0.0)
+                    group = Group(settings, self.rosters.acquire(settings), level)
+                    self.groups.append(group)
+                    self.batches += 1
+                group.admit(jobs, self.eos)
+            except Exception as err:  # a failed prefill answers its jobs, not the server
+                log.exception("admission failed")
+                self._fail(jobs, err)
+                if group is not None and not group.jobs:
+                    self._retire(group)
+
+    def _step(self, group: Group) -> None:
+        """One decode step of ``group``: each job gets its token; finished rows leave."""
+        start = time.perf_counter()
+        try:
+            step = group.decoding.step()
+        except Exception as err:  # a failed step answers its group's jobs, not the server
+            log.exception("decode step failed")
+            self._fail([job for _, job, _ in group.jobs.values()], err)
+            self._retire(group)
+            return
+        group.busy += time.perf_counter() - start
+        group.steps += 1
+        self.steps += 1
+        stopped = []
+        for row, token, logprobs_V in zip(step.rows, step.tokens_R.tolist(), step.logprobs_RV, strict=True):
+            _, job, tokens = group.jobs[id(row)]
+            job.steps += 1
+            job.emit(("token", job.index, (token, _logprob_info(job, token, logprobs_V))))
+            tokens.append(token)
+            if not row.finish and job.sampling.stop and self._hit_stop(tokens, job.sampling.stop):
+                stopped.append(row)
+        group.decoding.drop(stopped)
+        for row in [row for row, _, _ in group.jobs.values() if row.finish]:
+            _, job, _ = group.jobs.pop(id(row))
+            job.emit(("end", job.index, None))
+        if not group.decoding.rows:
+            self._retire(group)
+
+    def _hit_stop(self, tokens: list[int], stop: tuple[str, ...]) -> bool:
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return any(s in text for s in stop)
+
+    def _fail(self, jobs: list[Job], err: Exception) -> None:
+        for job in jobs:
+            job.emit(("error", job.index, f"generation failed: {type(err).__name__}: {err}"))
+
+    def _retire(self, group: Group) -> None:
+        self.groups.remove(group)
+        self.rosters.release(group.settings)
+
+
+def _logprob_info(job: Job, token: int, logprobs_V: torch.Tensor):
+    """(the token's log-prob, [(id, log-prob) of the most likely]) when the job asked for logprobs."""
+    if job.top_logprobs is None:
+        return None
+    top = logprobs_V.topk(job.top_logprobs) if job.top_logprobs else None
+    return logprobs_V[token].item(), list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
