@@ -128,7 +128,7 @@ def test_a_tau_list_per_layer(secured, offline):
 
 def test_every_v1_route_needs_the_key(secured):
     for method, path in (("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"),
-                         ("GET", "/v1/nowhere")):
+                         ("GET", "/v1/nowhere"), ("GET", "/openapi.json"), ("GET", "/docs")):
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
             response = httpx.request(method, f"{secured.url}{path}", headers=headers, json={"prompt": "hi"})
             assert_openai_error(response, 401, "invalid_api_key")
@@ -398,7 +398,7 @@ def test_fuzzing_the_request_schemas_finds_no_5xx(secured):
     import schemathesis
     from hypothesis import HealthCheck, given, settings
 
-    schema = schemathesis.openapi.from_url(f"{secured.url}/openapi.json")
+    schema = schemathesis.openapi.from_url(f"{secured.url}/openapi.json", headers=AUTH)
     assert {"/v1/completions", "/v1/chat/completions"} <= set(schema.raw_schema["paths"])
     answered = []
     for path in ("/v1/completions", "/v1/chat/completions"):

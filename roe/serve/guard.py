@@ -2,7 +2,8 @@
 
 A pure ASGI middleware (no request body is read here, streaming is untouched). It knows nothing
 of models or requests: it answers 400 for a Host the server does not go by and 401 for a /v1
-route without the right ``Authorization: Bearer`` key, both in OpenAI's error format.
+route (or the API documents, which list the registered schedule names) without the right
+``Authorization: Bearer`` key, both in OpenAI's error format.
 """
 
 import hmac
@@ -12,6 +13,7 @@ import json
 from roe.serve.protocol import ApiError, ServeConfig
 
 LOCAL_NAMES = ("localhost", "localhost.localdomain")
+KEYED = ("/v1", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")  # besides /v1/*: /health needs no key
 
 
 def host_name(host: str) -> str:
@@ -46,7 +48,8 @@ def key_matches(authorization: str, key: str) -> bool:
 
 
 class Guard:
-    """ASGI middleware: Host check on every HTTP request, Bearer key on /v1 routes (when a key is set)."""
+    """ASGI middleware: Host check on every HTTP request, Bearer key on /v1 routes and the API documents
+    (when a key is set)."""
 
     def __init__(self, app, cfg: ServeConfig) -> None:
         self.app, self.cfg = app, cfg
@@ -65,7 +68,7 @@ class Guard:
             return ApiError(400, "the Host header does not name this server (see roe serve --allowed-hosts)",
                             code="invalid_host")
         path = scope["path"]
-        if self.cfg.api_key and (path == "/v1" or path.startswith("/v1/")) and not key_matches(
+        if self.cfg.api_key and (path in KEYED or path.startswith("/v1/")) and not key_matches(
                 headers.get("authorization", ""), self.cfg.api_key):
             return ApiError(401, "missing or incorrect API key: send the header 'Authorization: Bearer <key>'",
                             code="invalid_api_key")

@@ -331,7 +331,7 @@ def parse_request(body: dict, *, chat: bool, cfg: ServeConfig, facts: ModelFacts
     n = _int(body, "n", 1, 1, cfg.max_n)
     sampling = _sampling(body)
     cfgs, keys = _roe_configs(body, cfg, n, facts)
-    stream = body.get("stream", False)
+    stream = body.get("stream") or False
     if not isinstance(stream, bool):
         raise ApiError(400, f"stream must be a boolean, got {stream!r}", param="stream")
     options = body.get("stream_options") or {}
@@ -421,6 +421,9 @@ def request_schemas(cfg: ServeConfig, facts: ModelFacts) -> tuple[dict, dict]:
         "logprobs": {"type": "boolean"},
         "top_logprobs": integer(0, MAX_TOP_LOGPROBS),
     }}
+    for body in (completion, chat):  # NOTE: OpenAI clients send null for an unset field; it means the default
+        body["properties"] = {name: prop if name in body["required"] else {"anyOf": [prop, {"type": "null"}]}
+                              for name, prop in body["properties"].items()}
     return completion, chat
 
 
