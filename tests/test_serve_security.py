@@ -276,9 +276,10 @@ def test_a_disconnected_client_stops_its_work(saved_model):
         sock.close()
         hung_up = len(steps)
         time.sleep(1.0)
-        settled = len(steps)
+        settled, worker_steps = len(steps), app.state.service.worker.steps
         time.sleep(1.0)
         assert len(steps) == settled, "the worker still computes for a client that left"
+        assert app.state.service.worker.steps == worker_steps
         assert settled - hung_up < 60 and settled - before < 200, (before, hung_up, settled)
         assert httpx.get(f"{url}/health").status_code == 200
 

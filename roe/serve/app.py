@@ -107,7 +107,7 @@ class Service:
         state = ("failed" if self.failure else "starting" if not self.ready.is_set()
                  else "ok" if worker.thread.is_alive() else "worker_dead")
         body = {"status": state, "queued": len(worker.queue), "submitted": worker.submitted,
-                "batches": worker.batches}
+                "batches": worker.batches, "steps": worker.steps}
         return (200 if state == "ok" else 503), ({**body, "detail": self.failure} if self.failure else body)
 
     def check_serving(self) -> None:
