@@ -9,7 +9,8 @@ Per request, ``SamplingParams(extra_args={...})`` with these flat keys (same nam
 ``roe.RoEConfig`` and ``roe serve``); a missing key takes the engine default:
 
     roster_size  int >= 1: K, members averaged at each token (member 0 is clean; 1 = the plain model)
-    tau          float >= 0 (uniform over the noisy MoE layers) or a list (one value per MoE layer)
+    tau          float >= 0 (uniform over the noisy MoE layers) or a list (one value per MoE layer);
+                 absent: the model's default schedule (the checkpoint's schedule.json, else 0.1), as in roe
     seed         int >= 0: keys the routing noise, as in roe (same seed, same tokens as roe's engine)
     skip_first   int >= 0: MoE layers kept clean at the start when tau is a float (default 1)
     skip_last    int >= 0: MoE layers kept clean at the end when tau is a float (default 1)
@@ -45,7 +46,8 @@ def engine_args(model: str | Path | None = None, **kwargs) -> dict:
 
     ``model`` None is roe's embedded default model. RoE engine defaults (``roster_size``, ``tau``,
     ``seed``, ``skip_first``, ``skip_last``, ``schedule``, ``schedules``) go to
-    ``additional_config["roe"]``; every other keyword is passed to vLLM as given. Sets
+    ``additional_config["roe"]``; every other keyword is passed to vLLM as given.
+    NOTE: ``seed`` is RoE's noise seed, as everywhere in roe; vLLM's own engine seed is ``engine_seed``. Sets
     ``enforce_eager=True``, the RoE logits processor and the RoE architecture
     (``hf_overrides={"architectures": ["RoE<stock>"]}``).
     """
@@ -54,6 +56,8 @@ def engine_args(model: str | Path | None = None, **kwargs) -> dict:
 
         model = DEFAULT_MODEL
     defaults = {k: kwargs.pop(k) for k in _ENGINE_KEYS if k in kwargs}
+    if "engine_seed" in kwargs:
+        kwargs["seed"] = kwargs.pop("engine_seed")
     config = json.loads((Path(model) / "config.json").read_text()) if (Path(model) / "config.json").is_file() else {}
     archs = (kwargs.get("hf_overrides") or {}).get("architectures") or config.get("architectures") or []
     if not archs:
@@ -65,7 +69,7 @@ def engine_args(model: str | Path | None = None, **kwargs) -> dict:
     if "roe" in additional:
         from roe_vllm.settings import EngineSettings
 
-        EngineSettings.parse(additional)
+        EngineSettings.parse(additional, str(model))
     processors = list(kwargs.pop("logits_processors", None) or [])
     args = {"model": str(model), "enforce_eager": True, **kwargs,
             "hf_overrides": {**(kwargs.get("hf_overrides") or {}), "architectures": [roe_name(archs[0])]},

@@ -28,6 +28,9 @@ from roe_vllm.members import Step
 def check_layer(layer) -> None:
     """Refuse attention features the member attention does not implement (at model start-up)."""
     impl = getattr(layer, "impl", None)
+    if type(impl).__name__ != "CPUAttentionBackendImpl":
+        raise ValueError(f"RoE on vLLM: layer {layer.layer_name} runs the {type(impl).__name__} attention backend; "
+                         "member attention reads only the CPU backend's paged KV layout (CPU_ATTN) so far")
     what = []
     if getattr(impl, "sinks", None) is not None:
         what.append("attention sinks")

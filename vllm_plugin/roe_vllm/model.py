@@ -74,7 +74,7 @@ class RoEModel:
         if expected is not None and expected != self._roe_layers:
             raise ValueError(f"RoE: {type(self).__name__} has {self._roe_layers} MoE layers but its config says "
                              f"{expected}; roe_vllm.architectures.num_moe_layers is wrong for this model")
-        engine = EngineSettings.parse(vllm_config.additional_config)
+        engine = EngineSettings.parse(vllm_config.additional_config, vllm_config.model_config.model)
         for name, schedule in engine.schedules.items():
             try:
                 schedule.check_layers(self._roe_layers)
@@ -93,6 +93,7 @@ class RoEModel:
         if not runners:
             raise ValueError(f"{type(self).__name__} has no fused MoE layer for RoE")
         step_of = self._roe_current
+        self._roe_runners = [runner for _, runner in runners]
         for layer, (name, runner) in enumerate(runners):
             routing.install(runner.router, layer, step_of)
             block = self.get_submodule(name.rsplit(".", 1)[0])
@@ -193,7 +194,18 @@ class RoEModel:
             found.append(Request(index=index, row=row, position=position, roster=entry.roster))
         return sorted(found, key=lambda r: r.index)
 
+    def _roe_check_kernels(self) -> None:
+        """MoE kernels that route inside the kernel never call the router: refuse them (vLLM's start-up
+        warm-up forward runs this once the kernels are chosen, after the weights are loaded)."""
+        monolithic = [i for i, runner in enumerate(self._roe_runners) if getattr(runner, "is_monolithic", False)]
+        if monolithic:
+            raise ValueError(f"RoE on vLLM: MoE layers {monolithic} run a monolithic kernel that routes inside the "
+                             "kernel, where the member rows cannot be re-routed; choose a modular MoE backend")
+        self._roe_kernels_checked = True
+
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+        if not getattr(self, "_roe_kernels_checked", False):
+            self._roe_check_kernels()
         requests = self._roe_requests(positions)
         self._roe_members = None
         if not requests:

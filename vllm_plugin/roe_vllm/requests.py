@@ -46,19 +46,21 @@ class RoERequests(LogitsProcessor):
     """Batch row -> the request's RoE settings; logits untouched."""
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
-        self.engine = EngineSettings.parse(vllm_config.additional_config)
+        self.engine = EngineSettings.parse(vllm_config.additional_config, vllm_config.model_config.model)
         self.rows: dict[int, Entry] = {}
         _TABLES[vllm_config.instance_id] = self
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:
         vllm_config = ADMITTING.get() or get_current_vllm_config_or_none()
-        engine = EngineSettings.parse(vllm_config.additional_config if vllm_config is not None else None)
+        model_config = getattr(vllm_config, "model_config", None)
+        engine = EngineSettings.parse(vllm_config.additional_config if vllm_config is not None else None,
+                                      model_config.model if model_config is not None else None)
         num_layers = None
-        if vllm_config is not None and vllm_config.model_config is not None:
+        if model_config is not None:
             from roe_vllm.architectures import num_moe_layers
 
-            num_layers = num_moe_layers(vllm_config.model_config.hf_config)
+            num_layers = num_moe_layers(model_config.hf_config)
         check_request(engine, sampling_params, num_layers)
 
     def is_argmax_invariant(self) -> bool:

@@ -3,7 +3,8 @@
 Keys (flat, same names and meaning as ``roe.RoEConfig`` and ``roe serve``):
 
     roster_size  K >= 1, members averaged at each token (member 0 is clean)
-    tau          a float (uniform over the noisy MoE layers) or a list (one value per MoE layer)
+    tau          a float (uniform over the noisy MoE layers) or a list (one value per MoE layer);
+                 absent: the model's default schedule (its checkpoint's schedule.json, else 0.1), as in roe
     seed         int >= 0, keys the routing noise (roe/routing.py)
     skip_first   MoE layers kept clean at the start when tau is a float
     skip_last    MoE layers kept clean at the end when tau is a float
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from roe.config import RoEConfig
-from roe.schedule import SCHEDULE_FORMAT, Schedule
+from roe.schedule import SCHEDULE_FORMAT, Schedule, model_default_schedule
 
 REQUEST_KEYS = ("roster_size", "tau", "seed", "skip_first", "skip_last", "schedule")
 ENGINE_KEYS = REQUEST_KEYS + ("schedules",)
@@ -68,12 +69,15 @@ class EngineSettings:
     defaults: dict
     schedules: dict[str, Schedule]
     enabled: bool  # the engine sets RoE defaults: requests without RoE keys run RoE with them
+    model_default: Schedule | None = None  # the schedule.json shipped with the checkpoint (tau absent)
 
     @classmethod
-    def parse(cls, additional_config: Mapping | None) -> EngineSettings:
+    def parse(cls, additional_config: Mapping | None, model_dir: str | None = None) -> EngineSettings:
+        """``model_dir``: the checkpoint, whose shipped schedule is the tau of requests that give none."""
+        model_default = model_default_schedule(model_dir) if model_dir else None
         entry = (additional_config or {}).get("roe")
         if entry is None:
-            return cls(defaults={}, schedules={}, enabled=False)
+            return cls(defaults={}, schedules={}, enabled=False, model_default=model_default)
         if not isinstance(entry, Mapping):
             raise TypeError(f'additional_config["roe"] must be a dict, got {type(entry).__name__}')
         unknown = sorted(set(entry) - set(ENGINE_KEYS))
@@ -84,7 +88,7 @@ class EngineSettings:
             raise TypeError('additional_config["roe"]["schedules"] must be a dict {name: schedule}')
         parsed = {str(name): _schedule(str(name), spec) for name, spec in schedules.items()}
         defaults = {k: v for k, v in entry.items() if k != "schedules"}
-        settings = cls(defaults=defaults, schedules=parsed, enabled=bool(defaults))
+        settings = cls(defaults=defaults, schedules=parsed, enabled=bool(defaults), model_default=model_default)
         settings._config(defaults)  # the defaults alone must be valid
         return settings
 
@@ -119,7 +123,7 @@ class EngineSettings:
         cfg = self.config(extra_args)
         if cfg is None:
             return None
-        schedule = cfg.schedule(num_moe_layers)
+        schedule = cfg.schedule(num_moe_layers, self.model_default)
         if cfg.roster_size == 1 or schedule.is_clean:
             return None
         return Roster(members=cfg.roster_size, tau_L=schedule.tau, seed=cfg.seed)
@@ -133,7 +137,7 @@ def check_request(engine: EngineSettings, params, num_moe_layers: int | None) ->
         if cfg is None:
             return
         if num_moe_layers is not None:
-            cfg.schedule(num_moe_layers)
+            cfg.schedule(num_moe_layers, engine.model_default)
     except TypeError as err:
         raise ValueError(str(err)) from None
     for name, what in UNSUPPORTED_REQUEST.items():

@@ -39,11 +39,12 @@ def roe_llm(default_model):
 
 @pytest.fixture(scope="module")
 def reference():
-    """roe's engine on PROMPTS[:2] at K = 4 and K = 8 (tau 0.3, seed 0), and K = 8 on the schedule (seed 1)."""
+    """roe's engine on PROMPTS[:2] at K = 4 and K = 8 (tau 0.3, seed 0), K = 8 on the schedule (seed 1), and
+    K = 4 without a tau: the model's shipped schedule.json."""
     configs = [{"roster_size": 4, "tau": 0.3, "seed": 0}, {"roster_size": 8, "tau": 0.3, "seed": 0},
-               {"roster_size": 8, "tau": SCHEDULE, "seed": 1}]
+               {"roster_size": 8, "tau": SCHEDULE, "seed": 1}, {"roster_size": 4, "seed": 5}]
     outs = roe_reference({"model": None, "prompt_ids": PROMPTS[:2], "max_new_tokens": STEPS, "configs": configs})
-    return dict(zip(("k4", "k8", "schedule"), outs))
+    return dict(zip(("k4", "k8", "schedule", "model_default"), outs))
 
 
 def _same_top(a, b) -> None:
@@ -72,7 +73,8 @@ def test_plain_vllm_needs_the_tied_head(plain, roe_llm):
 
 @pytest.mark.parametrize("name,extra", [("k4", {"roster_size": 4, "tau": 0.3, "seed": 0}),
                                         ("k8", {"roster_size": 8, "tau": 0.3, "seed": 0}),
-                                        ("schedule", {"roster_size": 8, "schedule": "calibrated", "seed": 1})])
+                                        ("schedule", {"roster_size": 8, "schedule": "calibrated", "seed": 1}),
+                                        ("model_default", {"roster_size": 4, "seed": 5})])
 def test_matches_roe_engine(roe_llm, plain, reference, name, extra):
     got = generate(roe_llm, PROMPTS[:2], extra, max_tokens=STEPS, logprobs=V)
     base = generate(plain, PROMPTS[:2], None, max_tokens=STEPS, logprobs=V)
@@ -134,7 +136,7 @@ def chunked(default_model):
 
     llm = LLM(**roe_vllm.engine_args(default_model, dtype="float32", max_model_len=512, max_logprobs=20,
                                      enable_chunked_prefill=True, max_num_batched_tokens=16, block_size=32,
-                                     enable_prefix_caching=True, seed=0))
+                                     enable_prefix_caching=True, engine_seed=0))
     yield llm
     del llm
 
