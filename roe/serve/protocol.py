@@ -220,8 +220,9 @@ def _message_text(message) -> str:
         return ""
     if isinstance(content, str):
         return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-        return "".join(str(p.get("text", "")) for p in content)
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(
+            p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
     raise ApiError(400, "message content must be a string or a list of text parts", param="messages")
 
 
@@ -326,8 +327,9 @@ def parse_request(body: dict, *, chat: bool, cfg: ServeConfig, facts: ModelFacts
     if body.get("echo") or body.get("suffix") or body.get("best_of") not in (None, 1):
         raise ApiError(400, "echo, suffix and best_of are not supported by roe serve", code="unsupported")
     default_tokens = 16 if not chat else min(cfg.max_tokens_limit, 256)
-    tokens_field = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _int(body, tokens_field, default_tokens, 1, cfg.max_tokens_limit)
+    max_tokens = _int(body, "max_tokens", default_tokens, 1, cfg.max_tokens_limit)
+    if chat:  # the newer name wins when both are sent; both must be valid
+        max_tokens = _int(body, "max_completion_tokens", max_tokens, 1, cfg.max_tokens_limit)
     n = _int(body, "n", 1, 1, cfg.max_n)
     sampling = _sampling(body)
     cfgs, keys = _roe_configs(body, cfg, n, facts)
@@ -335,7 +337,10 @@ def parse_request(body: dict, *, chat: bool, cfg: ServeConfig, facts: ModelFacts
     if not isinstance(stream, bool):
         raise ApiError(400, f"stream must be a boolean, got {stream!r}", param="stream")
     options = body.get("stream_options") or {}
-    include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
+    usage = options.get("include_usage") if isinstance(options, dict) else None
+    if not isinstance(options, dict) or not (usage is None or isinstance(usage, bool)):
+        raise ApiError(400, "stream_options must be an object with a boolean include_usage", param="stream_options")
+    include_usage = bool(usage)
     inputs = _chat_messages(body) if chat else _completion_inputs(body, facts.vocab)
     _check_cost(cfg, inputs, chat, n * (1 if chat else len(inputs)), cfgs[0].roster_size, max_tokens)
     if chat:
@@ -397,7 +402,7 @@ def request_schemas(cfg: ServeConfig, facts: ModelFacts) -> tuple[dict, dict]:
         "stop": {"oneOf": [{"type": "string", "minLength": 1},
                            {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 4}]},
         "stream": {"type": "boolean"},
-        "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
+        "stream_options": {"type": "object", "properties": {"include_usage": {"type": ["boolean", "null"]}}},
         **roe_fields,
     }
     not_both = {"not": {"required": ["tau", "schedule"]}}
@@ -409,13 +414,14 @@ def request_schemas(cfg: ServeConfig, facts: ModelFacts) -> tuple[dict, dict]:
         "logprobs": integer(0, MAX_TOP_LOGPROBS),
         "best_of": {"enum": [1]},
     }}
-    content = {"oneOf": [text, {"type": "array", "minItems": 1, "items": {
+    any_text = {"type": "string", "maxLength": cfg.max_prompt_chars}  # a message may be empty
+    content = {"oneOf": [any_text, {"type": "null"}, {"type": "array", "items": {
         "type": "object", "required": ["type", "text"],
-        "properties": {"type": {"enum": ["text"]}, "text": text}}}]}
+        "properties": {"type": {"enum": ["text"]}, "text": any_text}}}]}
     chat = {"type": "object", "required": ["messages"], **not_both, "properties": {
         **common,
         "messages": {"type": "array", "minItems": 1, "items": {
-            "type": "object", "required": ["role", "content"],
+            "type": "object", "required": ["role"],
             "properties": {"role": {"enum": list(ROLES)}, "content": content}}},
         "max_completion_tokens": integer(1, cfg.max_tokens_limit),
         "logprobs": {"type": "boolean"},
