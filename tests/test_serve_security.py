@@ -227,12 +227,17 @@ NASTY = [
     b'{"prompt": "hi", "\\ud800": 1}',
     b'{"prompt": "hi"' + b', "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
     b'\xff\xfe{"prompt": "hi"}',
+    b'{"prompt": "hi", "stream_options": [null, null]}',
+    b'{"prompt": "hi", "best_of": true}',
+    b'{"messages": [{"role": "user", "content": "hi"}], "logprobs": 0}',
+    b'{"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}',
 ]
 
 
 @pytest.mark.parametrize("content", NASTY, ids=[repr(c[:40]) for c in NASTY])
 def test_nasty_input_is_400_not_500(secured, content):
-    assert_openai_error(post(secured, content), 400)
+    path = "/v1/chat/completions" if b'"messages"' in content else "/v1/completions"
+    assert_openai_error(post(secured, content, path=path), 400)
     assert_alive(secured)
 
 

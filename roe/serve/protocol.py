@@ -265,7 +265,7 @@ def _logprobs(body: dict, chat: bool) -> int | None:
                            param="logprobs")
         return value
     wanted, top = body.get("logprobs"), body.get("top_logprobs")
-    if wanted not in (None, True, False):
+    if wanted is not None and not isinstance(wanted, bool):  # NOTE: not `in (True, False)`: 0 == False
         raise ApiError(400, f"logprobs must be a boolean, got {wanted!r}", param="logprobs")
     if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS):
         raise ApiError(400, f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {top!r}",
@@ -324,7 +324,8 @@ def parse_request(body: dict, *, chat: bool, cfg: ServeConfig, facts: ModelFacts
         raise ApiError(404, f"the model {model!r} does not exist; this server serves {cfg.model_id!r}",
                        param="model", code="model_not_found")
     top_logprobs = _logprobs(body, chat)
-    if body.get("echo") or body.get("suffix") or body.get("best_of") not in (None, 1):
+    best_of = body.get("best_of")
+    if body.get("echo") or body.get("suffix") or best_of is not None and (isinstance(best_of, bool) or best_of != 1):
         raise ApiError(400, "echo, suffix and best_of are not supported by roe serve", code="unsupported")
     default_tokens = 16 if not chat else min(cfg.max_tokens_limit, 256)
     max_tokens = _int(body, "max_tokens", default_tokens, 1, cfg.max_tokens_limit)
