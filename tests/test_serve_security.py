@@ -228,6 +228,8 @@ NASTY = [
     b'{"prompt": "hi"' + b', "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
     b'\xff\xfe{"prompt": "hi"}',
     b'{"prompt": "hi", "stream_options": [null, null]}',
+    b'{"prompt": "hi", "stream_options": []}',
+    b'{"prompt": "hi", "stream": {}}',
     b'{"prompt": "hi", "best_of": true}',
     b'{"messages": [{"role": "user", "content": "hi"}], "logprobs": 0}',
     b'{"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}',

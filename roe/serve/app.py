@@ -39,6 +39,7 @@ from roe.serve.worker import Job, Worker
 
 log = logging.getLogger("roe.serve")
 
+
 def require_serve_extra():
     """(fastapi, uvicorn), or an ImportError naming the extra to install."""
     try:

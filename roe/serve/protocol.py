@@ -334,10 +334,12 @@ def parse_request(body: dict, *, chat: bool, cfg: ServeConfig, facts: ModelFacts
     n = _int(body, "n", 1, 1, cfg.max_n)
     sampling = _sampling(body)
     cfgs, keys = _roe_configs(body, cfg, n, facts)
-    stream = body.get("stream") or False
+    stream = body.get("stream")
+    stream = False if stream is None else stream
     if not isinstance(stream, bool):
         raise ApiError(400, f"stream must be a boolean, got {stream!r}", param="stream")
-    options = body.get("stream_options") or {}
+    options = body.get("stream_options")
+    options = {} if options is None else options
     usage = options.get("include_usage") if isinstance(options, dict) else None
     if not isinstance(options, dict) or not (usage is None or isinstance(usage, bool)):
         raise ApiError(400, "stream_options must be an object with a boolean include_usage", param="stream_options")
@@ -434,6 +436,17 @@ def request_schemas(cfg: ServeConfig, facts: ModelFacts) -> tuple[dict, dict]:
     return completion, chat
 
 
+ERRORS = {400: "malformed, or can never fit (bad field, over a limit or the budget)", 401: "missing or wrong API key",
+          404: "another model", 413: "body over --max-body-bytes", 415: "body not application/json",
+          429: "queue full (Retry-After)", 503: "warming up or worker dead (Retry-After)", 504: "over --timeout"}
+
+
 def openapi_body(schema: dict) -> dict:
-    """``openapi_extra`` for a route whose JSON body the handler parses itself."""
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+    """``openapi_extra`` for a route whose JSON body the handler parses itself, with its error answers."""
+    error = {"type": "object", "required": ["error"], "properties": {"error": {
+        "type": "object", "required": ["message", "type", "param", "code"],
+        "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                       "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
+            "responses": {str(status): {"description": why, "content": {"application/json": {"schema": error}}}
+                          for status, why in ERRORS.items()}}
