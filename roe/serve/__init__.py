@@ -1,15 +1,18 @@
 """roe serve: an OpenAI-compatible HTTP server (completions, chat completions, streaming) over RoE.
 
-One worker thread owns the model. A request is validated on the event loop, becomes one ``Job``
-per choice, and waits in a bounded queue (429 when full). The worker schedules by decode step:
+One worker thread owns the model. A request passes the Host and API-key checks (guard.py), is
+read with its size capped, parsed and tokenised off the event loop (protocol.py: every problem a
+4xx, bounded prompt and cost), becomes one ``Job`` per choice, and waits in a bounded queue (429
+when full). The worker schedules by decode step:
 jobs join a running group of the same roster settings (up to ``max_batch`` rows sharing each
 forward, whatever their seeds and sampling) between steps, the groups take turns one step each,
 and each step's token goes back to the waiting request, which turns tokens into text (eos, stop
 strings, its own ``max_tokens``). The engine gives a prompt the same tokens in a batch as alone,
 so a response never depends on its batch-mates or on when it joined.
 
-RoE settings are extra request fields (``roster_size``, ``tau``, ``schedule``, ``seed``,
-``skip_first``, ``skip_last``) with the server's defaults. ``n`` > 1 gives choice i the seed
+RoE settings are extra request fields (``roster_size``, ``tau``, ``schedule``: a name the
+operator registered, never a path, ``seed``, ``skip_first``, ``skip_last``) with the server's
+defaults. ``n`` > 1 gives choice i the seed
 ``seed + i``. ``logprobs`` (completions: a count; chat: ``logprobs``/``top_logprobs``) report
 the log-probability of each generated token under the RoE aggregate the engine chose it from
 (the members' averaged distribution, before temperature and top-p), and the most likely
