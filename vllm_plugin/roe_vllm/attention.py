@@ -71,27 +71,28 @@ def cpu_layout(isa: str, num_kv_heads: int, block_size: int, head_dim: int, dtyp
     return major[0], major[1]
 
 
-def _read(cache_NHBD: torch.Tensor, blocks_RN: torch.Tensor, dim_major: bool) -> torch.Tensor:
-    """[R, Hkv, N * block, D] of the given blocks, in position order."""
-    R, N = blocks_RN.shape
-    _, H, B, D = cache_NHBD.shape
-    got = cache_NHBD[blocks_RN.reshape(-1)]  # [R*N, H, B, D] (a copy)
-    if dim_major:
-        got = got.view(R * N, H, D, B).transpose(-1, -2)
-    return got.view(R, N, H, B, D).permute(0, 2, 1, 3, 4).reshape(R, H, N * B, D)
+def _as_layout(half_NHBD: torch.Tensor, dim_major: bool) -> torch.Tensor:
+    """The key or value half of a CPU cache as [blocks, Hkv, D, block] (dimension-major) or [blocks, Hkv, block, D]."""
+    if not dim_major:
+        return half_NHBD
+    N, H, B, D = half_NHBD.shape
+    stride = half_NHBD.stride()
+    return half_NHBD.as_strided((N, H, D, B), (stride[0], stride[1], B, 1), half_NHBD.storage_offset())
 
 
 def history(layer, kv_cache: torch.Tensor, block_table: torch.Tensor, step: Step, length: int):
-    """Keys and values [R, Hkv, P, D] of the RoE requests' first ``length`` positions (CPU paged cache)."""
+    """Keys and values [R, P, Hkv, D] of the RoE requests' first ``length`` positions (CPU paged cache).
+
+    Reads only those positions (a gather by block and offset), not whole blocks.
+    """
     num_blocks, num_kv_heads, block_size, two_d = kv_cache.shape
     head_dim = two_d // 2
-    key_cache, value_cache = kv_cache.view(num_blocks, num_kv_heads, 2 * block_size, head_dim).chunk(2, dim=2)
+    key_half, value_half = kv_cache.view(num_blocks, num_kv_heads, 2 * block_size, head_dim).chunk(2, dim=2)
     keys_major, values_major = cpu_layout(layer.isa, num_kv_heads, block_size, head_dim, kv_cache.dtype)
-    used = -(-length // block_size)
-    index_R = torch.tensor([r.index for r in step.requests])
-    blocks_RN = block_table[index_R, :used].long()
-    keys = _read(key_cache, blocks_RN, keys_major)[:, :, :length]
-    values = _read(value_cache, blocks_RN, values_major)[:, :, :length]
+    blocks_RP, offsets_RP = step.slots(block_table, block_size, length)
+    key_view, value_view = _as_layout(key_half, keys_major), _as_layout(value_half, values_major)
+    keys = key_view[blocks_RP, :, :, offsets_RP] if keys_major else key_view[blocks_RP, :, offsets_RP, :]
+    values = value_view[blocks_RP, :, :, offsets_RP] if values_major else value_view[blocks_RP, :, offsets_RP, :]
     return keys, values
 
 
@@ -106,7 +107,8 @@ def member_attention(layer, query_MHD: torch.Tensor, key_MHD: torch.Tensor, valu
     slot_M = (step.request_M, step.member_M - 1)
     position_R = torch.tensor([r.position for r in step.requests])
     P = int(position_R.max())
-    keys_RHPD, values_RHPD = history(layer, kv_cache, attn_metadata.block_table, step, P)
+    keys_RPHD, values_RPHD = history(layer, kv_cache, attn_metadata.block_table, step, P)
+    keys_RHPD, values_RHPD = keys_RPHD.permute(0, 2, 1, 3), values_RPHD.permute(0, 2, 1, 3)
     dtype = torch.float32
     q_RJHD = query_MHD.new_zeros(R, J, H, D, dtype=dtype).index_put_(slot_M, query_MHD.to(dtype))
     k_RJHD = key_MHD.new_zeros(R, J, Hkv, D, dtype=dtype).index_put_(slot_M, key_MHD.to(dtype))

@@ -14,10 +14,11 @@ that layer, so the vLLM engine and roe's transformers engine draw the same value
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import groupby
 
 import torch
 
-from roe.routing import keyed_gumbel, row_keys
+from roe.routing import NoiseBank
 from roe_vllm.settings import Roster
 
 
@@ -42,18 +43,22 @@ class Step:
     position_M: torch.Tensor
     request_M: torch.Tensor  # index into ``requests``
     fan_out: int  # MoE layer whose block input gets the member rows
+    banks: dict  # (seed, K) -> roe NoiseBank: noise drawn ahead for the coming positions (owned by the model)
     wide: bool = False
     _noise: dict = field(default_factory=dict)
+    _slots: dict = field(default_factory=dict)
 
     @classmethod
-    def build(cls, rows: int, requests: list[Request]) -> Step:
+    def build(cls, rows: int, requests: list[Request], banks: dict) -> Step:
+        """Member rows grouped by roster (same seed, K and taus next to each other: one noise draw per group)."""
+        requests = sorted(requests, key=lambda r: (r.roster.seed, r.roster.members, r.roster.tau_L, r.index))
         member_M = torch.cat([torch.arange(1, r.roster.members) for r in requests])
         request_M = torch.cat([torch.full((r.roster.members - 1,), i) for i, r in enumerate(requests)])
         row_R = torch.tensor([r.row for r in requests])
         position_R = torch.tensor([r.position for r in requests])
         return cls(rows=rows, requests=requests, source_M=row_R[request_M], member_M=member_M,
                    position_M=position_R[request_M], request_M=request_M,
-                   fan_out=min(r.roster.first_noisy for r in requests))
+                   fan_out=min(r.roster.first_noisy for r in requests), banks=banks)
 
     @property
     def num_members(self) -> int:
@@ -62,6 +67,19 @@ class Step:
     def widen(self, tensor: torch.Tensor) -> torch.Tensor:
         """A per-row tensor of the T clean rows, with the member rows (copies of their sources) appended."""
         return torch.cat([tensor, tensor.index_select(0, self.source_M.to(tensor.device))])
+
+    def slots(self, block_table: torch.Tensor, block_size: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block, offset) [R, P] of positions 0..length-1 of every RoE request (padded rows repeat slot 0).
+
+        Computed once per step: the layers of one KV cache group share the block table.
+        """
+        key = (id(block_table), block_size, length)
+        if key not in self._slots:
+            position_P = torch.arange(length)
+            index_R = torch.tensor([r.index for r in self.requests])
+            blocks_RP = block_table[index_R][:, position_P // block_size].long()
+            self._slots[key] = (blocks_RP, (position_P % block_size).expand_as(blocks_RP))
+        return self._slots[key]
 
     def noise(self, layer: int, num_experts: int) -> torch.Tensor | None:
         """tau_l * G [M, E] of the member rows at MoE layer ``layer``; None when every member is clean there.
@@ -73,16 +91,32 @@ class Step:
         return self._noise[(layer, num_experts)]
 
     def _draw(self, num_experts: int) -> None:
-        tau_RL = torch.tensor([r.roster.tau_L for r in self.requests], dtype=torch.float32)
-        tau_ML = tau_RL[self.request_M]
-        layers = [i for i in range(tau_RL.shape[1]) if bool((tau_RL[:, i] > 0).any())]
-        keys_M = torch.cat([row_keys(r.roster.seed, self.member_M[self.request_M == i],
-                                     self.position_M[self.request_M == i]) for i, r in enumerate(self.requests)])
-        gumbel_LME = keyed_gumbel(keys_M, layers, num_experts) if layers else None
-        for layer in range(tau_RL.shape[1]):
-            if layer in layers:
-                # the same product as roe's scaled_noise: G * (1.0 * tau_l), member rows are never member 0
-                noise_ME = gumbel_LME[layers.index(layer)] * tau_ML[:, layer, None]
-                self._noise[(layer, num_experts)] = noise_ME
+        """Every layer's noise of every member row, from each roster group's bank (roe's NoiseBank: the
+        keyed stream drawn ahead, equal to a direct ``keyed_gumbel`` draw scaled as ``scaled_noise``)."""
+        num_layers = len(self.requests[0].roster.tau_L)
+        parts: list[list[torch.Tensor | None]] = [[] for _ in range(num_layers)]
+        for roster, group in groupby(self.requests, key=lambda r: r.roster):
+            group = list(group)
+            layers = [i for i, t in enumerate(roster.tau_L) if t > 0]
+            bank = self.banks.get((roster.seed, roster.members))
+            if bank is None:
+                bank = self.banks[(roster.seed, roster.members)] = NoiseBank(roster.seed, roster.members)
+            K = roster.members
+            if len(group) == 1:  # all K members at one position: the bank's no-copy path, member 0 dropped
+                member_T, position_T = torch.arange(K), torch.full((K,), group[0].position)
             else:
+                member_T = torch.arange(1, K).repeat(len(group))
+                position_T = torch.tensor([r.position for r in group]).repeat_interleave(K - 1)
+            noise_LTE = bank.noise(layers, [roster.tau_L[i] for i in layers], num_experts, member_T, position_T)
+            if len(group) == 1:
+                noise_LTE = noise_LTE[:, 1:]
+            rows = noise_LTE.shape[1]
+            for layer in range(num_layers):
+                parts[layer].append(noise_LTE[layers.index(layer)] if layer in layers else
+                                    torch.zeros(rows, num_experts))
+        for layer in range(num_layers):
+            if not any(r.roster.tau_L[layer] > 0 for r in self.requests):
                 self._noise[(layer, num_experts)] = None
+            else:
+                noise = parts[layer]
+                self._noise[(layer, num_experts)] = noise[0] if len(noise) == 1 else torch.cat(noise)

@@ -61,7 +61,8 @@ class RoEModel:
         check_engine(vllm_config)
         self._roe_config = vllm_config
         self._roe_step: Step | None = None
-        self._roe_members: tuple[int, torch.Tensor] | None = None  # (requests, member hidden rows [M, D])
+        self._roe_members: tuple[Step, torch.Tensor] | None = None  # (the step, its member hidden rows [M, D])
+        self._roe_banks: dict = {}  # (seed, K) -> roe NoiseBank, shared by the steps of the requests
         self._roe_layers = self._roe_install()
         self._roe_check_layers(vllm_config)
 
@@ -210,7 +211,9 @@ class RoEModel:
         self._roe_members = None
         if not requests:
             return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
-        step = Step.build(positions.shape[0], requests)
+        if len(self._roe_banks) > 256:
+            self._roe_banks.clear()
+        step = Step.build(positions.shape[0], requests, self._roe_banks)
         self._roe_step = step
         try:
             hidden = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
@@ -248,9 +251,16 @@ class RoEModel:
 
 
 def aggregate(logits_NV: torch.Tensor, member_logits_MV: torch.Tensor, step: Step) -> torch.Tensor:
-    """Each RoE request's row replaced by log mean_k softmax over its K members (member 0 = its own row)."""
+    """Each RoE request's row replaced by log mean_k softmax over its K members (member 0 = its own row).
+
+    Requests with the same K are aggregated together: [n, K, V] in one call of roe's MeanProb.
+    """
     out_NV = logits_NV.clone()
-    for i, request in enumerate(step.requests):
-        rows_K = torch.cat([logits_NV[request.index][None], member_logits_MV[step.request_M == i]])
-        out_NV[request.index] = MeanProb.from_logits(rows_K, dim=0).to(out_NV.dtype)
+    first_R = torch.cumsum(torch.tensor([0] + [r.roster.members - 1 for r in step.requests]), 0)[:-1]
+    for K in sorted({r.roster.members for r in step.requests}):
+        which = [i for i, r in enumerate(step.requests) if r.roster.members == K]
+        index_n = torch.tensor([step.requests[i].index for i in which])
+        members_nJ = first_R[which][:, None] + torch.arange(K - 1)
+        logits_nKV = torch.cat([logits_NV[index_n][:, None], member_logits_MV[members_nJ]], dim=1)
+        out_NV[index_n] = MeanProb.from_logits(logits_nKV, dim=1).to(out_NV.dtype)
     return out_NV
