@@ -5,7 +5,7 @@
 Each table sits between `<!-- begin NAME -->` and `<!-- end NAME -->` markers in README.md;
 NAME is the stem of its JSON file: models (roe models --json), eval_* (roe eval --json),
 bench_* (roe bench --json), tasks (roe tasks --json), calibrate_* (roe calibrate --json),
-serve_load (benchmarks/serve_load.py), profile (benchmarks/profile_step.py).
+serve_load (benchmarks/serve_load.py), profile (benchmarks/profile_step.py), vllm_cost (benchmarks/vllm_cost.py).
 """
 
 from __future__ import annotations
@@ -132,8 +132,32 @@ def profile_table(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def _paired(row: dict, key: str) -> str:
+    ci, (low, high) = row[f"{key}_ratio_ci95"], row[f"{key}_ratio_range"]
+    return f"{row[f'{key}_ratio']:.2f}" + (f" (CI {ci[0]:.2f}-{ci[1]:.2f})" if ci and high != low else "")
+
+
+def vllm_cost_table(doc: dict) -> str:
+    c = doc["conditions"]
+    tau = "the shipped schedule" if isinstance(c["tau"], list) else f"uniform tau {c['tau']}"
+    lines = [f"{c['gpu'] or c['cpu']}, {c['cores']} cores, {c['threads']} thread(s), {c['dtype']}, vLLM {c['vllm']}, "
+             f"torch {c['torch']}; {c['model']} model, {tau}; prompt {c['prompt_tokens']} tokens, "
+             f"{c['new_tokens']} new tokens per request; engine in-process, eager, prefix caching off; "
+             f"{c['rounds']} rounds: times are medians over rounds, x plain the median of the ratios within each "
+             "round with a 95% distribution-free CI. CPU: the process CPU time of a step; wall: its wall time. "
+             f"Targets for K=8: at most {doc['targets']['B=1']['target']}x plain at B=1, "
+             f"{doc['targets']['B=8']['target']}x at B=8.", "",
+             "| B | method | step CPU (ms) | x plain | step wall (ms) | x plain | TTFT (ms) | KV bytes held |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['B']} | {r['method']} | {r['step_cpu_ms']:.1f} | {_paired(r, 'cpu')} | {r['step_wall_ms']:.1f} | "
+              f"{_paired(r, 'wall')} | {r['ttft_ms']:.0f} | {', '.join(f'{b:,}' for b in r['kv_bytes'])} |"
+              for r in doc["rows"]]
+    return "\n".join(lines)
+
+
 RENDER = {"models": lambda d: markdown_table(d["rows"]), "eval": eval_table, "bench": bench_table,
-          "tasks": tasks_table, "calibrate": calibrate_table, "serve": serve_table, "profile": profile_table}
+          "tasks": tasks_table, "calibrate": calibrate_table, "serve": serve_table, "profile": profile_table,
+          "vllm_cost": vllm_cost_table}
 
 
 def main() -> None:

@@ -16,8 +16,8 @@ the model's shipped schedule (its ``schedule.json``; else uniform --tau). Per me
 Every round measures every (B, method) in the same order; times are medians over rounds, and
 ``cpu_ratio`` / ``wall_ratio`` (against plain at the same B) are medians of the ratios taken within each round,
 with a 95% distribution-free interval (roe.bench.median_ci, from 6 rounds) and the range. Before
-timing, a check that the settings arrive: the chosen tokens' log-probs over 8 steps differ from
-plain's for K > 1 and equal them bit for bit at K = 1. Targets (printed, never asserted): K=8 at
+timing, a check that the settings arrive: over --check-steps greedy steps, the chosen tokens'
+log-probs differ from plain's for K > 1 and equal them bit for bit at K = 1. Targets (printed, never asserted): K=8 at
 most 1.5x plain at B=1 and 2x at B=8. The last line of stdout is one JSON document.
 
     .venv-vllm/bin/python benchmarks/vllm_cost.py --rounds 7 --out benchmarks/results/vllm_cost.json
@@ -102,20 +102,29 @@ class Engine:
         return ttft, steps, kv_bytes, outputs
 
 
-def _chosen_logprobs(outputs) -> list[list[float]]:
-    rows = sorted(outputs, key=lambda o: int(o.request_id[1:]))
-    return [[lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids, strict=True)]
+def _greedy(engine: Engine, prompts, steps: int, xargs) -> list[dict]:
+    """Per prompt, the greedy tokens and the log-prob of each under the distribution it was chosen from."""
+    rows = sorted(engine.run(prompts, steps, xargs, logprobs=True)[3], key=lambda o: int(o.request_id[1:]))
+    return [{"tokens": list(o.outputs[0].token_ids),
+             "logprobs": [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids, strict=True)]}
             for o in rows]
 
 
-def check_settings_arrive(engine: Engine, prompts, methods) -> dict:
-    """Max |log-prob - plain's| of the chosen tokens over 8 greedy steps, per method (0 exactly: untouched)."""
-    base = _chosen_logprobs(engine.run(prompts, 8, None, logprobs=True)[3])
-    gaps = {}
-    for name, xargs in methods[1:]:
-        got = _chosen_logprobs(engine.run(prompts, 8, xargs, logprobs=True)[3])
-        gaps[name] = max(abs(a - b) for r, s in zip(got, base, strict=True) for a, b in zip(r, s, strict=True))
-    return gaps
+def check(engine: Engine, prompts, methods, steps: int) -> dict:
+    """Do the settings arrive? Each method's greedy run against plain's: equal tokens, max |log-prob gap|.
+
+    K = 1 must equal plain bit for bit (gap 0.0); K > 1 must move the log-probs. The first prompt's
+    runs are kept so that another engine (roe's, see benchmarks/gpu_check.sh) can be compared with them.
+    """
+    runs = {name: _greedy(engine, prompts, steps, xargs) for name, xargs in methods}
+    if any(len(r["tokens"]) != steps for got in runs.values() for r in got):
+        raise RuntimeError(f"the check wants {steps} tokens per request; the engine stopped early")
+    base = runs["plain"]
+    gap = {name: max(abs(a - b) for r, s in zip(got, base, strict=True)
+                     for a, b in zip(r["logprobs"], s["logprobs"], strict=True)) for name, got in runs.items()}
+    same = {name: all(r["tokens"] == s["tokens"] for r, s in zip(got, base, strict=True)) for name, got in runs.items()}
+    return {"steps": steps, "prompt_ids": prompts[0], "settings": dict(methods), "logprob_gap_vs_plain": gap,
+            "tokens_equal_plain": same, "first_prompt": {name: got[0] for name, got in runs.items()}}
 
 
 def sweep(engine: Engine, prompts_B: dict, methods, new_tokens: int, rounds: int) -> list[dict]:
@@ -151,7 +160,8 @@ def conditions(engine: Engine, args, tau) -> dict:
     import torch
     import vllm
 
-    return {"cpu": _cpu(), "cores": len(os.sched_getaffinity(0)), "threads": torch.get_num_threads(),
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": _cpu(), "gpu": gpu, "cores": len(os.sched_getaffinity(0)), "threads": torch.get_num_threads(),
             "dtype": args.dtype, "vllm": vllm.__version__, "torch": torch.__version__,
             "model": args.model or "embedded default", "prompt_tokens": args.prompt_tokens,
             "new_tokens": args.new_tokens, "rounds": args.rounds, "batches": args.batches, "tau": tau,
@@ -178,6 +188,7 @@ def main() -> None:
     ap.add_argument("--tau", type=float, default=0.1, help="uniform tau when the model ships no schedule.json")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--seed", type=int, default=0, help="RoE noise seed")
+    ap.add_argument("--check-steps", type=int, default=32, help="greedy steps of the settings check")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads of the engine (OMP_NUM_THREADS)")
     ap.add_argument("--out", default=None, help="also write the JSON document here")
     args = ap.parse_args()
@@ -186,14 +197,15 @@ def main() -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
-    engine = Engine(args.model, args.prompt_tokens + args.new_tokens + 8, {"dtype": args.dtype})
+    engine = Engine(args.model, args.prompt_tokens + max(args.new_tokens, args.check_steps) + 8, {"dtype": args.dtype})
     tau = _tau(args.model, args.tau)
     methods = [("plain", None)] + [(f"K={k}", {"roster_size": k, "tau": tau, "seed": args.seed})
                                    for k in map(int, args.ks.split(","))]
     tokenizer = engine.llm.get_tokenizer()
     prompts_B = {b: _prompts(tokenizer, args.model, b, args.prompt_tokens) for b in batches}
-    gaps = check_settings_arrive(engine, prompts_B[batches[0]], methods)
-    print("max |log-prob - plain| over 8 steps: " + ", ".join(f"{k} {v:.3g}" for k, v in gaps.items()), flush=True)
+    checked = check(engine, prompts_B[batches[0]], methods, args.check_steps)
+    print(f"max |log-prob - plain| over {args.check_steps} greedy steps: "
+          + ", ".join(f"{k} {v:.3g}" for k, v in checked["logprob_gap_vs_plain"].items()), flush=True)
     engine.run(prompts_B[batches[-1]], args.new_tokens, methods[-1][1])  # warm-up at the largest shape
     rows = sweep(engine, prompts_B, methods, args.new_tokens, args.rounds)
     k8 = {r["B"]: r for r in rows if r["K"] == 8}
@@ -204,8 +216,7 @@ def main() -> None:
               f"(CI {r['cpu_ratio_ci95']}); wall {r['step_wall_ms']:7.2f} ms x plain {r['wall_ratio']:.2f}; "
               f"TTFT {r['ttft_ms']:7.1f} ms; KV {r['kv_bytes']}")
     print("targets: " + json.dumps(targets))
-    doc = {"conditions": conditions(engine, args, tau), "logprob_gap_vs_plain": gaps, "targets": targets,
-           "rows": rows}
+    doc = {"conditions": conditions(engine, args, tau), "targets": targets, "rows": rows, "check": checked}
     line = json.dumps(doc)
     if args.out:
         Path(args.out).write_text(line + "\n")
