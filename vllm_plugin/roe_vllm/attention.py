@@ -96,35 +96,55 @@ def history(layer, kv_cache: torch.Tensor, block_table: torch.Tensor, step: Step
     return keys, values
 
 
+def _mask(step: Step, length: int, window: int | None) -> torch.Tensor | None:
+    """Additive mask [R, 1, 1, P]: 0 where a request's history position is visible, -inf after its own
+    position (batch-mates have longer histories) or outside a sliding window; None when nothing is hidden."""
+    key = ("mask", length, window)
+    if key not in step.cache:
+        position_R = torch.tensor([r.position for r in step.requests])
+        slot_P = torch.arange(length)
+        keep_RP = slot_P[None, :] < position_R[:, None]
+        if window is not None and window > 0:
+            keep_RP &= slot_P[None, :] > position_R[:, None] - window
+        step.cache[key] = None if bool(keep_RP.all()) else \
+            torch.zeros(keep_RP.shape).masked_fill_(~keep_RP, float("-inf"))[:, None, None, :]
+    return step.cache[key]
+
+
+def _by_request(step: Step, rows_MX: torch.Tensor) -> torch.Tensor:
+    """Member rows [M, ...] as [R, J, ...]: a view when every request has the same K, else zero-padded."""
+    R, J = len(step.requests), step.members_per_request
+    if step.uniform:
+        return rows_MX.view(R, J, *rows_MX.shape[1:])
+    padded = rows_MX.new_zeros(R, J, *rows_MX.shape[1:])
+    return padded.index_put_((step.request_M, step.member_M - 1), rows_MX)
+
+
 def member_attention(layer, query_MHD: torch.Tensor, key_MHD: torch.Tensor, value_MHD: torch.Tensor,
                      step: Step, attn_metadata, kv_cache: torch.Tensor) -> torch.Tensor:
-    """Attention output [M, H, D] of the member rows (see the module docstring)."""
+    """Attention output [M, H, D] of the member rows (see the module docstring), in fp32."""
     M, H, D = query_MHD.shape
     Hkv = key_MHD.shape[1]
     G = H // Hkv
-    R = len(step.requests)
-    J = max(r.roster.members for r in step.requests) - 1
-    slot_M = (step.request_M, step.member_M - 1)
-    position_R = torch.tensor([r.position for r in step.requests])
-    P = int(position_R.max())
+    R, J = len(step.requests), step.members_per_request
+    P = max(r.position for r in step.requests)
     keys_RPHD, values_RPHD = history(layer, kv_cache, attn_metadata.block_table, step, P)
-    keys_RHPD, values_RHPD = keys_RPHD.permute(0, 2, 1, 3), values_RPHD.permute(0, 2, 1, 3)
-    dtype = torch.float32
-    q_RJHD = query_MHD.new_zeros(R, J, H, D, dtype=dtype).index_put_(slot_M, query_MHD.to(dtype))
-    k_RJHD = key_MHD.new_zeros(R, J, Hkv, D, dtype=dtype).index_put_(slot_M, key_MHD.to(dtype))
-    v_RJHD = value_MHD.new_zeros(R, J, Hkv, D, dtype=dtype).index_put_(slot_M, value_MHD.to(dtype))
+    f32 = torch.float32
+    q_RJHD = _by_request(step, query_MHD.to(f32))
+    k_RJHD, v_RJHD = _by_request(step, key_MHD.to(f32)), _by_request(step, value_MHD.to(f32))
+    # query rows grouped by KV head: Q = J * G rows per (request, KV head)
     q_RHQD = q_RJHD.view(R, J, Hkv, G, D).permute(0, 2, 1, 3, 4).reshape(R, Hkv, J * G, D)
     scale = layer.impl.scale
-    hist_RHQP = torch.matmul(q_RHQD, keys_RHPD.to(dtype).transpose(-1, -2)) * scale
-    keep_RP = torch.arange(P)[None, :] < position_R[:, None]
-    window = getattr(layer.impl, "sliding_window", -1)
-    if window is not None and window > 0:
-        keep_RP &= torch.arange(P)[None, :] > position_R[:, None] - window
-    hist_RHQP = hist_RHQP.masked_fill(~keep_RP[:, None, None, :], float("-inf"))
-    own_RJHG = (q_RJHD.view(R, J, Hkv, G, D) * k_RJHD[:, :, :, None, :]).sum(-1) * scale
-    own_RHQ1 = own_RJHG.permute(0, 2, 1, 3).reshape(R, Hkv, J * G, 1)
-    probs_RHQX = torch.softmax(torch.cat([hist_RHQP, own_RHQ1], dim=-1), dim=-1)
+    scores_RHQP = torch.matmul(q_RHQD, keys_RPHD.to(f32).permute(0, 2, 3, 1)).mul_(scale)
+    mask = _mask(step, P, getattr(layer.impl, "sliding_window", -1))
+    if mask is not None:
+        scores_RHQP += mask
+    own_RHQ1 = (q_RJHD.view(R, J, Hkv, G, D) * k_RJHD[:, :, :, None, :]).sum(-1).mul_(scale)
+    own_RHQ1 = own_RHQ1.permute(0, 2, 1, 3).reshape(R, Hkv, J * G, 1)
+    probs_RHQX = torch.softmax(torch.cat([scores_RHQP, own_RHQ1], dim=-1), dim=-1)
     v_own_RHQD = v_RJHD[:, :, :, None, :].expand(R, J, Hkv, G, D).permute(0, 2, 1, 3, 4).reshape(R, Hkv, J * G, D)
-    out_RHQD = torch.matmul(probs_RHQX[..., :P], values_RHPD.to(dtype)) + probs_RHQX[..., P:] * v_own_RHQD
+    out_RHQD = torch.matmul(probs_RHQX[..., :P], values_RPHD.to(f32).transpose(1, 2))
+    out_RHQD += probs_RHQX[..., P:] * v_own_RHQD
     out_RJHD = out_RHQD.view(R, Hkv, J, G, D).permute(0, 2, 1, 3, 4).reshape(R, J, H, D)
-    return out_RJHD[slot_M].to(query_MHD.dtype)
+    out_MHD = out_RJHD.reshape(M, H, D) if step.uniform else out_RJHD[step.request_M, step.member_M - 1]
+    return out_MHD.to(query_MHD.dtype)

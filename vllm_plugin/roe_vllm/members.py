@@ -46,7 +46,7 @@ class Step:
     banks: dict  # (seed, K) -> roe NoiseBank: noise drawn ahead for the coming positions (owned by the model)
     wide: bool = False
     _noise: dict = field(default_factory=dict)
-    _slots: dict = field(default_factory=dict)
+    cache: dict = field(default_factory=dict)  # what every layer of the step shares (slots, masks)
 
     @classmethod
     def build(cls, rows: int, requests: list[Request], banks: dict) -> Step:
@@ -64,6 +64,16 @@ class Step:
     def num_members(self) -> int:
         return self.member_M.shape[0]
 
+    @property
+    def members_per_request(self) -> int:
+        """J: the largest K - 1 of the step's requests."""
+        return max(r.roster.members for r in self.requests) - 1
+
+    @property
+    def uniform(self) -> bool:
+        """Every request has the same K (its member rows then form an [R, K - 1] grid)."""
+        return len({r.roster.members for r in self.requests}) == 1
+
     def widen(self, tensor: torch.Tensor) -> torch.Tensor:
         """A per-row tensor of the T clean rows, with the member rows (copies of their sources) appended."""
         return torch.cat([tensor, tensor.index_select(0, self.source_M.to(tensor.device))])
@@ -73,13 +83,13 @@ class Step:
 
         Computed once per step: the layers of one KV cache group share the block table.
         """
-        key = (id(block_table), block_size, length)
-        if key not in self._slots:
+        key = ("slots", id(block_table), block_size, length)
+        if key not in self.cache:
             position_P = torch.arange(length)
             index_R = torch.tensor([r.index for r in self.requests])
             blocks_RP = block_table[index_R][:, position_P // block_size].long()
-            self._slots[key] = (blocks_RP, (position_P % block_size).expand_as(blocks_RP))
-        return self._slots[key]
+            self.cache[key] = (blocks_RP, (position_P % block_size).expand_as(blocks_RP))
+        return self.cache[key]
 
     def noise(self, layer: int, num_experts: int) -> torch.Tensor | None:
         """tau_l * G [M, E] of the member rows at MoE layer ``layer``; None when every member is clean there.

@@ -78,34 +78,34 @@ def self_test(rule: CleanWeights, router, logits_TE: torch.Tensor, weights_TA: t
 def install(router, layer: int, step_of) -> None:
     """Wrap one router instance: member rows of the current step re-select with noise.
 
-    ``step_of()`` returns the current forward's ``Step`` (roe_vllm/members.py) or None.
+    ``step_of()`` returns the current forward's ``Step`` (roe_vllm/members.py) or None. The router runs
+    once, on the logits with the member rows' noise added (the clean rows get none, so their result is
+    the router's own); then the member rows get the clean gate weights at their noisy choice.
     """
     rule = CleanWeights.of(router)
     original = router.select_experts
     tested = []
 
     def select_experts(hidden_states, router_logits, topk_indices_dtype=None, *, input_ids=None):
-        weights_TA, ids_TA = original(hidden_states, router_logits, topk_indices_dtype, input_ids=input_ids)
-        if not tested:
-            self_test(rule, router, router_logits, weights_TA, ids_TA)
-            tested.append(True)
         step = step_of()
-        if step is None or not step.wide:
-            return weights_TA, ids_TA
-        noise_ME = step.noise(layer, router_logits.shape[-1])
+        noise_ME = None
+        if step is not None and step.wide:
+            noise_ME = step.noise(layer, router_logits.shape[-1])
         if noise_ME is None:
-            return weights_TA, ids_TA
-        T = step.rows
-        if router_logits.shape[0] != T + step.num_members:
-            raise RuntimeError(f"RoE: MoE layer {layer} routed {router_logits.shape[0]} rows, expected "
-                               f"{T} + {step.num_members} (rows gathered or split before routing are not supported)")
-        clean_ME = router_logits[T:]
-        noisy_ME = clean_ME + noise_ME.to(dtype=clean_ME.dtype, device=clean_ME.device)
-        _, member_ids_MA = router._select_experts(hidden_states[T:], noisy_ME, topk_indices_dtype,
-                                                  input_ids=None if input_ids is None else input_ids[T:])
-        weights_TA, ids_TA = weights_TA.clone(), ids_TA.clone()
-        weights_TA[T:] = rule(clean_ME, member_ids_MA).to(weights_TA.dtype)
-        ids_TA[T:] = member_ids_MA.to(ids_TA.dtype)
+            weights_TA, ids_TA = original(hidden_states, router_logits, topk_indices_dtype, input_ids=input_ids)
+            T = router_logits.shape[0]
+        else:
+            T = step.rows
+            if router_logits.shape[0] != T + step.num_members:
+                raise RuntimeError(f"RoE: MoE layer {layer} routed {router_logits.shape[0]} rows, expected {T} + "
+                                   f"{step.num_members} (rows gathered or split before routing are not supported)")
+            noisy_TE = router_logits.clone()
+            noisy_TE[T:] += noise_ME.to(dtype=noisy_TE.dtype, device=noisy_TE.device)
+            weights_TA, ids_TA = original(hidden_states, noisy_TE, topk_indices_dtype, input_ids=input_ids)
+            weights_TA[T:] = rule(router_logits[T:], ids_TA[T:]).to(weights_TA.dtype)
+        if not tested:
+            self_test(rule, router, router_logits[:T], weights_TA[:T], ids_TA[:T])
+            tested.append(True)
         return weights_TA, ids_TA
 
     router.select_experts = select_experts
