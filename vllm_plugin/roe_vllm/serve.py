@@ -104,8 +104,10 @@ class ServerRoE:
 
         vllm_config = app.state.vllm_config
         model_config = getattr(vllm_config, "model_config", None)
-        return cls(engine=EngineSettings.parse(vllm_config.additional_config),
-                   moe_layers=num_moe_layers(model_config.hf_config) if model_config is not None else None)
+        if model_config is None:
+            return cls(engine=EngineSettings.parse(vllm_config.additional_config), moe_layers=None)
+        return cls(engine=EngineSettings.parse(vllm_config.additional_config, model_config.model),
+                   moe_layers=num_moe_layers(model_config.hf_config))
 
     def check(self, body: dict, xargs: dict) -> None:
         """The plugin's own check of the request's settings with the engine defaults and the model (400 if not).

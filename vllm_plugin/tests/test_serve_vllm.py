@@ -42,6 +42,7 @@ CASES = [
      {"roster_size": 4, "tau": [0.0, 0.5, 0.2, 0.4, 0.1, 0.3], "seed": 0}),
     ("skips", {"roster_size": 2, "tau": 2.0, "skip_first": 0, "skip_last": 2, "seed": 7},
      {"roster_size": 2, "tau": 2.0, "skip_first": 0, "skip_last": 2, "seed": 7}),
+    ("model_default", {"roster_size": 4, "seed": 2}, {"roster_size": 4, "seed": 2}),  # no tau: the shipped schedule
     ("plain", {}, {"roster_size": 1}),
 ]
 
