@@ -166,7 +166,8 @@ def conditions(engine: Engine, args, tau) -> dict:
             "model": args.model or "embedded default", "prompt_tokens": args.prompt_tokens,
             "new_tokens": args.new_tokens, "rounds": args.rounds, "batches": args.batches, "tau": tau,
             "block_bytes": engine.block_bytes, "enforce_eager": True, "prefix_caching": False,
-            "engine": "in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0), LLMEngine.step timed by hand"}
+            "engine": "in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0), LLMEngine.step timed by hand",
+            "load_average_1min_before_after": [args.load_before, os.getloadavg()[0]]}
 
 
 def _tau(model: str | None, fallback: float):
@@ -192,6 +193,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="CPU threads of the engine (OMP_NUM_THREADS)")
     ap.add_argument("--out", default=None, help="also write the JSON document here")
     args = ap.parse_args()
+    args.load_before = os.getloadavg()[0]  # the machine may be shared: its load is a condition of the run
     # NOTE: set before vLLM starts: the engine core runs in this process so that step() is one engine step, and
     # one thread keeps a shared 2-core machine from oversubscription (10-100x slower steps in-process).
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
