@@ -31,7 +31,7 @@ while [ $# -gt 0 ]; do
     --vllm-python) VLLM_PY=$2; shift 2 ;;
     --roe-python) ROE_PY=$2; shift 2 ;;
     --dtype) DTYPE=$2; shift 2 ;;
-    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     -*) fail "unknown option $1 (see --help)" ;;
     *) [ -z "$CKPT" ] || fail "one checkpoint only"; CKPT=$1; shift ;;
   esac
