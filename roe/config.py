@@ -29,6 +29,11 @@ class RoEConfig:
     seed: keys the noise (see roe/routing.py); same seed, same output.
     aggregator: how member distributions combine (see roe/aggregate.py).
     noisy_weights: gate weights from the noisy scores instead of the clean ones (off by default).
+    experts_per_token: k, the experts every member (the clean one and the prefill too) selects in
+        every MoE layer; None (the default) keeps the model's own. The runtime sparsity dial of
+        MoE-PHDS (arXiv 2509.23012): gate weights are the model's own computed over the k chosen,
+        as in the model built with ``num_experts_per_tok = k``. Checked against the model's
+        experts when the roster is built (roe/adapters).
     """
 
     roster_size: int = 8
@@ -38,6 +43,7 @@ class RoEConfig:
     seed: int = 0
     aggregator: str = "mean-prob"
     noisy_weights: bool = False
+    experts_per_token: int | None = None
 
     def __post_init__(self) -> None:
         _check_int("roster_size", self.roster_size, minimum=1)
@@ -50,6 +56,8 @@ class RoEConfig:
             raise ValueError(f"unknown aggregator {self.aggregator!r}; choose from {sorted(AGGREGATORS)}")
         if not isinstance(self.noisy_weights, bool):
             raise TypeError(f"noisy_weights must be a bool, got {self.noisy_weights!r}")
+        if self.experts_per_token is not None:
+            _check_int("experts_per_token", self.experts_per_token, minimum=1)
         tau = self.tau
         if isinstance(tau, (list, tuple)):
             object.__setattr__(self, "tau", Schedule(tau=tuple(tau), provenance={"kind": "list"}))

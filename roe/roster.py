@@ -2,11 +2,12 @@
 
 Shapes: B prompts, K members, S positions, Q query rows of one forward, V vocab, L MoE layers.
 
-``roster(model, cfg)`` validates everything before any compute, finds and self-tests the
-routers (roe/adapters), and replaces each router instance's ``forward`` by a wrapper that
-re-selects experts when the current forward carries a ``NoisePlan``. Leaving the context (also
-through an exception) deletes the wrappers: the model's modules, parameters and buffers are
-exactly as before.
+``roster(model, cfg)`` validates everything before any compute and finds and self-tests the
+routers (roe/adapters). Entering its ``with`` block replaces each router instance's ``forward``
+by a wrapper that re-selects experts when the current forward carries a ``NoisePlan``; leaving
+it (also through an exception) deletes the wrappers: the model's modules, parameters and buffers
+are exactly as before, and the roster is closed (using it raises). A roster used without a
+``with`` block installs its wrappers for each call and removes them after it.
 
 Row layout: a forward sees B x Q rows, batch-major. ``forward`` takes the member and position
 of every row; member 0 is clean. ``score`` is generation's semantics at every position at
@@ -72,14 +73,18 @@ def check_inputs(input_ids, attention_mask) -> torch.Tensor:
     return mask
 
 
-class Roster:
-    """A model with RoE installed. Use through ``roe.roster(model, cfg)``."""
+CLOSED = ("this roster was closed when its `with` block ended (the model is restored); open a new one: "
+          "`with roe.roster(model, cfg) as r: r.generate(...)`")
 
-    def __init__(self, model, cfg: RoEConfig) -> None:
+
+class Roster:
+    """RoE on a model: ``with roe.roster(model, cfg) as r:`` (see the module docstring)."""
+
+    def __init__(self, model, cfg: RoEConfig, *, kernels: bool = True) -> None:
         if not isinstance(cfg, RoEConfig):
             raise TypeError(f"cfg must be a roe.RoEConfig, got {type(cfg).__name__}")
         check_model(model)
-        self.model, self.cfg = model, cfg
+        self.model, self.cfg, self.kernels = model, cfg, kernels
         self.text_config = model.config.get_text_config()
         self.slots = adapters.find_routers(model)
         self.schedule = schedule_for(model, cfg, self.slots)
@@ -87,12 +92,50 @@ class Roster:
         self.strategy = "fold" if self.windows is not None else "expand"
         self.mask_dtype = model.get_output_embeddings().weight.dtype
         adapters.resolve_rules(model, self.slots)
+        adapters.dial(model, self.slots, cfg.experts_per_token)
         self.plan: NoisePlan | None = None
         self.tau_L = self.schedule.tau
         self.clean_prefix = self._clean_prefix()
         self._axes: dict[tuple, int | None] | None = None  # found on first use (_query_axes)
         self._block: tuple[torch.nn.Module, dict] | None = None  # found with them (_block_fan_out)
+        self.installed = self.closed = False
+        self._check_dial()
+
+    def _check_dial(self) -> None:
+        """With ``experts_per_token`` changing k, one short forward must run: a model whose blocks
+        cannot take another k (LongCat-Flash at k = 1 fails in transformers itself) is refused here."""
+        if not any(slot.dialled for slot in self.slots):
+            return
+        ids = torch.zeros(1, 4, dtype=torch.long, device=self.model.device)
+        try:
+            with torch.no_grad(), self._in_use():
+                self.model(input_ids=ids, use_cache=False)
+        except (RuntimeError, ValueError, IndexError, TypeError) as err:
+            raise ValueError(f"{type(self.model).__name__} does not run with experts_per_token="
+                             f"{self.cfg.experts_per_token}: {type(err).__name__}: {err}") from err
+
+    def __enter__(self) -> Roster:
+        if self.closed or self.installed:
+            raise RuntimeError("a roster opens once; " + CLOSED.split("; ", 1)[1])
         self._install()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    @contextmanager
+    def _in_use(self) -> Iterator[None]:
+        """The wrappers for one call: already there inside the ``with`` block, else installed for it."""
+        if self.closed:
+            raise RuntimeError(CLOSED)
+        if self.installed:
+            yield
+            return
+        self._install()
+        try:
+            yield
+        finally:
+            self._uninstall()
 
     @property
     def first_noisy_path(self) -> str | None:
@@ -136,24 +179,36 @@ class Roster:
             def forward(*args, _slot=slot, _original=original, **kwargs):
                 output = _original(*args, **kwargs)
                 plan = self.plan
-                if plan is None:
+                if plan is None and not _slot.dialled:
                     return output
-                noise_TE = plan.noise(_slot.layer, _slot.rule.logits(_slot.module, output))
+                logits_TE = _slot.rule.logits(_slot.module, output)
+                noise_TE = None if plan is None else plan.noise(_slot.layer, logits_TE)
                 if noise_TE is None:
-                    return output
-                return _slot.rule.reroute(_slot.module, output, noise_TE, plan.noisy_weights, args, kwargs)
+                    if not _slot.dialled:
+                        return output
+                    noise_TE = torch.zeros_like(logits_TE)  # experts_per_token: clean rows re-select too
+                noisy = plan is not None and plan.noisy_weights
+                return _slot.rule.reroute(_slot.module, output, noise_TE, noisy, args, kwargs)
 
             slot.saved_forward = slot.module.__dict__.get("forward")
             slot.module.forward = forward
+        self.installed = True
 
-    def close(self) -> None:
-        """Uninstall: remove the wrappers (and restore any instance forward that was there)."""
+    def _uninstall(self) -> None:
+        """Remove the wrappers (and restore any instance forward that was there)."""
         for slot in self.slots:
             if slot.saved_forward is None:
                 slot.module.__dict__.pop("forward", None)
             else:
                 slot.module.forward = slot.saved_forward
+        self.installed = False
         self.plan = None
+
+    def close(self) -> None:
+        """Uninstall if installed; the roster cannot be used afterwards."""
+        if self.installed:
+            self._uninstall()
+        self.closed = True
 
     def _plan(self, member_BQ: torch.Tensor, position_BQ: torch.Tensor, bank: NoiseBank | None,
               seed_BQ: torch.Tensor | None = None) -> NoisePlan | None:
@@ -178,12 +233,13 @@ class Roster:
         ``seed_BQ`` gives each row its own noise seed (rows of requests with different seeds);
         without it every row uses ``cfg.seed``.
         """
-        self.plan = self._plan(member_BQ, position_BQ, bank, seed_BQ)
-        try:
-            model_kwargs.setdefault("use_cache", True)
-            return self.model(position_ids=position_BQ, output_router_logits=False, **model_kwargs)
-        finally:
-            self.plan = None
+        with self._in_use():
+            self.plan = self._plan(member_BQ, position_BQ, bank, seed_BQ)
+            try:
+                model_kwargs.setdefault("use_cache", True)
+                return self.model(position_ids=position_BQ, output_router_logits=False, **model_kwargs)
+            finally:
+                self.plan = None
 
     def _probe_cache(self) -> CleanCache:
         """A clean 2-token history that keeps the first new position of the next forward."""
@@ -288,8 +344,10 @@ class Roster:
         """
         if not self.can_fan_out:
             raise RuntimeError("fan-out is not available for this model")
-        return self._fan_out(member_BK=member_BK, position_B=position_B, input_ids_B=input_ids_B, masks_1=masks_1,
-                             masks_K=masks_K, cache=cache, bank=bank, block=self._block, seed_B=seed_B)
+        with self._in_use():
+            return self._fan_out(member_BK=member_BK, position_B=position_B, input_ids_B=input_ids_B,
+                                 masks_1=masks_1, masks_K=masks_K, cache=cache, bank=bank, block=self._block,
+                                 seed_B=seed_B)
 
     def _fan_out(self, *, member_BK, position_B, input_ids_B, masks_1, masks_K, cache, bank, block, seed_B=None):
         layers, start = self.clean_prefix
@@ -346,11 +404,12 @@ class Roster:
     def decode_kernels(self) -> Iterator[None]:
         """Faster products for the K rows of a decode step (roe/kernels.py); none when K = 1.
 
-        With one member the model runs untouched, so K = 1 reproduces it bit for bit. Nor with
+        With one member the model runs untouched, so K = 1 reproduces it bit for bit. None when
+        the roster was made with ``kernels=False``. Nor with
         autograd on: neither kernel has a backward, and on inputs that require grad the oneDNN
         head took about 60 ms instead of 0.3 (measured); the decoders' callers all run under no_grad.
         """
-        if self.members == 1 or torch.is_grad_enabled():
+        if self.members == 1 or not self.kernels or torch.is_grad_enabled():
             yield
             return
         with ExitStack() as stack:
@@ -387,7 +446,8 @@ class Roster:
         """RoE generation; see ``roe.engine.generate`` for the options."""
         from roe.engine import generate
 
-        return generate(self, input_ids, attention_mask, max_new_tokens, **kwargs)
+        with self._in_use():
+            return generate(self, input_ids, attention_mask, max_new_tokens, **kwargs)
 
     @torch.no_grad()
     def score(self, input_ids, attention_mask=None) -> torch.Tensor:
@@ -396,7 +456,10 @@ class Roster:
         Position t equals what ``generate`` computes at the step that feeds token t given the
         prefix (clean history, noisy current token), member for member and noise for noise.
         """
-        mask_BS = check_inputs(input_ids, attention_mask)
+        with self._in_use():
+            return self._score(input_ids, check_inputs(input_ids, attention_mask))
+
+    def _score(self, input_ids, mask_BS) -> torch.Tensor:
         if self.strategy == "expand" and self.members > 1:
             from roe.engine import score_stepwise
 
@@ -416,6 +479,10 @@ class Roster:
         (each member contributes logit[target] - logsumexp(logits)); it is what perplexity and
         calibration need. Other aggregators and hybrid models go through ``score``.
         """
+        with self._in_use():
+            return self._target_logprobs(input_ids, targets, attention_mask)
+
+    def _target_logprobs(self, input_ids, targets, attention_mask) -> torch.Tensor:
         mask_BS = check_inputs(input_ids, attention_mask)
         if not isinstance(targets, torch.Tensor) or targets.shape != input_ids.shape:
             raise ValueError(f"targets must be a tensor of the shape of input_ids {tuple(input_ids.shape)}")
@@ -472,14 +539,15 @@ def schedule_for(model, cfg: RoEConfig, slots: list | None = None) -> Schedule:
     return schedule
 
 
-@contextmanager
-def roster(model, cfg: RoEConfig | None = None) -> Iterator[Roster]:
-    """Install RoE on ``model`` for the duration of the block; the model is restored on exit."""
-    r = Roster(model, cfg if cfg is not None else RoEConfig())
-    try:
-        yield r
-    finally:
-        r.close()
+def roster(model, cfg: RoEConfig | None = None, *, kernels: bool = True) -> Roster:
+    """RoE on ``model``: ``with roe.roster(model, cfg) as r: r.generate(...)``.
+
+    Everything is validated here, before any compute. Inside the ``with`` block RoE is installed;
+    on exit the model is exactly as before and the roster is closed (using it raises). Used
+    without a ``with`` block, each call installs RoE for its duration. ``kernels=False`` keeps
+    the model's own products in decode steps (no packed head, no compiled small-M kernel).
+    """
+    return Roster(model, cfg if cfg is not None else RoEConfig(), kernels=kernels)
 
 
 def target_logprob(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

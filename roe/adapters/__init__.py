@@ -13,6 +13,10 @@
    captured call and output with zero noise; the first to reproduce it bit for bit is used. A
    router no rule reproduces is refused, naming the family and the rules tried.
 
+4. ``dial``: ``RoEConfig.experts_per_token`` (the MoE-PHDS sparsity dial) gives every rule the
+   number of experts to select, checked against each router's experts; a rule whose model
+   fixes k (``Rule.fixed_k``) is refused any other k, naming the family and the reason.
+
 No class-name list: a new transformers family that routes by a known rule works unchanged.
 """
 
@@ -47,13 +51,19 @@ RULES: list[type[Rule]] = [
 
 @dataclass
 class RouterSlot:
-    """One MoE layer's router: its module path, MoE ordinal, rule, and original forward."""
+    """One MoE layer's router: its module path, MoE ordinal, rule, and original forward.
+
+    ``experts``: how many experts the router chooses from (its logits' width). ``dialled``: the
+    rule selects another number of experts than the model, so clean rows are re-selected too.
+    """
 
     path: str
     module: torch.nn.Module
     layer: int
     rule: Rule | None = None
     saved_forward: Any = None
+    experts: int = 0
+    dialled: bool = False
 
 
 def router_classes(model: torch.nn.Module) -> tuple[type, ...]:
@@ -139,3 +149,34 @@ def resolve_rules(model: torch.nn.Module, slots: list[RouterSlot]) -> None:
             raise ValueError(f"{family}: router {slot.path} did not run in a forward; cannot self-test it")
         args, kwargs, output = calls[slot.layer]
         slot.rule = choose_rule(slot, output, family, args, kwargs)
+        slot.experts = slot.rule.logits(slot.module, output).shape[-1]
+
+
+# Buffers of MoE layers routed by a fixed table instead of a router: [vocab, k] expert ids per token.
+HASH_TABLES = ("tid2eid",)
+
+
+def dial(model: torch.nn.Module, slots: list[RouterSlot], k: int | None) -> None:
+    """Make every router select ``k`` experts per token (None or the model's own k: no change).
+
+    Raises ValueError when k exceeds a router's experts, the family's model fixes k, or a
+    hash-routed layer (its k is the width of a table in the checkpoint) would keep the old k.
+    """
+    if k is None:
+        return
+    family = type(model).__name__
+    for slot in slots:
+        if k > slot.experts:
+            raise ValueError(f"experts_per_token={k} exceeds the {slot.experts} experts of {family}'s router "
+                             f"{slot.path}; choose 1 <= experts_per_token <= {slot.experts}")
+        slot.dialled = k != slot.rule.model_k(slot.module)
+        if slot.dialled and slot.rule.fixed_k is not None:
+            raise ValueError(f"{family} cannot run experts_per_token={k}: {slot.rule.fixed_k}. "
+                             f"Leave experts_per_token unset (or {slot.rule.model_k(slot.module)}) for this family.")
+        if slot.dialled:
+            slot.rule = slot.rule.with_k(k)
+    tables = [name for name, _ in model.named_buffers() if name.rsplit(".", 1)[-1] in HASH_TABLES]
+    if tables and any(slot.dialled for slot in slots):
+        raise ValueError(f"{family} cannot run experts_per_token={k}: its hash-routed MoE layers ({tables[0]}, ...) "
+                         "take their experts per token from a table in the checkpoint, which fixes k. "
+                         "Leave experts_per_token unset for this family.")

@@ -15,6 +15,12 @@ renormalises; softmax over the selected logits for top-k-then-softmax routers; s
 scaling for DeepSeek-style routers). With ``noisy_weights`` the weights are evaluated on the
 perturbed logits instead; it is an option, off by default.
 
+The experts per token: a rule selects ``k(router)`` experts, the model's own ``model_k`` unless
+``top_k`` is set (``RoEConfig.experts_per_token``, the MoE-PHDS sparsity dial, arXiv 2509.23012).
+Selection and gating then run exactly as the router's own code would with ``top_k = k``: top-k
+of the same scores, the same renormalisation and scaling over the k chosen. A rule whose
+model fixes k says why in ``fixed_k`` and is refused any other k.
+
 ``reroute`` also receives the router call's ``args``/``kwargs``: ``bind`` lets a rule take what
 the block passes in (a correction bias given as a forward argument, the hidden states).
 
@@ -26,7 +32,7 @@ a rule's variants (e.g. renormalised or not) the one that passes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
@@ -38,11 +44,15 @@ class Rule:
 
     ``name``/``summary`` appear in ``roe models``. ``candidates`` yields the parameter variants
     worth self-testing for a router (an attribute such as ``norm_topk_prob`` pins one).
+    ``top_k``: the experts per token to select (None: the model's own, ``model_k``).
     """
+
+    top_k: int | None = field(default=None, kw_only=True)
 
     name: ClassVar[str] = "base"
     summary: ClassVar[str] = ""
     logits_index: ClassVar[int] = 0
+    fixed_k: ClassVar[str | None] = None  # why the model cannot run another k (None: it can)
 
     @classmethod
     def candidates(cls, router: torch.nn.Module) -> list[Rule]:
@@ -51,6 +61,18 @@ class Rule:
     @classmethod
     def applies(cls, router: torch.nn.Module) -> bool:
         return hasattr(router, "top_k")
+
+    def model_k(self, router: torch.nn.Module) -> int:
+        """The model's own experts per token for this router."""
+        return router.top_k
+
+    def k(self, router: torch.nn.Module) -> int:
+        """The experts per token this rule selects."""
+        return self.model_k(router) if self.top_k is None else self.top_k
+
+    def with_k(self, k: int | None) -> Rule:
+        """This rule selecting ``k`` experts per token (None: the model's own)."""
+        return replace(self, top_k=k)
 
     def logits(self, router: torch.nn.Module, output: Any) -> torch.Tensor:
         """The router logits [T, E] inside the router's output."""

@@ -22,7 +22,7 @@ class DenseSigmoid(Rule):
     logits_index = 1
 
     def select(self, router, logits_TE):
-        return torch.topk(logits_TE, router.top_k, dim=1).indices
+        return torch.topk(logits_TE, self.k(router), dim=1).indices
 
     def weights(self, router, logits_TE, idx_TA):
         return logits_TE.gather(1, idx_TA)

@@ -27,10 +27,13 @@ class ProbsTopK(Rule):
     def applies(cls, router):
         return hasattr(router, "per_expert_scale") and hasattr(getattr(router, "config", None), "top_k_experts")
 
+    def model_k(self, router):
+        return router.config.top_k_experts
+
     def reroute(self, router, output, noise_TE, noisy_weights, args=(), kwargs=None):
         probs_TE = output[0]
         choice_TE = probs_TE.double().log() + noise_TE
-        idx_TA = torch.topk(choice_TE, k=router.config.top_k_experts, dim=-1).indices
+        idx_TA = torch.topk(choice_TE, k=self.k(router), dim=-1).indices
         gate_TE = torch.softmax(choice_TE, dim=-1).to(probs_TE.dtype) if noisy_weights else probs_TE
         weights_TA = gate_TE.gather(-1, idx_TA)
         weights_TA /= weights_TA.sum(dim=-1, keepdim=True)

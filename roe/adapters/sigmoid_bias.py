@@ -88,7 +88,7 @@ class SigmoidBias(Rule):
         return scores_TE if self.bias_E is None else scores_TE + self.bias_E
 
     def select(self, router, logits_TE):
-        return torch.topk(self.choice(router, logits_TE), router.top_k, dim=-1, sorted=self.sorted).indices
+        return torch.topk(self.choice(router, logits_TE), self.k(router), dim=-1, sorted=self.sorted).indices
 
     def normalise(self, router, weights_TA):
         return weights_TA / (weights_TA.sum(dim=-1, keepdim=True) + self.renorm_eps)

@@ -45,4 +45,4 @@ class SigmoidGroups(SigmoidBias):
         group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
         score_mask = group_mask.unsqueeze(-1).expand(-1, groups, E // groups).reshape(-1, E)
         choice_TE = choice_TE.masked_fill(~score_mask.bool(), self.fill)
-        return torch.topk(choice_TE, k=router.top_k, dim=-1, sorted=self.sorted)[1]
+        return torch.topk(choice_TE, k=self.k(router), dim=-1, sorted=self.sorted)[1]

@@ -19,6 +19,7 @@ from roe.adapters.softmax_bias import SoftmaxBias
 class SkipExpert(SoftmaxBias):
     name = "softmax-bias-skip"
     summary = "softmax + balancing bias over the experts and a skip class; a skip runs no expert"
+    fixed_k = "its architecture supports one expert per token only (ZayaConfig refuses num_experts_per_tok != 1)"
 
     @classmethod
     def applies(cls, router):

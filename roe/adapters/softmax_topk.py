@@ -35,7 +35,7 @@ class SoftmaxTopK(Rule):
 
     def select(self, router, logits_TE):
         probs_TE = torch.softmax(logits_TE.float(), dim=-1)
-        return torch.topk(probs_TE, router.top_k, dim=-1).indices
+        return torch.topk(probs_TE, self.k(router), dim=-1).indices
 
     def weights(self, router, logits_TE, idx_TA):
         weights_TA = torch.softmax(logits_TE.float(), dim=-1).gather(-1, idx_TA)

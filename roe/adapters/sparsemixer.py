@@ -32,10 +32,14 @@ def band_gate(scores_TE: torch.Tensor, pick_T1: torch.Tensor, jitter_eps: float)
 class SparseMixer(Rule):
     name = "sparsemixer"
     summary = "PhiMoE: two sequential argmax picks, each weighted by a softmax over its jitter band"
+    fixed_k = "its sparsemixer router always picks exactly 2 experts (it ignores num_experts_per_tok)"
 
     @classmethod
     def applies(cls, router):
         return hasattr(router, "router_jitter_noise")
+
+    def model_k(self, router):
+        return 2
 
     def select(self, router, logits_TE):
         first_T1 = logits_TE.max(dim=-1, keepdim=True)[1]

@@ -21,7 +21,7 @@ class TopKSoftmax(Rule):
     summary = "top-k of the logits, softmax over the k selected logits"
 
     def select(self, router, logits_TE):
-        return torch.topk(logits_TE, router.top_k, dim=-1).indices
+        return torch.topk(logits_TE, self.k(router), dim=-1).indices
 
     def weights(self, router, logits_TE, idx_TA):
         return torch.softmax(logits_TE.gather(-1, idx_TA), dim=-1)
