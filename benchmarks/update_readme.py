@@ -149,6 +149,11 @@ def vllm_cost_table(doc: dict) -> str:
              f"{doc['targets']['B=8']['target']}x at B=8.", "",
              "| B | method | step CPU (ms) | x plain | step wall (ms) | x plain | TTFT (ms) | KV bytes held |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    k8 = ", ".join(f"{t['cpu_ratio']:.2f}x plain at {b} (target {t['target']}x)" for b, t in doc["targets"].items())
+    lines[0] += f" K=8 measured (CPU time): {k8}."
+    load = c.get("load_average_1min_before_after")
+    if load:
+        lines[0] += f" Machine load average (1 min): {load[0]:.1f} before, {load[1]:.1f} after."
     lines += [f"| {r['B']} | {r['method']} | {r['step_cpu_ms']:.1f} | {_paired(r, 'cpu')} | {r['step_wall_ms']:.1f} | "
               f"{_paired(r, 'wall')} | {r['ttft_ms']:.0f} | {', '.join(f'{b:,}' for b in r['kv_bytes'])} |"
               for r in doc["rows"]]
