@@ -379,6 +379,10 @@ def run(*, model: str | None, host: str, port: int, cfg: ServeConfig, log_level:
     import dataclasses
 
     _, uvicorn = require_serve_extra()
+    handler = logging.StreamHandler()  # warm-up and readiness lines beside uvicorn's own
+    handler.setFormatter(logging.Formatter("%(levelname)s:     roe serve: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(log_level.upper())
     lm, tokenizer = roe.load(model)
     app = create_app(lm, tokenizer, dataclasses.replace(cfg, host=host))
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=int(cfg.timeout) + 5)
