@@ -1,7 +1,8 @@
 """Attention of the member rows: the request's stored clean history plus the member's own key/value.
 
 Shapes: M member rows, R RoE requests, J member slots per request (K - 1, padded to the largest),
-H query heads, G = H / Hkv query heads per KV head, P history positions, D head dim.
+H query heads, G = H / Hkv query heads per KV head, Q = J * G query rows per KV head, X history
+slots (whole blocks), Y = X + 1 (the member's own key), D head dim.
 
     out_m = softmax([q_m . K_hist(<p) , q_m . k_m] * scale) @ [V_hist(<p) ; v_m]
 
@@ -72,7 +73,7 @@ def cpu_layout(isa: str, num_kv_heads: int, block_size: int, head_dim: int, dtyp
 
 
 def _as_layout(half_NHBD: torch.Tensor, dim_major: bool) -> torch.Tensor:
-    """The key or value half of a CPU cache as [blocks, Hkv, D, block] (dimension-major) or [blocks, Hkv, block, D]."""
+    """The key or value half of a CPU cache as [blocks, Hkv, D, block] when stored dimension-major."""
     if not dim_major:
         return half_NHBD
     N, H, B, D = half_NHBD.shape
@@ -80,20 +81,32 @@ def _as_layout(half_NHBD: torch.Tensor, dim_major: bool) -> torch.Tensor:
     return half_NHBD.as_strided((N, H, D, B), (stride[0], stride[1], B, 1), half_NHBD.storage_offset())
 
 
-def history(layer, kv_cache: torch.Tensor, block_table: torch.Tensor, step: Step, length: int):
-    """Keys and values [R, P, Hkv, D] of the RoE requests' first ``length`` positions (CPU paged cache).
+def _slots(cache_NH__: torch.Tensor, dim_major: bool, blocks_RN: torch.Tensor, length: int) -> torch.Tensor:
+    """[R, Hkv, D, X] (dim_major) or [R, Hkv, X, D] of the given blocks: X = ``length`` within one block, else
+    all their slots. One block is cut to its first ``length`` slots before the copy."""
+    R, N = blocks_RN.shape
+    if N == 1:
+        return cache_NH__[blocks_RN[:, 0], :, :, :length] if dim_major else cache_NH__[blocks_RN[:, 0], :, :length]
+    got = cache_NH__[blocks_RN.reshape(-1)]  # [R*N, Hkv, D, B] or [R*N, Hkv, B, D]
+    H, B = got.shape[1], got.shape[-1] if dim_major else got.shape[-2]
+    if dim_major:
+        return got.view(R, N, H, -1, B).permute(0, 2, 3, 1, 4).reshape(R, H, -1, N * B)
+    return got.view(R, N, H, B, -1).permute(0, 2, 1, 3, 4).reshape(R, H, N * B, -1)
 
-    Reads only those positions (a gather by block and offset), not whole blocks.
+
+def history(layer, kv_cache: torch.Tensor, block_table: torch.Tensor, step: Step, length: int):
+    """Keys [R, Hkv, D, X] and values [R, Hkv, X, D] of the RoE requests' first ``length`` positions
+    (X = ``length`` when they fit in one block, else the slots of the blocks; ``_mask`` hides the
+    slots past each request's own history). Keys stored dimension-major come out as [D, X] directly.
     """
     num_blocks, num_kv_heads, block_size, two_d = kv_cache.shape
     head_dim = two_d // 2
     key_half, value_half = kv_cache.view(num_blocks, num_kv_heads, 2 * block_size, head_dim).chunk(2, dim=2)
     keys_major, values_major = cpu_layout(layer.isa, num_kv_heads, block_size, head_dim, kv_cache.dtype)
-    blocks_RP, offsets_RP = step.slots(block_table, block_size, length)
-    key_view, value_view = _as_layout(key_half, keys_major), _as_layout(value_half, values_major)
-    keys = key_view[blocks_RP, :, :, offsets_RP] if keys_major else key_view[blocks_RP, :, offsets_RP, :]
-    values = value_view[blocks_RP, :, :, offsets_RP] if values_major else value_view[blocks_RP, :, offsets_RP, :]
-    return keys, values
+    blocks_RN = step.blocks(block_table, max(1, -(-length // block_size)))
+    keys = _slots(_as_layout(key_half, keys_major), keys_major, blocks_RN, length)
+    values = _slots(_as_layout(value_half, values_major), values_major, blocks_RN, length)
+    return keys if keys_major else keys.transpose(-1, -2), values.transpose(-1, -2) if values_major else values
 
 
 def _mask(step: Step, length: int, window: int | None) -> torch.Tensor | None:
@@ -128,23 +141,24 @@ def member_attention(layer, query_MHD: torch.Tensor, key_MHD: torch.Tensor, valu
     G = H // Hkv
     R, J = len(step.requests), step.members_per_request
     P = max(r.position for r in step.requests)
-    keys_RPHD, values_RPHD = history(layer, kv_cache, attn_metadata.block_table, step, P)
+    keys_RHDX, values_RHXD = history(layer, kv_cache, attn_metadata.block_table, step, P)
+    X = keys_RHDX.shape[-1]
     f32 = torch.float32
     q_RJHD = _by_request(step, query_MHD.to(f32))
     k_RJHD, v_RJHD = _by_request(step, key_MHD.to(f32)), _by_request(step, value_MHD.to(f32))
     # query rows grouped by KV head: Q = J * G rows per (request, KV head)
     q_RHQD = q_RJHD.view(R, J, Hkv, G, D).permute(0, 2, 1, 3, 4).reshape(R, Hkv, J * G, D)
     scale = layer.impl.scale
-    scores_RHQP = torch.matmul(q_RHQD, keys_RPHD.to(f32).permute(0, 2, 3, 1)).mul_(scale)
-    mask = _mask(step, P, getattr(layer.impl, "sliding_window", -1))
+    scores_RHQX = torch.matmul(q_RHQD, keys_RHDX.to(f32)).mul_(scale)
+    mask = _mask(step, X, getattr(layer.impl, "sliding_window", -1))
     if mask is not None:
-        scores_RHQP += mask
+        scores_RHQX += mask
     own_RHQ1 = (q_RJHD.view(R, J, Hkv, G, D) * k_RJHD[:, :, :, None, :]).sum(-1).mul_(scale)
     own_RHQ1 = own_RHQ1.permute(0, 2, 1, 3).reshape(R, Hkv, J * G, 1)
-    probs_RHQX = torch.softmax(torch.cat([scores_RHQP, own_RHQ1], dim=-1), dim=-1)
+    probs_RHQY = torch.softmax(torch.cat([scores_RHQX, own_RHQ1], dim=-1), dim=-1)
     v_own_RHQD = v_RJHD[:, :, :, None, :].expand(R, J, Hkv, G, D).permute(0, 2, 1, 3, 4).reshape(R, Hkv, J * G, D)
-    out_RHQD = torch.matmul(probs_RHQX[..., :P], values_RPHD.to(f32).transpose(1, 2))
-    out_RHQD += probs_RHQX[..., P:] * v_own_RHQD
+    out_RHQD = torch.matmul(probs_RHQY[..., :X], values_RHXD.to(f32))
+    out_RHQD += probs_RHQY[..., X:] * v_own_RHQD
     out_RJHD = out_RHQD.view(R, Hkv, J, G, D).permute(0, 2, 1, 3, 4).reshape(R, J, H, D)
     out_MHD = out_RJHD.reshape(M, H, D) if step.uniform else out_RJHD[step.request_M, step.member_M - 1]
     return out_MHD.to(query_MHD.dtype)

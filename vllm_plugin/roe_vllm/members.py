@@ -78,17 +78,12 @@ class Step:
         """A per-row tensor of the T clean rows, with the member rows (copies of their sources) appended."""
         return torch.cat([tensor, tensor.index_select(0, self.source_M.to(tensor.device))])
 
-    def slots(self, block_table: torch.Tensor, block_size: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(block, offset) [R, P] of positions 0..length-1 of every RoE request (padded rows repeat slot 0).
-
-        Computed once per step: the layers of one KV cache group share the block table.
-        """
-        key = ("slots", id(block_table), block_size, length)
+    def blocks(self, block_table: torch.Tensor, count: int) -> torch.Tensor:
+        """The first ``count`` KV blocks [R, N] of every RoE request, once per step (layers share the table)."""
+        key = ("blocks", id(block_table), count)
         if key not in self.cache:
-            position_P = torch.arange(length)
             index_R = torch.tensor([r.index for r in self.requests])
-            blocks_RP = block_table[index_R][:, position_P // block_size].long()
-            self.cache[key] = (blocks_RP, (position_P % block_size).expand_as(blocks_RP))
+            self.cache[key] = block_table[index_R, :count].long()
         return self.cache[key]
 
     def noise(self, layer: int, num_experts: int) -> torch.Tensor | None:
