@@ -1,17 +1,22 @@
-"""Prefill + batched decode loop: the roster's ``generate``.
+"""Prefill + batched decode loop: ``Decoding`` (rows join and leave between steps) and ``generate``.
 
-Shapes: B prompts, K members, P stored positions, V vocab.
+Shapes: B prompts, K members, P stored positions, R live rows of a step, V vocab.
 
 1. Prefill: each prompt but its last token runs once, clean, at batch 1 (so a prompt's
-   history never depends on its batch-mates).
-2. Decode: every step feeds each prompt's current token to the K members. Attention-only
+   history never depends on its batch-mates), whenever it joins.
+2. Decode: every step feeds each live prompt's current token to the K members. Attention-only
    models fold the members into the sequence axis and run ONE forward of B x K rows over one
    clean cache (``FoldedDecoder``, roe/cache.py); hybrid recurrent models copy the clean state
    to K rows and re-sync it to member 0 after the step (``ExpandedDecoder``). The K
    distributions are aggregated (roe/aggregate.py) and the next token is drawn from the
-   aggregate: argmax by default, or
-   temperature / top-p sampling with a keyed uniform (roe/routing.py), so sampling too is a pure
-   function of (seed, position) and independent of the batch.
+   aggregate: argmax by default, or temperature / top-p sampling with a keyed uniform
+   (roe/routing.py), so sampling too is a pure function of (seed, position) and independent of
+   the batch.
+3. Scheduling: ``Decoding`` is the state over live rows. Prompts join between steps (prefilled,
+   then merged into the running left-padded cache) and leave when they finish or are dropped,
+   each with its own seed and sampling settings; its ``steps()`` generator yields each step's
+   tokens and log-probs. ``generate`` consumes it; so does the server's worker
+   (roe/serve/worker.py), which admits requests into running batches.
 
 This module knows nothing about routers; the roster's ``forward`` carries the noise plan.
 It runs its own loop instead of ``model.generate`` (DESIGN §5: keep the grouped_mm experts
