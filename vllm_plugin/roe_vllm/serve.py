@@ -271,12 +271,14 @@ def _named_schedule(text: str) -> tuple[str, dict]:
 
 
 def parser() -> argparse.ArgumentParser:
+    # NOTE: no abbreviations: an unknown option must reach vLLM whole, not match a prefix of one of ours
     p = argparse.ArgumentParser(
-        prog="roe-vllm", description="vLLM's OpenAI-compatible server with Roster-of-Experts decoding.",
+        prog="roe-vllm", allow_abbrev=False,
+        description="vLLM's OpenAI-compatible server with Roster-of-Experts decoding.",
         epilog="Every other argument is vLLM's (vllm serve --help) and is passed through, e.g. --api-key, "
                "--max-model-len, --tensor-parallel-size, --dtype.")
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("serve", help="run vLLM's OpenAI-compatible server with RoE",
+    s = sub.add_parser("serve", allow_abbrev=False, help="run vLLM's OpenAI-compatible server with RoE",
                        description="Run vLLM's OpenAI-compatible server (the code of `vllm serve`) with the RoE "
                                    "plugin. Requests take roe serve's fields roster_size, tau, seed, skip_first, "
                                    "skip_last and schedule (a name registered here); -K, --tau, --seed, "
@@ -297,7 +299,7 @@ def parser() -> argparse.ArgumentParser:
 
 def _merged(rest: list[str]) -> tuple[dict, list[str]]:
     """The vLLM arguments roe-vllm also sets, taken out of ``rest`` to be merged with its own."""
-    p = argparse.ArgumentParser(add_help=False)
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     p.add_argument("--additional-config", type=json.loads, default=None)
     p.add_argument("--hf-overrides", type=json.loads, default=None)
     p.add_argument("--logits-processors", nargs="+", default=None)
@@ -360,9 +362,9 @@ def run_vllm_serve(argv: list[str]) -> None:
 
     cli_env_setup()
     command = ServeSubcommand()
-    parser = FlexibleArgumentParser(prog="roe-vllm")
-    command.subparser_init(parser.add_subparsers(dest="subparser"))
-    args = parser.parse_args(["serve", *argv])
+    cli = FlexibleArgumentParser(prog="roe-vllm")
+    command.subparser_init(cli.add_subparsers(dest="subparser"))
+    args = cli.parse_args(["serve", *argv])
     configure_logging_from_args(args)
     command.validate(args)
     command.cmd(args)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from roe_vllm.serve import RoEFields
+from roe_vllm.serve import RoEFields, parser, vllm_argv
 
 ROOT = Path(__file__).resolve().parents[2]
 ROE_PYTHON = ROOT / ".venv" / "bin" / "python"  # roe's own venv (transformers 5.23)
@@ -288,3 +288,39 @@ def test_middleware_passes_other_requests_byte_for_byte(path, body):
 def test_middleware_refuses_a_field_given_twice():
     status, text, seen = _through(json.dumps({"roster_size": 4, "vllm_xargs": {"roster_size": 2}}).encode())
     assert status == 400 and json.loads(text)["error"]["param"] == "roster_size" and not seen
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def _vllm_argv(*args: str) -> list[str]:
+    ns, rest = parser().parse_known_args(["serve", *args])
+    return vllm_argv(ns, rest)
+
+
+def _value(argv: list[str], flag: str) -> str:
+    return argv[argv.index(flag) + 1]
+
+
+def test_command_line_defaults_reach_additional_config():
+    argv = _vllm_argv("-K", "4", "--tau", "0.2", "--seed", "9", "--schedule", f"calib={SCHEDULE}",
+                      "--additional-config", '{"other": 1}', "--max-model-len", "512", "--api-key", "k")
+    extra = json.loads(_value(argv, "--additional-config"))
+    assert extra["other"] == 1
+    assert {k: extra["roe"][k] for k in ("roster_size", "tau", "seed")} == {"roster_size": 4, "tau": 0.2, "seed": 9}
+    assert extra["roe"]["schedules"]["calib"] == json.loads(SCHEDULE.read_text())
+    assert argv.count("--additional-config") == 1
+    assert argv[-4:] == ["--max-model-len", "512", "--api-key", "k"]
+    assert _value(argv, "--host") == "127.0.0.1" and _value(argv, "--middleware") == "roe_vllm.serve.RoEFields"
+
+
+def test_command_line_without_K_leaves_requests_untouched():
+    extra = json.loads(_value(_vllm_argv(), "--additional-config"))
+    assert extra["roe"] == {"roster_size": 1}
+
+
+def test_command_line_keeps_the_users_middleware_and_dtype():
+    argv = _vllm_argv("--middleware", "my.Mw", "--dtype", "bfloat16", "--sched", "x")
+    assert [argv[i + 1] for i, a in enumerate(argv) if a == "--middleware"] == ["my.Mw", "roe_vllm.serve.RoEFields"]
+    assert argv.count("--dtype") == 1 and _value(argv, "--dtype") == "bfloat16"
+    assert argv[-2:] == ["--sched", "x"]  # not taken for an abbreviation of --schedule: vLLM reports it
