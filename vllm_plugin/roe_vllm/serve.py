@@ -26,7 +26,10 @@ from typing import Any
 FIELDS = ("roster_size", "tau", "seed", "skip_first", "skip_last", "schedule")
 ROUTES = ("/v1/completions", "/v1/chat/completions")
 MAX_ROSTER_SIZE = 64  # per-request cost bound, as roe serve's default --max-roster-size
-EMBEDDED = {"dtype": "float32", "served_model_name": ["roe-default", "roe"]}  # as roe serve serves the embedded model
+# roe serve's chat prompt for a tokenizer without a chat template: "role: content" lines, then "assistant:"
+PLAIN_CHAT = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}assistant:"
+# as roe serve serves the embedded model (which has no chat template)
+EMBEDDED = {"dtype": "float32", "served_model_name": ["roe-default", "roe"], "chat_template": PLAIN_CHAT}
 MAX_SEED = 1 << 63  # roe's noise keying takes seeds in [0, 2**63); vLLM's own seed is an int64
 
 
@@ -329,7 +332,7 @@ def vllm_argv(ns: argparse.Namespace, rest: list[str]) -> list[str]:
 
     NOTE: without -K, requests that omit ``roster_size`` run the untouched model (engine default
     roster_size 1): on vLLM, RoE is what a request asks for. The embedded default model is served
-    in fp32 under the names "roe-default" and "roe", as ``roe serve`` serves it.
+    as ``roe serve`` serves it: in fp32, named "roe-default" and "roe", chat prompts as "role: content" lines.
     """
     import roe_vllm
 

@@ -62,6 +62,13 @@ for name, cfg in cases.items():
         tokens = r.generate(ids, max_new_tokens=steps, eos_token_id=-1,  # no eos stop, as ignore_eos
                             on_step=lambda t_B, lp_BV: chosen.append(lp_BV[0, t_B[0]].item()))
     out[name] = {"tokens": tokens[0, ids.shape[1]:].tolist(), "logprobs": chosen}
+from roe.serve.protocol import chat_prompt_ids  # roe serve's chat prompt
+chat = torch.tensor([chat_prompt_ids(tokenizer, [{"role": "user", "content": prompt}])])
+chosen = []
+with roe.roster(model, roe.RoEConfig(**cases["uniform"])) as r:
+    tokens = r.generate(chat, max_new_tokens=steps, eos_token_id=-1,
+                        on_step=lambda t_B, lp_BV: chosen.append(lp_BV[0, t_B[0]].item()))
+out["chat"] = {"prompt_ids": chat[0].tolist(), "tokens": tokens[0, chat.shape[1]:].tolist(), "logprobs": chosen}
 print(json.dumps(out))
 """
 
@@ -165,6 +172,18 @@ def test_cases_differ_from_the_untouched_model(expected):
     for name, _, _ in CASES[:-1]:
         assert _gap(expected[name]["logprobs"], plain["logprobs"]) > 100 * LOGPROB_TOL, name
     assert expected["skips"]["tokens"] != plain["tokens"]
+
+
+def test_chat_gives_roe_serves_prompt_and_roe_tokens(server, expected):
+    body = {"model": "roe", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": STEPS,
+            "temperature": 0, "ignore_eos": True, "return_token_ids": True, "logprobs": True, **CASES[0][1]}
+    response = server.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    choice = response.json()["choices"][0]
+    assert response.json()["prompt_token_ids"] == expected["chat"]["prompt_ids"]
+    assert choice["token_ids"] == expected["chat"]["tokens"]
+    chosen = [t["logprob"] for t in choice["logprobs"]["content"]]
+    assert _gap(chosen, expected["chat"]["logprobs"]) <= LOGPROB_TOL
 
 
 def test_roster_size_1_is_the_request_without_fields(server):
