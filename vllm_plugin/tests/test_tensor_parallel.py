@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import dense_logprobs, generate, roe_reference
 
-PROMPTS = [[1216, 14, 199, 41, 396, 356], [40]]
+PROMPTS = [[1216, 14, 199, 41, 396, 356]]
 STEPS = 32
 
 
