@@ -12,11 +12,15 @@ $(BIN)/python:
 	$(BIN)/pip install -q -U pip
 	$(BIN)/pip install -q $(TORCH)
 
+# `python -m roe.kernels` builds the decode kernel once for this venv (~40 s the first time, then
+# only a load), so no command, benchmark or server compiles it later.
 install: $(BIN)/python
 	$(BIN)/pip install -q $(TORCH) -e .
+	$(BIN)/python -m roe.kernels
 
 install-dev: $(BIN)/python
 	$(BIN)/pip install -q $(TORCH) -e ".[dev]"
+	$(BIN)/python -m roe.kernels
 
 demo: install
 	$(BIN)/roe generate "To be, or not to be" --max-new-tokens 40

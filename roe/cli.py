@@ -19,34 +19,42 @@ SHORT = {"roster_size": "-K"}
 
 
 def _roe_config(roster_size: int, tau: float | None, schedule: str | None, seed: int, skip_first: int = 1,
-                skip_last: int = 1):
-    """--schedule FILE, else --tau (uniform), else None: the model's default schedule (roe/schedule.py)."""
+                skip_last: int = 1, experts_per_token: int | None = None):
+    """--schedule FILE, else --tau (uniform), else None: the model's default schedule (roe/schedule.py).
+
+    --experts-per-token k: every member selects k experts per token (None: the model's own).
+    """
     from roe import RoEConfig
 
     if schedule and tau is not None:
         raise ValueError("give --tau or --schedule, not both")
     return RoEConfig(roster_size=roster_size, tau=schedule if schedule else tau, seed=seed,
-                     skip_first=skip_first, skip_last=skip_last)
+                     skip_first=skip_first, skip_last=skip_last, experts_per_token=experts_per_token)
 
 
 def generate(prompt: str, *, model: str | None = None, roster_size: int = 8, tau: float | None = None,
-             schedule: str | None = None, seed: int = 0, max_new_tokens: int = 40, json_out: bool = False) -> None:
+             schedule: str | None = None, seed: int = 0, max_new_tokens: int = 40,
+             experts_per_token: int | None = None, json_out: bool = False) -> None:
     """Continue PROMPT with the untouched model and with RoE (greedy), and print both.
 
     --model is a local checkpoint directory or hub id (default: the embedded model). -K is the
     roster size, --tau a uniform temperature on the middle MoE layers, --schedule a schedule
     JSON file; with neither, the model's default schedule (the schedule.json shipped in its
     directory, as the embedded model does, else uniform tau 0.1). Same seed, same output.
+    --experts-per-token k: RoE's members select k experts per token in every MoE layer (the
+    MoE-PHDS sparsity dial; -K 1 --tau 0 is the model run at k); the base stays the untouched model.
     """
     import torch
 
     import roe
 
-    cfg = _roe_config(roster_size, tau, schedule, seed)
+    cfg = _roe_config(roster_size, tau, schedule, seed, experts_per_token=experts_per_token)
     lm, tokenizer = roe.load(model)
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     if ids.shape[1] == 0:
-        raise SystemExit("error: the prompt is empty after tokenisation")
+        raise ValueError("the prompt is empty after tokenisation")
+    _check_fits(lm, ids.shape[1] + max_new_tokens, f"the prompt ({ids.shape[1]} tokens) plus --max-new-tokens "
+                                                   f"{max_new_tokens}")
     with torch.no_grad():
         base = lm.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
                            pad_token_id=tokenizer.pad_token_id)
@@ -56,12 +64,13 @@ def generate(prompt: str, *, model: str | None = None, roster_size: int = 8, tau
              for name, out in (("base", base), ("roe", ours))}
     if json_out:
         print(json.dumps({"prompt": prompt, **texts, "roster_size": roster_size,
-                          "schedule": list(r.schedule.tau)}))
+                          "schedule": list(r.schedule.tau), "experts_per_token": experts_per_token}))
         return
     print(f"prompt: {prompt}\n")
     print(f"--- base model (greedy) ---\n{prompt}{texts['base']}\n")
     taus = ", ".join(f"{t:.3g}" for t in r.schedule.tau)
-    print(f"--- RoE K={roster_size}, tau per MoE layer [{taus}] (greedy) ---\n{prompt}{texts['roe']}")
+    dial = "" if experts_per_token is None else f", {experts_per_token} experts per token"
+    print(f"--- RoE K={roster_size}, tau per MoE layer [{taus}]{dial} (greedy) ---\n{prompt}{texts['roe']}")
 
 
 def models(*, json_out: bool = False) -> None:
@@ -84,7 +93,7 @@ def evaluate(*, model: str | None = None, text: str | None = None, ks: str = "1,
              tau: float | None = None,
          schedule: str | None = None, seed: int = 0, window: int = 256, max_windows: int = 200,
          batch_size: int = 4, against_tau: float | None = None, against_schedule: str | None = None,
-         json_out: bool = False, plot: str | None = None) -> None:
+         experts_per_token: int | None = None, json_out: bool = False, plot: str | None = None) -> None:
     """Held-out perplexity and bits per byte of the untouched model and of RoE over a K grid.
 
     Text: --text FILE (UTF-8; .gz allowed; documents separated by two blank lines), default the
@@ -99,6 +108,8 @@ def evaluate(*, model: str | None = None, text: str | None = None, ks: str = "1,
     against_delta_nll is the paired difference (schedule minus uniform; negative: the schedule
     is better) and against_delta_se its standard error. --against-schedule FILE does the same
     with a schedule file (e.g. one tau on every MoE layer, the paper's App. B baseline).
+    --experts-per-token k: every row, K = 1 included, runs k experts per token (the MoE-PHDS
+    sparsity dial), so the deltas are paired at that k.
     """
     import math as _math
 
@@ -110,27 +121,35 @@ def evaluate(*, model: str | None = None, text: str | None = None, ks: str = "1,
     from roe.roster import schedule_for
 
     grid = _parse_ks(ks)
-    lm, tokenizer = roe.load(model)
     if text is None and model is not None:
         raise ValueError("--text FILE is required with --model (the built-in test split belongs to the default model)")
+    if plot:
+        _require("matplotlib", "--plot")
+    lm, tokenizer = roe.load(model)
     source = text or default_split_path("test")
     # a schedule of another layer count or model is refused here, before any scoring
-    schedule_for(lm, _roe_config(roster_size=1, tau=tau, schedule=schedule, seed=seed))
+    schedule_for(lm, _roe_config(roster_size=1, tau=tau, schedule=schedule, seed=seed,
+                                 experts_per_token=experts_per_token))
     windows = make_windows(text_tokens(tokenizer, source), window)
-    if max_windows and len(windows) > max_windows:
+    _check_fits(lm, window, f"--window {window}")  # the model reads a window's first `window` tokens
+    if len(windows) > max_windows:
         windows = windows[np.linspace(0, len(windows) - 1, max_windows).astype(int)]
     against = None
     if against_tau is not None and against_schedule:
         raise ValueError("give --against-tau or --against-schedule, not both")
     if against_tau is not None or against_schedule:
         schedule_for(lm, _roe_config(roster_size=1, tau=against_tau, schedule=against_schedule, seed=seed))
-        against = functools.partial(_roe_config, tau=against_tau, schedule=against_schedule, seed=seed)
-    rows = perplexity_sweep(lm, windows, grid, lambda K: _roe_config(K, tau, schedule, seed), batch_size,
+        against = functools.partial(_roe_config, tau=against_tau, schedule=against_schedule, seed=seed,
+                                    experts_per_token=experts_per_token)
+    rows = perplexity_sweep(lm, windows, grid,
+                            lambda K: _roe_config(K, tau, schedule, seed, experts_per_token=experts_per_token),
+                            batch_size,
                             bytes_total=window_bytes(tokenizer, windows), against=against)
     conditions = {"model": model or "embedded default", "text": _shown_path(source), "windows": len(windows),
                   "window_tokens": window, "tokens": int(windows[:, 1:].numel()), "seed": seed,
                   "schedule": _shown_schedule(lm, schedule, tau), "against_tau": against_tau,
-                  "against_schedule": _shown_path(against_schedule) if against_schedule else None, "dtype": "float32",
+                  "against_schedule": _shown_path(against_schedule) if against_schedule else None,
+                  "experts_per_token": experts_per_token, "dtype": "float32",
                   **_versions()}
     columns = ["K", "nll", "ppl", "bpb", "delta_nll", "delta_se"]
     if against is not None:
@@ -154,7 +173,8 @@ def bench(*, model: str | None = None, ks: str = "1,2,4,8,16,32,64", prompt_toke
           new_tokens: int = 64, methods: str = "roster,separate,batched-own-cache,recompute",
           tau: float | None = None,
           schedule: str | None = None, seed: int = 0, time_box: float = 15.0, threads: int = 0,
-          repeats: int = 1, json_out: bool = False, plot: str | None = None) -> None:
+          repeats: int = 1, experts_per_token: int | None = None, json_out: bool = False,
+          plot: str | None = None) -> None:
     """Cost of RoE against K: decode-step time, time to first token, tokens/s, peak memory, KV bytes.
 
     Methods (all compute the same RoE step): roster (ours: one clean cache, members folded into
@@ -170,6 +190,7 @@ def bench(*, model: str | None = None, ks: str = "1,2,4,8,16,32,64", prompt_toke
     range over rounds in step_ratio_range and, from 6 rounds, a 95% distribution-free confidence
     interval of that median in step_ratio_ci95. Temperatures: --schedule or a uniform --tau, else
     the model's default schedule (its shipped schedule.json, else uniform 0.1).
+    --experts-per-token k: every method and K runs k experts per token (the MoE-PHDS sparsity dial).
     """
     import platform
 
@@ -177,23 +198,26 @@ def bench(*, model: str | None = None, ks: str = "1,2,4,8,16,32,64", prompt_toke
 
     import roe
     from roe.bench import METHODS, combine_rounds, measure
+    from roe.kernels import prepare as prepare_kernels
 
     grid, names = _parse_ks(ks), [m.strip() for m in methods.split(",") if m.strip()]
     unknown = sorted(set(names) - set(METHODS))
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
-    if repeats < 1:
-        raise ValueError(f"--repeats must be >= 1, got {repeats}")
+    if plot:
+        _require("matplotlib", "--plot")
     if threads:
         torch.set_num_threads(threads)
     lm, tokenizer = roe.load(model)
+    _check_fits(lm, prompt_tokens + new_tokens, f"--prompt-tokens {prompt_tokens} plus --new-tokens {new_tokens}")
+    prepare_kernels()  # built or loaded now: compiling must not land in a timed round
     prompt = _bench_prompt(lm, tokenizer, model, prompt_tokens)
     rounds = []
     for round_ in range(repeats):
         rows = []
         for name in names:
             for K in grid:
-                with roe.roster(lm, _roe_config(K, tau, schedule, seed)) as r:
+                with roe.roster(lm, _roe_config(K, tau, schedule, seed, experts_per_token=experts_per_token)) as r:
                     # warm-up: the roster's one-time work (probing the layers, packing the head) is
                     # not a request's time to first token
                     measure(name, r, prompt, 2, time_box)
@@ -206,7 +230,7 @@ def bench(*, model: str | None = None, ks: str = "1,2,4,8,16,32,64", prompt_toke
     conditions = {"model": model or "embedded default", "params": params, "prompt_tokens": len(prompt),
                   "new_tokens": new_tokens, "schedule": _shown_schedule(lm, schedule, tau), "dtype": "float32",
                   "cpu": platform.processor() or platform.machine(), "cores": _cores(), "time_box_s": time_box,
-                  "repeats": repeats, **_versions()}
+                  "repeats": repeats, "experts_per_token": experts_per_token, **_versions()}
     print("  ".join(f"{k}={v}" for k, v in conditions.items()))
     print(_table(["method", "K", "step_ms", "x K=1", "95% CI", "ttft_ms", "tok/s", "peak_rss_mb", "x K=1", "kv_bytes",
                   "steps"],
@@ -250,17 +274,19 @@ def calibrate(*, model: str | None = None, text: str | None = None, roster_size:
     from roe.loading import default_split_path
     from roe.schedule import Schedule, model_fingerprint
 
-    if roster_size < 1:
-        raise ValueError(f"--roster-size must be >= 1, got {roster_size}")
     if text is None and model is not None:
         raise ValueError("--text FILE is required with --model (the built-in validation split belongs to the "
                          "default model)")
     points = _parse_grid(grid) if uniform else []
+    _require("optuna", "roe calibrate")
+    if plot:
+        _require("matplotlib", "--plot")
     lm, tokenizer = roe.load(model)
     space = SearchSpace(num_layers=num_moe_layers(lm), tau_max=tau_max, skip_first=skip_first, skip_last=skip_last)
     source = text or default_split_path("validation")
     windows = make_windows(text_tokens(tokenizer, source), window)
-    if max_windows and len(windows) > max_windows:
+    _check_fits(lm, window, f"--window {window}")  # the model reads a window's first `window` tokens
+    if len(windows) > max_windows:
         windows = windows[np.linspace(0, len(windows) - 1, max_windows).astype(int)]
     result = search_schedule(lm, windows, space, K=roster_size, trials=trials, seed=seed, grid=points,
                              batch_size=batch_size)
@@ -308,7 +334,8 @@ def _parse_grid(grid: str) -> list[float]:
 
 def tasks(*, model: str | None = None, text: str | None = None, roster_size: int = 8, tau: float | None = None,
           schedule: str | None = None, seed: int = 0, items: int = 200, task: str = "next-line,last-word",
-          context_tokens: int = 200, batch_size: int = 8, export: str | None = None, json_out: bool = False) -> None:
+          context_tokens: int = 200, batch_size: int = 8, export: str | None = None,
+          experts_per_token: int | None = None, json_out: bool = False) -> None:
     """Accuracy of the untouched model (K=1) and of RoE at -K on built-in tasks from held-out text.
 
     Text: --text FILE (default: the embedded model's test split; --model requires --text).
@@ -321,7 +348,8 @@ def tasks(*, model: str | None = None, text: str | None = None, roster_size: int
     (McNemar counts and exact p-value). --export DIR writes the items as JSONL and lm-eval task
     YAMLs (lm_eval --include_path DIR --tasks roe_next_line,roe_last_word).
     Temperatures: --schedule FILE or a uniform --tau, else the model's default schedule (its
-    shipped schedule.json, else uniform 0.1).
+    shipped schedule.json, else uniform 0.1). --experts-per-token k: both rows, K = 1 included,
+    run k experts per token (the MoE-PHDS sparsity dial), so the comparison is paired at that k.
     """
     from tqdm import tqdm
 
@@ -332,11 +360,9 @@ def tasks(*, model: str | None = None, text: str | None = None, roster_size: int
     names = [t.strip() for t in task.split(",") if t.strip()]
     if not names or set(names) - {"next-line", "last-word"}:
         raise ValueError(f"--task must be a comma-separated subset of next-line,last-word, got {task!r}")
-    if items < 1:
-        raise ValueError(f"--items must be >= 1, got {items}")
     if text is None and model is not None:
         raise ValueError("--text FILE is required with --model (the built-in test split belongs to the default model)")
-    cfg = _roe_config(roster_size, tau, schedule, seed)
+    cfg = _roe_config(roster_size, tau, schedule, seed, experts_per_token=experts_per_token)
     lm, tokenizer = roe.load(model)
     source = text or default_split_path("test")
     docs = builtin.read_documents(source)
@@ -347,13 +373,16 @@ def tasks(*, model: str | None = None, text: str | None = None, roster_size: int
         if not made[name]:
             raise ValueError(f"{source} yields no {name} items (it needs documents of several distinct lines of "
                              ">= 20 characters; last-word also needs lines ending in a word of >= 4 letters)")
+    longest = max(_task_tokens(tokenizer, item) for name in names for item in made[name])
+    _check_fits(lm, longest, f"the longest item (--context-tokens {context_tokens} plus its answer)")
     if export:
         for path in builtin.export_lm_eval(export, made["next-line"], made["last-word"]):
             print(f"wrote {path}", file=sys.stderr)
     bar = tqdm(total=2 * sum(len(made[n]) for n in names), desc="items", unit="item")
     rows = []
     for name in names:
-        base = builtin.correct(lm, tokenizer, name, made[name], _roe_config(1, tau, schedule, seed), batch_size, bar)
+        base_cfg = _roe_config(1, tau, schedule, seed, experts_per_token=experts_per_token)
+        base = builtin.correct(lm, tokenizer, name, made[name], base_cfg, batch_size, bar)
         ours = builtin.correct(lm, tokenizer, name, made[name], cfg, batch_size, bar)
         n = len(base)
         for label, right in (("base", base), (f"roe K={roster_size}", ours)):
@@ -369,7 +398,7 @@ def tasks(*, model: str | None = None, text: str | None = None, roster_size: int
     if json_out:
         conditions = {"model": model or "embedded default", "text": _shown_path(source), "roster_size": roster_size,
                       "schedule": _shown_schedule(lm, schedule, tau), "seed": seed, "context_tokens": context_tokens,
-                      **_versions()}
+                      "experts_per_token": experts_per_token, **_versions()}
         print(json.dumps({"rows": rows, "conditions": conditions}))
 
 
@@ -411,6 +440,33 @@ def serve(*, model: str | None = None, host: str = "127.0.0.1", port: int = 8000
         run(model=model, host=host, port=port, cfg=cfg)
     except ImportError as err:
         raise SystemExit(f"error: {err}") from None
+
+
+def _check_fits(lm, tokens: int, what: str) -> None:
+    """Refuse work longer than the model's context (max_position_embeddings) before doing any."""
+    context = getattr(lm.config.get_text_config(), "max_position_embeddings", None)
+    if context is not None and tokens > context:
+        raise ValueError(f"{what} = {tokens} tokens exceeds the model's context of {context} tokens")
+
+
+def _task_tokens(tokenizer, item) -> int:
+    """Tokens one task item puts through the model: context and its longest choice, or context and the word."""
+    from roe.eval.tasks import ChoiceItem
+
+    if isinstance(item, ChoiceItem):
+        return max(len(tokenizer(item.context + choice).input_ids) for choice in item.choices)
+    return len(tokenizer(item.context).input_ids) + 6  # generated_words' max_new_tokens
+
+
+def _require(module: str, what: str) -> None:
+    """Fail before any work when an optional extra is missing: failing after it would lose the results."""
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        extra = {"matplotlib": "plot", "optuna": "calibrate"}[module]
+        raise ValueError(f"{what} needs {module}: pip install 'roe[{extra}]'") from None
 
 
 def _shown_schedule(lm, schedule, tau) -> str:
@@ -507,13 +563,14 @@ CHECKS = {
     "tau_max": (_finite_above(0), "must be finite and > 0"),
     "time_box": (_finite_above(0), "must be a finite number of seconds > 0"),
     **dict.fromkeys(("roster_size", "window", "max_windows", "batch_size", "max_new_tokens", "prompt_tokens",
-                     "new_tokens", "repeats", "trials", "items", "context_tokens"),
+                     "experts_per_token", "new_tokens", "repeats", "trials", "items", "context_tokens"),
                     (_finite_at_least(1), "must be >= 1")),
     **dict.fromkeys(("seed", "skip_first", "skip_last", "threads"), (_finite_at_least(0), "must be >= 0")),
 }
 # What a None default means, for --help.
 NONE_MEANS = {"model": "the embedded model", "tau": "the model's default schedule (its shipped schedule.json, "
-              "else uniform 0.1)", "text": "the embedded model's held-out split"}
+              "else uniform 0.1)", "text": "the embedded model's held-out split",
+              "experts_per_token": "the model's own"}
 
 
 class UsageError(SystemExit):

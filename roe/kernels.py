@@ -16,9 +16,18 @@ summation order: about 1e-5 on logits of size 10).
 at these sizes (256 x 256: 30-39 against 15-16 us), though it reads the weight once either way.
 Its AVX2 kernel (``small_m.cpp``) reads one weight row into registers and multiplies it with
 every row (up to 8, one FMA chain each), so 8 rows cost little more than 1 (17 against 12 us).
-It is compiled on first use with ``torch.utils.cpp_extension`` (g++ and ninja; about 40 s once,
-then cached); without a compiler or AVX2, or if the build fails, decode steps keep ``F.linear``.
 Measured with ``benchmarks/small_m_kernel.py``.
+
+The kernel is compiled with ``torch.utils.cpp_extension`` (g++ and ninja, about 40 s) once per
+environment: its module name and build folder are keyed on everything the binary depends on
+(``build_key``: torch version and include paths, the interpreter and its prefix, the source's
+hash, the compiler flags), so two venvs never share or fight over one folder, and alternating
+between them never rebuilds. A built kernel is imported directly, without ninja or a lock.
+``prepare()`` builds (saying so on stderr) or loads it: ``make install`` runs it
+(``python -m roe.kernels``), ``roe bench`` calls it before timing and ``roe serve`` before it
+reports ready, so no timed or serving path compiles. Without a compiler or AVX2, or if the build
+fails, decode steps keep ``F.linear``. ``roe.roster(model, cfg, kernels=False)`` turns both
+kernels off.
 
 Both are installed the same way (``_replace_forward``) and checked the same way before use
 (``_agrees``: a product on random rows against ``F.linear``).
@@ -26,6 +35,8 @@ Both are installed the same way (``_replace_forward``) and checked the same way 
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -82,6 +93,63 @@ class PackedHead:
             yield
 
 
+KERNEL_SOURCE = Path(__file__).with_name("small_m.cpp")
+KERNEL_FLAGS = ("-O3", "-mavx2", "-mfma")
+KERNEL_ROOT = Path.home() / ".cache" / "roe" / "kernels"  # one folder per build_key below
+
+
+def build_key() -> str:
+    """A short hash of what the compiled kernel depends on; it names the module and its build folder."""
+    from torch.utils.cpp_extension import include_paths
+
+    parts = [torch.__version__, *include_paths(), sys.prefix, sys.version,
+             hashlib.sha256(KERNEL_SOURCE.read_bytes()).hexdigest(), *KERNEL_FLAGS]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+def prepare() -> bool:
+    """Build (once per environment, with a line on stderr) or load the small-M kernel; idempotent.
+
+    Returns whether the kernel is available. Call it before timing or serving, so that the first
+    roster with K > 1 never compiles inside a measured step or a request.
+    """
+    return SmallM.extension() is not None
+
+
+def _load_or_build():
+    """The kernel module of this environment: imported if built, else compiled; None on failure."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return None
+    try:
+        name = f"roe_small_m_{build_key()}"
+        directory = KERNEL_ROOT / name
+        library = directory / f"{name}.so"
+        if library.is_file():
+            return _import(name, library)
+        print("roe: compiling roe's decode kernel once for this environment (~40 s)...", file=sys.stderr)
+        directory.mkdir(parents=True, exist_ok=True)
+        return _compile(name, directory)
+    except Exception as error:  # no compiler, no ninja, a failed build, an unwritable cache: keep F.linear
+        reason = str(error).strip().splitlines()[-1:] or [""]
+        print(f"roe: decode kernel unavailable ({type(error).__name__}: {reason[0][:200]}); using F.linear",
+              file=sys.stderr)
+        return None
+
+
+def _compile(name: str, directory: Path):
+    from torch.utils.cpp_extension import load_inline
+
+    return load_inline(name, cpp_sources=KERNEL_SOURCE.read_text(), functions=["small_m_linear"],
+                       extra_cflags=list(KERNEL_FLAGS), build_directory=str(directory))
+
+
+def _import(name: str, library: Path):
+    spec = importlib.util.spec_from_file_location(name, library)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 class SmallM:
     """The model's per-layer ``nn.Linear`` products through the small-M kernel; see the module docstring.
 
@@ -98,21 +166,9 @@ class SmallM:
 
     @classmethod
     def extension(cls):
-        """The compiled kernel module, built on first use; None where it cannot be built."""
+        """The kernel module of this environment (see ``prepare``); None where it cannot be built."""
         if cls._extension is None:
-            cls._extension = False
-            if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-                from torch.utils.cpp_extension import load_inline
-
-                if not _small_m_built():
-                    print("roe: compiling the small-M decode kernel (once, about 40 s)", file=sys.stderr)
-                try:
-                    source = Path(__file__).with_name("small_m.cpp").read_text()
-                    cls._extension = load_inline("roe_small_m", cpp_sources=source, functions=["small_m_linear"],
-                                                 extra_cflags=["-O3", "-mavx2", "-mfma"])
-                except Exception as error:  # no compiler, no ninja, a failed build: keep F.linear
-                    print(f"roe: small-M kernel unavailable ({type(error).__name__}); using F.linear",
-                          file=sys.stderr)
+            cls._extension = _load_or_build() or False
         return cls._extension or None
 
     @classmethod
@@ -160,11 +216,7 @@ def _replace_forward(stack: ExitStack, module: torch.nn.Module, forward) -> None
     stack.callback(lambda: module.__dict__.pop("forward") if saved is None else setattr(module, "forward", saved))
 
 
-def _small_m_built() -> bool:
-    """Whether torch's extension cache already holds the kernel (only to say when it compiles)."""
-    try:
-        from torch.utils.cpp_extension import _get_build_directory  # private: may move
-
-        return any(Path(_get_build_directory("roe_small_m", verbose=False)).glob("*.so"))
-    except Exception:
-        return False
+if __name__ == "__main__":  # python -m roe.kernels: build it now (make install does)
+    available = prepare()
+    print(f"roe: decode kernel {'ready' if available else 'not available; decode steps use F.linear'}",
+          file=sys.stderr)

@@ -90,8 +90,8 @@ class RoELM(HFLM):
         super().__init__(pretrained=pretrained, dtype=dtype, device=device, **kwargs)
         if self.backend != "causal":
             raise TypeError("roe evaluates decoder-only causal LMs only")
-        # NOTE: installed for the life of this object. With no noise plan the wrapped routers
-        # return the model's own output, so HFLM's untouched calls stay exactly the model's.
+        # NOTE: never entered as a `with` block: each score/generate call installs the roster for
+        # its duration, so HFLM's own calls always run the untouched model.
         self.roster = Roster(self.model, cfg)
 
     @property

@@ -2,7 +2,9 @@
 
 The default model lives in ``roe/assets/default`` (weights stored in fp16, upcast to fp32 for
 CPU computation). Nothing is downloaded for the default model; a hub id is passed through to
-``from_pretrained`` as usual.
+``from_pretrained`` as usual, once ``checked_source`` has made sure it can be found: a path
+that does not exist, or a hub id that neither the cache nor the hub can serve, fails at once
+with one line instead of transformers' retries and traceback.
 """
 
 from __future__ import annotations
@@ -18,13 +20,48 @@ def load(path: str | Path | None = None, *, dtype: torch.dtype = torch.float32, 
     """(model, tokenizer) in eval mode; ``path`` None means the embedded default model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = DEFAULT_MODEL if path is None else path
     if path is None and not (DEFAULT_MODEL / "config.json").is_file():
         raise FileNotFoundError(f"the embedded default model is missing from {DEFAULT_MODEL}; reinstall roe")
-    local = Path(source).exists()
+    source, local = checked_source(DEFAULT_MODEL if path is None else path)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
     return model, tokenizer
+
+
+def checked_source(path: str | Path) -> tuple[str | Path, bool]:
+    """(source, is local) for ``from_pretrained``: a checkpoint directory, or a hub id it can get.
+
+    Raises FileNotFoundError for a path that does not exist or holds no config.json, and for a
+    hub id that the local hub cache does not hold when HF_HUB_OFFLINE is set (nothing may be
+    downloaded) or when the hub cannot be reached or does not know it.
+    """
+    local = Path(path).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json in it)")
+        return local, True
+    from huggingface_hub import constants, model_info, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(str(path))
+    except HFValidationError:
+        raise FileNotFoundError(f"model directory not found: {path}") from None
+    if isinstance(try_to_load_from_cache(str(path), "config.json"), str):
+        return str(path), False
+    if constants.HF_HUB_OFFLINE:
+        raise FileNotFoundError(f"{path} is not a local directory and the hub cache does not hold it "
+                                "(HF_HUB_OFFLINE is set: nothing is downloaded)")
+    try:
+        model_info(str(path), timeout=10)
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(f"{path} is neither a local directory nor a model on the hub "
+                                "(or it is private: log in with `hf auth login`)") from None
+    except Exception as error:  # no network, DNS, proxy, timeout: what transformers would retry for a minute
+        raise FileNotFoundError(f"{path} is not a local directory, the hub cache does not hold it, and the hub "
+                                f"cannot be reached ({type(error).__name__}: {error})") from None
+    return str(path), False
 
 
 def default_split_path(split: str) -> Path:

@@ -1,6 +1,11 @@
 """The `roe` command line on a tiny checkpoint directory."""
 
+import importlib.metadata
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -263,3 +268,93 @@ def test_the_default_schedule_of_a_checkpoint_directory(capsys, saved_model, tmp
                              "--json"])["schedule"] == [0.0, 0.1, 0.0]
     with pytest.raises(SystemExit, match="not both"):
         main([*common, "--tau", "0.4", "--schedule", str(model_dir / "schedule.json")])
+
+
+def usage_error(capsys, argv) -> str:
+    """Run the command; it must stop with exit status 2 and one error line, no traceback, no output."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 2 and "Traceback" not in err and out == ""
+    return err
+
+
+def test_a_model_that_cannot_be_found_is_one_line(capsys, tmp_path, monkeypatch):
+    """A missing local path used to give a 35-line 'Repo id must be in the form' traceback, and a
+    hub id offline 50 s of retries and 81 lines."""
+    import huggingface_hub
+    import huggingface_hub.constants
+
+    assert "model directory not found: ./no/such/dir" in usage_error(capsys, ["generate", "hi", "--model",
+                                                                              "./no/such/dir"])
+    assert "not a checkpoint directory (no config.json" in usage_error(capsys, ["generate", "hi", "--model",
+                                                                                str(tmp_path)])
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert "HF_HUB_OFFLINE is set" in usage_error(capsys, ["eval", "--model", "someorg/not-cached", "--text", "x"])
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub, "model_info", unreachable)
+    err = usage_error(capsys, ["generate", "hi", "--model", "someorg/not-cached"])
+    assert "the hub cannot be reached (ConnectionError: Name or service not known)" in err
+
+
+@pytest.mark.parametrize("option", ["--window", "--batch-size", "--max-windows"])
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_eval_sizes_must_be_positive(capsys, saved_model, tmp_path, option, value):
+    """--window 0 was a ZeroDivisionError, --max-windows 0 silently meant every window."""
+    text = tmp_path / "t.txt"
+    text.write_text("To be, or not to be, that is the question. " * 20)
+    err = usage_error(capsys, ["eval", "--model", str(saved_model), "--text", str(text), "--ks", "1",
+                               "--window", "8", "--max-windows", "2", option, value])
+    assert f"roe eval: error: {option} must be >= 1, got {value}" in err
+
+
+def test_a_missing_plot_extra_is_refused_before_the_work(capsys, saved_model, tmp_path, monkeypatch):
+    """It used to crash after the whole eval, losing the --json output."""
+    text = tmp_path / "t.txt"
+    text.write_text("To be, or not to be, that is the question. " * 20)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as when the plot extra is not installed
+    err = usage_error(capsys, ["eval", "--model", str(saved_model), "--text", str(text), "--ks", "1", "--window",
+                               "8", "--max-windows", "2", "--json", "--plot", str(tmp_path / "p.png")])
+    assert "--plot needs matplotlib: pip install 'roe[plot]'" in err
+    err = usage_error(capsys, ["bench", "--model", str(saved_model), "--ks", "1", "--methods", "roster",
+                               "--prompt-tokens", "4", "--new-tokens", "1", "--plot", str(tmp_path / "p.png")])
+    assert "roe[plot]" in err
+
+
+@pytest.mark.parametrize("argv, numbers", [
+    (["generate", "hello", "--max-new-tokens", "300"], "the prompt (4 tokens) plus --max-new-tokens 300 = 304 tokens"),
+    (["eval", "--window", "257", "--ks", "1"], "--window 257 = 257 tokens"),
+    (["bench", "--prompt-tokens", "250", "--new-tokens", "10", "--ks", "1"], "= 260 tokens"),
+    (["tasks", "--context-tokens", "300", "--items", "1", "--task", "next-line"], "--context-tokens 300"),
+])
+def test_work_longer_than_the_context_is_refused_with_the_numbers(capsys, saved_model, tmp_path, argv, numbers):
+    """It used to print a transformers warning and run anyway past the model's 256 positions."""
+    text = tmp_path / "t.txt"
+    lines = [f"Line {i} of the play: to be, or not to be, that is the question {i}." for i in range(80)]
+    text.write_text("\n".join(lines) + "\n\n\n" + "\n".join(reversed(lines)))
+    extra = [] if argv[0] in ("generate", "bench") else ["--text", str(text)]
+    err = usage_error(capsys, [*argv, "--model", str(saved_model), *extra])
+    assert numbers in err and "exceeds the model's context of 256 tokens" in err
+
+
+def test_help_shows_the_defaults_and_version(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    out = capsys.readouterr().out
+    assert "--window WINDOW" in out and "default: 256" in out and "default: the model's default schedule" in out
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"roe {importlib.metadata.version('roe')}"
+
+
+def test_python_m_roe_reports_a_usage_error_without_a_traceback(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "roe", "eval", "--window", "0"], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(roe.__file__).parents[1])))
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip() == "roe eval: error: --window must be >= 1, got 0"

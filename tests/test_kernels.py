@@ -1,12 +1,13 @@
 """The faster products of decode steps (packed LM head, small-M kernel): as the model's, only inside a step."""
 
 import shutil
+import sys
 
 import pytest
 import torch
 
 import roe
-from roe import reference
+from roe import kernels, reference
 from roe.kernels import PackedHead, SmallM
 from tests.conftest import tiny_olmoe
 
@@ -142,3 +143,112 @@ def test_decode_keeps_f_linear_when_the_kernel_cannot_be_built(olmoe, prompt_ids
         assert r._small_m is None
         slow = reference.generate_greedy(r, prompt_ids[0], 4)
     assert torch.equal(fast, slow)
+
+
+@pytest.fixture
+def fake_builds(monkeypatch, tmp_path):
+    """Kernel builds into tmp_path, recorded, in milliseconds: a build writes the library file and
+    gives a module whose product is F.linear; importing a built library gives the same module."""
+    builds = []
+
+    class Module:
+        small_m_linear = staticmethod(torch.nn.functional.linear)
+
+    def compile_(name, directory):
+        builds.append(directory)
+        (directory / f"{name}.so").write_bytes(b"")
+        return Module
+
+    monkeypatch.setattr(kernels, "KERNEL_ROOT", tmp_path)
+    monkeypatch.setattr(kernels, "_compile", compile_)
+    monkeypatch.setattr(kernels, "_import", lambda name, library: Module)
+    monkeypatch.setattr(SmallM, "_extension", None)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    return builds
+
+
+def new_process(monkeypatch):
+    monkeypatch.setattr(SmallM, "_extension", None)
+
+
+def test_each_environment_builds_once_into_its_own_folder(fake_builds, monkeypatch, capsys):
+    """Two venvs used to share one build folder whose build file named one venv's torch include path,
+    so alternating between them rebuilt every time (36 rebuilds in 80 minutes were seen)."""
+    import torch.utils.cpp_extension as cpp
+
+    venv_a, venv_b = "/venvs/a", "/venvs/b"
+    for prefix in (venv_a, venv_b, venv_a, venv_b, venv_a):
+        new_process(monkeypatch)
+        monkeypatch.setattr(sys, "prefix", prefix)
+        assert kernels.prepare()
+    assert len(fake_builds) == 2 and fake_builds[0] != fake_builds[1]
+    assert all(build.parent == kernels.KERNEL_ROOT for build in fake_builds)
+    assert capsys.readouterr().err.count("compiling roe's decode kernel once for this environment") == 2
+    new_process(monkeypatch)
+    include = cpp.include_paths()
+    monkeypatch.setattr(cpp, "include_paths", lambda *a, **k: ["/other/torch/include", *include[1:]])
+    assert kernels.prepare() and len(fake_builds) == 3  # another torch build: its own folder
+    assert len({b.name for b in fake_builds}) == 3
+
+
+def test_prepare_is_idempotent(fake_builds, capsys):
+    assert kernels.prepare() and kernels.prepare() and SmallM.extension() is not None
+    assert len(fake_builds) == 1
+    assert capsys.readouterr().err.count("compiling") == 1
+
+
+def test_a_failed_build_falls_back_to_f_linear_with_a_message(fake_builds, monkeypatch, capsys, olmoe, prompt_ids):
+    def broken(name, directory):
+        raise RuntimeError("Error building extension: g++ not found")
+
+    monkeypatch.setattr(kernels, "_compile", broken)
+    assert not kernels.prepare() and not kernels.prepare()  # tried once per process
+    err = capsys.readouterr().err
+    assert err.count("decode kernel unavailable (RuntimeError: Error building extension: g++ not found); "
+                     "using F.linear") == 1
+    assert SmallM.for_model(olmoe) is None
+    with roe.roster(olmoe, roe.RoEConfig(roster_size=4, tau=1.5, skip_first=0, skip_last=0, seed=3)) as r:
+        fast = r.generate(prompt_ids, max_new_tokens=3)[0]
+        slow = reference.generate_greedy(r, prompt_ids[0], 3)
+    assert torch.equal(fast, slow)
+
+
+def test_a_built_kernel_is_imported_without_compiling(monkeypatch):
+    """The real build of this environment, then a new process: it loads without ninja or a compiler."""
+    _small_m_or_skip()
+
+    def no_compile(name, directory):
+        raise AssertionError("rebuilt although this environment's kernel is built")
+
+    new_process(monkeypatch)
+    monkeypatch.setattr(kernels, "_compile", no_compile)
+    assert kernels.prepare()
+    x, w = torch.randn(3, 64), torch.randn(5, 64)
+    torch.testing.assert_close(SmallM.extension().small_m_linear(x, w), torch.nn.functional.linear(x, w))
+
+
+def test_kernels_can_be_turned_off(olmoe, prompt_ids):
+    cfg = roe.RoEConfig(roster_size=4, tau=1.5, skip_first=0, skip_last=0, seed=3)
+    head = olmoe.get_output_embeddings()
+    with roe.roster(olmoe, cfg, kernels=False) as r:
+        with torch.no_grad(), r.decode_kernels():
+            assert not any("forward" in m.__dict__ for m in olmoe.modules() if isinstance(m, torch.nn.Linear))
+        fast = r.generate(prompt_ids, max_new_tokens=4)[0]
+        slow = reference.generate_greedy(r, prompt_ids[0], 4)
+    assert torch.equal(fast, slow)
+    with roe.roster(olmoe, cfg) as r, torch.no_grad(), r.decode_kernels():
+        assert "forward" in head.__dict__  # on by default
+
+
+def test_bench_prepares_the_kernel_before_timing(monkeypatch, saved_model, capsys):
+    """A first roster with K > 1 used to compile inside the first timed round (K=8 13x K=1)."""
+    import roe.bench
+    from roe.cli import main
+
+    events = []
+    measure = roe.bench.measure
+    monkeypatch.setattr(kernels, "prepare", lambda: events.append("prepare") or True)
+    monkeypatch.setattr(roe.bench, "measure", lambda *a, **k: events.append("measure") or measure(*a, **k))
+    main(["bench", "--model", str(saved_model), "--ks", "1,2", "--methods", "roster", "--prompt-tokens", "4",
+          "--new-tokens", "2", "--json"])
+    assert events[0] == "prepare" and events.count("prepare") == 1 and events.count("measure") == 4

@@ -228,3 +228,36 @@ def test_target_logprobs_are_score_at_the_targets(olmoe, aggregator):
             torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=0, atol=2e-5)
         with pytest.raises(ValueError, match="targets must be"):
             r.target_logprobs(ids, targets[:, :5], mask)
+
+
+def test_a_roster_used_after_its_with_block_raises(olmoe, prompt_ids):
+    """It used to return the untouched model's outputs silently once the block had ended."""
+    with roe.roster(olmoe, roe.RoEConfig(**NOISY)) as r:
+        inside = r.score(prompt_ids)
+    for use in (lambda: r.generate(prompt_ids, max_new_tokens=2), lambda: r.score(prompt_ids),
+                lambda: r.target_logprobs(prompt_ids, prompt_ids),
+                lambda: r.forward(member_BQ=torch.ones_like(prompt_ids), position_BQ=torch.arange(9)[None],
+                                  input_ids=prompt_ids)):
+        with pytest.raises(RuntimeError, match="closed when its `with` block ended.*with roe.roster"):
+            use()
+    with pytest.raises(RuntimeError, match="opens once"):
+        r.__enter__()
+    assert not any("forward" in m.__dict__ for m in olmoe.modules())
+    assert inside.shape == (1, 9, 128)
+
+
+def test_a_roster_without_a_with_block_installs_for_each_call(olmoe, prompt_ids):
+    """``r = roe.roster(model, cfg); r.generate(...)`` used to fail with an AttributeError of a
+    generator context manager: it gives what the ``with`` block gives, and between calls the
+    model is exactly as before."""
+    cfg = roe.RoEConfig(**NOISY)
+    with roe.roster(olmoe, cfg) as r:
+        want_ids, want_lp = r.generate(prompt_ids, max_new_tokens=4), r.score(prompt_ids)
+    r = roe.roster(olmoe, cfg)
+    assert torch.equal(r.generate(prompt_ids, max_new_tokens=4), want_ids)
+    assert not any("forward" in m.__dict__ for m in olmoe.modules())
+    torch.testing.assert_close(r.score(prompt_ids), want_lp, rtol=0, atol=0)
+    assert not any("forward" in m.__dict__ for m in olmoe.modules())
+    r.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        r.score(prompt_ids)
