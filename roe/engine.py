@@ -158,8 +158,11 @@ class ExpandedDecoder:
         seeds = list(seeds) if seeds is not None else [self.roster.cfg.seed] * len(rows)
         for row, seed in zip(rows, seeds, strict=True):
             cache = None  # the model creates its own cache class (MiniMax refuses a DynamicCache)
-            if len(row) > 1:
-                cache = self.roster.model(input_ids=row[None, :-1], use_cache=True).past_key_values
+            if len(row) > 1:  # the clean member through the roster: an experts_per_token dial applies
+                prefix_S = row[:-1]
+                cache = self.roster.forward(member_BQ=torch.zeros_like(prefix_S)[None],
+                                            position_BQ=torch.arange(len(prefix_S))[None],
+                                            input_ids=prefix_S[None]).past_key_values
             self.caches.append(cache)
             self.banks.append(NoiseBank(seed, self.roster.members))  # one per prompt: each runs its own forward
             self.seeds.append(seed)

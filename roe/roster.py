@@ -437,10 +437,13 @@ class Roster:
         return "block" if self._block is not None else "layer"
 
     def clean_forward(self, input_ids, mask_BS, cache: CleanCache):
-        """The untouched model on (left-padded) rows, storing every position in ``cache``."""
+        """The clean member on (left-padded) rows, storing every position in ``cache`` (the untouched
+        model unless ``experts_per_token`` dials k: installed for the call like ``forward``)."""
         cache.commit = None
-        return self.model(input_ids=input_ids, attention_mask=mask_BS.long(), position_ids=positions_from_mask(mask_BS),
-                          past_key_values=cache, use_cache=True, output_router_logits=False)
+        with self._in_use():
+            return self.model(input_ids=input_ids, attention_mask=mask_BS.long(),
+                              position_ids=positions_from_mask(mask_BS), past_key_values=cache, use_cache=True,
+                              output_router_logits=False)
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 64, **kwargs) -> torch.Tensor:
         """RoE generation; see ``roe.engine.generate`` for the options."""

@@ -58,8 +58,9 @@ class Sink:
 
 
 def job(prompt: list[int], max_tokens: int, *, roster_size: int = 4, seed: int = 0, sampling: Sampling = GREEDY,
-        top_logprobs: int | None = None) -> Job:
-    cfg = roe.RoEConfig(roster_size=roster_size, tau=1.5, skip_first=0, skip_last=0, seed=seed)
+        top_logprobs: int | None = None, experts_per_token: int | None = None) -> Job:
+    cfg = roe.RoEConfig(roster_size=roster_size, tau=1.5, skip_first=0, skip_last=0, seed=seed,
+                        experts_per_token=experts_per_token)
     return Job((), cfg, sampling, prompt, max_tokens, 0, Sink(), top_logprobs)
 
 
@@ -90,12 +91,14 @@ def worker(model):
 
 def test_a_short_job_does_not_wait_for_a_long_one(model, worker):
     """Short jobs sent while a long one runs finish after a few steps of it, not after it: one
-    with other roster settings (its own group), one with the long one's settings and another seed
-    (it joins the running forward). Each gets its solo tokens, and so does the long one."""
+    with other roster settings (its own group; it also dials experts_per_token, which must not
+    reach the long job's forwards), one with the long one's settings and another seed (it joins
+    the running forward). Each gets its solo tokens, and so does the long one."""
     long = job([5, 6, 7, 8], LONG)
     worker.submit([long])
     wait_for(lambda: len(long.emit.tokens) >= 3)
-    short = [job([9, 10], 6, roster_size=2, seed=1), job(list(range(20, 31)), 6, seed=2, sampling=SAMPLED)]
+    short = [job([9, 10], 6, roster_size=2, seed=1, experts_per_token=1),
+             job(list(range(20, 31)), 6, seed=2, sampling=SAMPLED)]
     for one in short:
         before = len(long.emit.tokens)
         worker.submit([one])

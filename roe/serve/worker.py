@@ -50,37 +50,37 @@ class Job:
 
 
 class Rosters:
-    """The rosters installed on the worker's model, one per roster setting in use, opened on demand.
+    """The worker's rosters, one per roster setting in use, kept a while after their last group.
 
-    NOTE: a roster wraps the routers' ``forward`` and restores what it found when it closes, so
-    the rosters of one model must close in the reverse order of opening. Groups end in any order,
-    so a roster no group uses stays installed (its wrappers pass through: they act only inside
-    its own forwards) until every roster opened after it has closed; a new group with the same
-    settings reuses it meanwhile.
+    NOTE: none is opened with ``with``: a roster used outside its block installs its router
+    wrappers for each call (each prefill, each step) and removes them after, so the groups'
+    rosters are never installed on the model together, and a roster that dials
+    ``experts_per_token`` cannot touch another group's forwards. Construction (finding and
+    self-testing the routers, packing the head, probing the fan-out point) is paid once per
+    setting while it stays in use or among the ``idle`` most recently released.
     """
+
+    idle = 8
 
     def __init__(self, model) -> None:
         self.model = model
-        self.stack: list[tuple[RoEConfig, object, Roster]] = []  # (settings, context manager, roster)
+        self.rosters: dict[RoEConfig, Roster] = {}  # in insertion order: the oldest idle first
         self.users: dict[RoEConfig, int] = {}
 
     def acquire(self, settings: RoEConfig) -> Roster:
-        for cfg, _, roster in self.stack:
-            if cfg == settings:
-                self.users[settings] += 1
-                return roster
-        context = roe.roster(self.model, settings)
-        roster = context.__enter__()
-        self.stack.append((settings, context, roster))
-        self.users[settings] = 1
-        return roster
+        if settings not in self.rosters:
+            self.rosters[settings] = roe.roster(self.model, settings)
+        self.users[settings] = self.users.get(settings, 0) + 1
+        return self.rosters[settings]
 
     def release(self, settings: RoEConfig) -> None:
         self.users[settings] -= 1
-        while self.stack and self.users[self.stack[-1][0]] == 0:
-            cfg, context, _ = self.stack.pop()
-            del self.users[cfg]
-            context.__exit__(None, None, None)
+        if self.users[settings] == 0:
+            del self.users[settings]
+            self.rosters[settings] = self.rosters.pop(settings)  # the most recently released last
+        idle = [cfg for cfg in self.rosters if cfg not in self.users]
+        for cfg in idle[: max(0, len(idle) - self.idle)]:
+            self.rosters.pop(cfg).close()
 
 
 class Group:
@@ -109,7 +109,7 @@ class Worker:
     """The thread that owns the model: admits queued jobs into groups and steps the groups in turn."""
 
     # NOTE: live groups at most; a job that needs another waits in the queue. Groups share the
-    # worker's time, so this bounds how thin each share gets (and the rosters installed).
+    # worker's time, so this bounds how thin each share gets.
     max_groups = 8
 
     def __init__(self, model, tokenizer, cfg: ServeConfig, pad_id: int) -> None:
