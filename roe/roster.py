@@ -106,6 +106,7 @@ class Roster:
         cannot take another k (LongCat-Flash at k = 1 fails in transformers itself) is refused here."""
         if not any(slot.dialled for slot in self.slots):
             return
+        self._check_stacking()
         ids = torch.zeros(1, 4, dtype=torch.long, device=self.model.device)
         try:
             with torch.no_grad(), self._in_use():
@@ -173,6 +174,7 @@ class Roster:
         return self.aggregator.from_logits(logits, dim)
 
     def _install(self) -> None:
+        self._check_stacking()
         for slot in self.slots:
             original = slot.module.forward
 
@@ -190,9 +192,19 @@ class Roster:
                 noisy = plan is not None and plan.noisy_weights
                 return _slot.rule.reroute(_slot.module, output, noise_TE, noisy, args, kwargs)
 
+            forward.roe_dialled = slot.dialled  # read by _check_stacking
             slot.saved_forward = slot.module.__dict__.get("forward")
             slot.module.forward = forward
         self.installed = True
+
+    def _check_stacking(self) -> None:
+        """Rosters open on one model at once wrap each other's routers. A dialled wrapper re-selects
+        every forward's clean rows, also those of the other roster, so it cannot share the model."""
+        for slot in self.slots:
+            other = slot.module.__dict__.get("forward")
+            if other is not None and (slot.dialled or getattr(other, "roe_dialled", False)):
+                raise RuntimeError("a roster with experts_per_token cannot be open on a model together with another "
+                                   "roster; close the other one first")
 
     def _uninstall(self) -> None:
         """Remove the wrappers (and restore any instance forward that was there)."""

@@ -9,6 +9,8 @@ generate) and agrees with the slow reference. The model's own k changes nothing.
 model fixes k are refused, naming the family and the reason.
 """
 
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -168,3 +170,116 @@ def test_batched_prompts_with_the_dial_match_their_solo_runs(olmoe):
         for b, p in enumerate(prompts):
             solo = r.generate(p[None], max_new_tokens=5)[0]
             assert torch.equal(batched[b, width - len(p):], solo)
+
+
+# ----------------------------------------------------------------- the command line: --experts-per-token
+
+
+def _save(model, tokenizer, path):
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Two checkpoint directories of the same tiny OLMoE weights: built with k = 2 and with k = 1.
+
+    The expert and router weights are scaled by 8 so that the experts decide the greedy tokens of
+    this tiny random model (at their initial scale, no k changes a token).
+    """
+    from tests.conftest import tiny_olmoe, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    ids = dict(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+               bos_token_id=tokenizer.bos_token_id)
+    model = tiny_olmoe(**ids)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".experts." in name or name.endswith("mlp.gate.weight"):
+                param.mul_(8)
+    rebuilt = tiny_olmoe(**ids, num_experts_per_tok=1)
+    rebuilt.load_state_dict(model.state_dict(), strict=True)
+    return (_save(model, tokenizer, tmp_path_factory.mktemp("olmoe-k2")),
+            _save(rebuilt, tokenizer, tmp_path_factory.mktemp("olmoe-k1")))
+
+
+def run_json(capsys, argv):
+    from roe.cli import main
+
+    main(argv)
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_generate_option_equals_the_checkpoint_built_with_k(capsys, checkpoints):
+    saved_model, saved_k1 = checkpoints
+    common = ["To be, or not to be", "-K", "1", "--tau", "0", "--max-new-tokens", "8", "--json"]
+    dialled = run_json(capsys, ["generate", "--model", str(saved_model), "--experts-per-token", "1", *common])
+    rebuilt = run_json(capsys, ["generate", "--model", str(saved_k1), *common])
+    assert dialled["roe"] == rebuilt["base"] == rebuilt["roe"]
+    assert dialled["base"] != dialled["roe"], "k = 1 changed no generated token of the tiny model"
+    assert dialled["experts_per_token"] == 1
+
+
+def test_eval_option_is_paired_at_k_and_equals_the_checkpoint_built_with_k(capsys, checkpoints, tmp_path):
+    saved_model, saved_k1 = checkpoints
+    text = tmp_path / "held_out.txt"
+    text.write_text("To be, or not to be, that is the question. In the beginning was the word. " * 20)
+    common = ["--text", str(text), "--ks", "1,3", "--tau", "0.8", "--window", "16", "--max-windows", "4", "--json"]
+    dialled = run_json(capsys, ["eval", "--model", str(saved_model), "--experts-per-token", "1", *common])
+    rebuilt = run_json(capsys, ["eval", "--model", str(saved_k1), *common])
+    own = run_json(capsys, ["eval", "--model", str(saved_model), *common])
+    for got, want in zip(dialled["rows"], rebuilt["rows"], strict=True):
+        # K = 1: a roster forward against the plain model's own forward (same ops): 1e-6 on a mean NLL
+        assert got["nll"] == pytest.approx(want["nll"], rel=0, abs=1e-6)
+    assert abs(dialled["rows"][0]["nll"] - own["rows"][0]["nll"]) > 1e-4
+    assert dialled["conditions"]["experts_per_token"] == 1
+
+
+def test_tasks_option_runs_both_rows_at_k(capsys, checkpoints, tmp_path):
+    saved_model, saved_k1 = checkpoints
+    from tests.test_tasks import LINES
+
+    text = tmp_path / "test.txt"
+    text.write_text("\n\n\n".join("\n".join(LINES[i:] + LINES[:i]) for i in range(len(LINES))))
+    common = ["--text", str(text), "-K", "2", "--tau", "0.5", "--items", "4", "--task", "next-line", "--json"]
+    dialled = run_json(capsys, ["tasks", "--model", str(saved_model), "--experts-per-token", "1", *common])
+    rebuilt = run_json(capsys, ["tasks", "--model", str(saved_k1), *common])
+    strip = ("model",)
+    assert [{k: v for k, v in r.items() if k not in strip} for r in dialled["rows"]] == \
+        [{k: v for k, v in r.items() if k not in strip} for r in rebuilt["rows"]]
+    assert dialled["conditions"]["experts_per_token"] == 1
+
+
+@pytest.mark.parametrize("command", [["generate", "hello"], ["eval"], ["tasks"], ["bench"]])
+def test_a_bad_experts_per_token_is_a_usage_error(capsys, saved_model, command):
+    from roe.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--model", str(saved_model), "--experts-per-token", "0"])
+    assert exit_info.value.code == 2
+    assert "--experts-per-token must be >= 1" in capsys.readouterr().err
+
+
+def test_bench_option_reaches_the_roster(capsys, saved_model):
+    from roe.cli import main
+
+    with pytest.raises(SystemExit, match="experts_per_token=9 exceeds the 8 experts"):
+        main(["bench", "--model", str(saved_model), "--ks", "1", "--methods", "roster", "--prompt-tokens", "4",
+              "--new-tokens", "2", "--time-box", "1", "--experts-per-token", "9"])
+    out = run_json(capsys, ["bench", "--model", str(saved_model), "--ks", "1,2", "--methods", "roster",
+                            "--prompt-tokens", "4", "--new-tokens", "2", "--time-box", "1",
+                            "--experts-per-token", "1", "--json"])
+    assert out["conditions"]["experts_per_token"] == 1 and [r["K"] for r in out["rows"]] == [1, 2]
+
+
+def test_a_dialled_roster_does_not_share_the_model_with_another(olmoe, prompt):
+    """Open rosters wrap each other's routers; a dialled one would re-select the other's clean rows too."""
+    with roe.roster(olmoe, noisy(None)), pytest.raises(RuntimeError, match="together with another roster"):
+        roe.roster(olmoe, clean(1))
+    with roe.roster(olmoe, clean(1)):
+        with pytest.raises(RuntimeError, match="together with another roster"), roe.roster(olmoe, noisy(None)):
+            pass
+    with roe.roster(olmoe, noisy(None)) as first, roe.roster(olmoe, noisy(None)):  # undialled rosters still stack
+        assert first.score(prompt).shape[-1] == olmoe.config.vocab_size
+    assert not any("forward" in m.__dict__ for m in olmoe.modules())

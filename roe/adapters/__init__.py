@@ -142,6 +142,10 @@ def choose_rule(slot: RouterSlot, output: Any, family: str, args: tuple = (), kw
 
 def resolve_rules(model: torch.nn.Module, slots: list[RouterSlot]) -> None:
     """Probe and self-test every router; each slot gets its rule or an error is raised."""
+    if any(getattr(slot.module.__dict__.get("forward"), "roe_dialled", False) for slot in slots):
+        # the probe would see the other roster's k: a second roster cannot be made meanwhile
+        raise RuntimeError("a roster with experts_per_token is open on this model: a roster cannot be open on a "
+                           "model together with another roster that has experts_per_token; close it first")
     calls = probe(model, slots)
     family = type(model).__name__
     for slot in slots:

@@ -123,7 +123,8 @@ def perplexity_sweep(model, windows_NW, ks, make_cfg, batch_size: int = 4, bytes
 
     ``against(K) -> RoEConfig`` (optional) is a second configuration scored at every K > 1 on the
     same windows (e.g. one uniform tau against a calibrated schedule); each row then carries the
-    paired difference against it.
+    paired difference against it. With ``make_cfg(1).experts_per_token`` set, the base is the
+    model at that k (K = 1 through a roster), so every row's delta is paired at the same k.
     """
     from tqdm import tqdm
 
@@ -131,7 +132,11 @@ def perplexity_sweep(model, windows_NW, ks, make_cfg, batch_size: int = 4, bytes
     bytes_per_token = (bytes_total / tokens) if bytes_total else 1.0
     runs = len(ks) + (sum(K > 1 for K in ks) if against else 0)
     bar = tqdm(total=len(windows_NW) * runs, desc="windows", disable=not progress, unit="win")
-    base = window_nll(clean_score_fn(model), windows_NW, batch_size, bar)
+    dialled = make_cfg(1)
+    if dialled.experts_per_token is None:
+        base = window_nll(clean_score_fn(model), windows_NW, batch_size, bar)
+    else:
+        base = roster_nll(model, dialled, windows_NW, batch_size, bar)
     rows = []
     for K in ks:
         nll = base if K == 1 else roster_nll(model, make_cfg(K), windows_NW, batch_size, bar)
