@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from roe_vllm.serve import RoEFields, parser, vllm_argv
+from roe_vllm.serve import RoEFields, main, parser, vllm_argv
 
 ROOT = Path(__file__).resolve().parents[2]
 ROE_PYTHON = ROOT / ".venv" / "bin" / "python"  # roe's own venv (transformers 5.23)
@@ -343,3 +343,10 @@ def test_command_line_keeps_the_users_middleware_and_dtype():
     assert [argv[i + 1] for i, a in enumerate(argv) if a == "--middleware"] == ["my.Mw", "roe_vllm.serve.RoEFields"]
     assert argv.count("--dtype") == 1 and _value(argv, "--dtype") == "bfloat16"
     assert argv[-2:] == ["--sched", "x"]  # not taken for an abbreviation of --schedule: vLLM reports it
+
+
+def test_an_in_process_engine_is_refused(monkeypatch):
+    """In the API server's process the plugin's engine served RoE requests as plain ones (vLLM 0.32)."""
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    with pytest.raises(SystemExit, match="VLLM_ENABLE_V1_MULTIPROCESSING=0"):
+        main(["serve", "--port", "1"])
