@@ -326,6 +326,21 @@ def test_health_is_503_until_warmed_up_and_when_the_worker_dies(saved_model, mon
             worker.thread = alive
 
 
+def test_the_decode_kernel_is_prepared_before_ready(saved_model, monkeypatch):
+    import roe.kernels
+
+    prepared, prepare = [], roe.kernels.prepare
+    monkeypatch.setattr(roe.kernels, "prepare", lambda: prepared.append(time.monotonic()) or prepare())
+    model, tokenizer = roe.load(saved_model)
+    app = create_app(model, tokenizer, ServeConfig(model_id="tiny", tau=0.5, threads=1))
+    with running(app, wait_ready=False) as (_, url):
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{url}/health").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert len(prepared) == 1
+
+
 def test_warm_up_failure_keeps_health_503(saved_model, monkeypatch):
     import roe.serve.app as serve_app
 

@@ -200,8 +200,13 @@ def load_schedules(model, paths: dict[str, str]) -> dict[str, Schedule]:
 
 @torch.no_grad()
 def warm_up(model, pad_id: int) -> None:
-    """Build the decode kernel and run two RoE decode steps (K=2), so the first request pays neither."""
-    log.info("warming up: building the decode kernel and running one RoE step")
+    """Build (once per environment) or load the decode kernel, then run two RoE decode steps (K=2),
+    so the first request pays neither."""
+    from roe.kernels import prepare
+
+    log.info("warming up: the decode kernel, then one RoE step")
+    if not prepare():
+        log.warning("the decode kernel is unavailable here: decoding uses F.linear")
     with roe.roster(model, RoEConfig(roster_size=2)) as r:
         r.generate(torch.tensor([[pad_id, pad_id]]), max_new_tokens=2)
 
