@@ -21,13 +21,7 @@ NOISY = roe.RoEConfig(roster_size=4, tau=1.5, skip_first=0, skip_last=0, seed=3)
 SAMPLED = dict(do_sample=True, temperature=1.3, top_p=0.9)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: one intra-op thread is far faster than two on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def prompt(n: int, seed: int, vocab: int = 128) -> torch.Tensor:

@@ -34,13 +34,7 @@ FAILS_IN_TRANSFORMERS = {"longcat_flash": 1}  # LongcatFlashExperts squeezes awa
 DIALLED = [n for n in families.FAMILIES if n not in REFUSED and n not in UNSUPPORTED]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: one intra-op thread is ~100x faster than two on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -27,13 +27,7 @@ RULE_EXCEPTIONS = {"kolibri1": "logit-bias"}  # B, but the bias is added to the 
 REFUSED = {"dbrx": "returns only its logits"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: one intra-op thread is ~100x faster than two on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

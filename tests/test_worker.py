@@ -23,13 +23,7 @@ SAMPLED = Sampling(True, 1.3, 0.9, ())
 LONG = 200  # tokens of the long job: prompt + LONG fits the tiny model's 256 positions
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: one intra-op thread is far faster than two on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
