@@ -24,9 +24,11 @@ from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
 from roe_vllm.settings import EngineSettings, check_request
 
-# NOTE: vLLM builds the logits processor and the model separately from the same VllmConfig; this
-# registry (instance id -> processor, weak) is how the model finds its engine's batch table.
-_TABLES: weakref.WeakValueDictionary[str, RoERequests] = weakref.WeakValueDictionary()
+# NOTE: vLLM builds the logits processor and the model separately, from copies of one VllmConfig
+# (``dataclasses.replace`` gives a copy a new ``instance_id``, measured with AsyncLLM) that share their
+# sub-configs; this registry (the engine's CacheConfig object -> processor, weak) is how the model
+# finds its engine's batch table. The processor holds the CacheConfig, so its id is not reused.
+_TABLES: weakref.WeakValueDictionary[int, RoERequests] = weakref.WeakValueDictionary()
 # The engine config of the request being admitted (set around vLLM's admission check, plugin.py):
 # ``validate_params`` receives only the request, but the check needs the engine's defaults and layers.
 ADMITTING: ContextVar = ContextVar("roe_vllm_admitting", default=None)
@@ -48,7 +50,8 @@ class RoERequests(LogitsProcessor):
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
         self.engine = EngineSettings.parse(vllm_config.additional_config, vllm_config.model_config.model)
         self.rows: dict[int, Entry] = {}
-        _TABLES[vllm_config.instance_id] = self
+        self._engine_key = vllm_config.cache_config
+        _TABLES[id(self._engine_key)] = self
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:
@@ -80,4 +83,5 @@ def _entry(params, prompt_tok_ids, output_tok_ids) -> Entry | None:
 
 
 def table_for(vllm_config) -> RoERequests | None:
-    return _TABLES.get(vllm_config.instance_id)
+    table = _TABLES.get(id(vllm_config.cache_config))
+    return table if table is not None and table._engine_key is vllm_config.cache_config else None
