@@ -70,9 +70,11 @@ def offline_model(saved_model):
     return roe.load(saved_model)
 
 
-def offline_text(offline_model, ids, *, max_tokens, roster_size=3, tau=0.5, seed=0, temperature=0.0, top_p=1.0):
+def offline_text(offline_model, ids, *, max_tokens, roster_size=3, tau=0.5, seed=0, temperature=0.0, top_p=1.0,
+                 experts_per_token=None):
     model, tokenizer = offline_model
-    with roe.roster(model, roe.RoEConfig(roster_size=roster_size, tau=tau, seed=seed)) as r:
+    cfg = roe.RoEConfig(roster_size=roster_size, tau=tau, seed=seed, experts_per_token=experts_per_token)
+    with roe.roster(model, cfg) as r:
         out = r.generate(torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=temperature > 0,
                          temperature=temperature or 1.0, top_p=top_p)
     new = out[0, len(ids):].tolist()
@@ -102,6 +104,27 @@ def test_completion_equals_offline_generate(server, offline_model, extra):
     assert got.choices[0].text == want
     assert got.choices[0].finish_reason in ("stop", "length")
     assert got.usage.prompt_tokens == len(ids)
+
+
+def test_experts_per_token_is_the_offline_dial(server, offline_model):
+    """The request field ``experts_per_token`` gives the tokens and log-probs ``RoEConfig(experts_per_token=k)``
+    gives offline, which are not the model's own k's (else this test could not fail)."""
+    prompt = "To be, or not to be"
+    model, tokenizer = offline_model
+    ids = tokenizer(prompt).input_ids
+    want = {}
+    for k in (None, 1):
+        with roe.roster(model, roe.RoEConfig(**SETTINGS, experts_per_token=k)) as r:
+            out = r.generate(torch.tensor([ids]), max_new_tokens=6)
+            score = r.score(out)[0]
+        generated = out[0, len(ids):].tolist()
+        want[k] = (generated, [score[len(ids) - 1 + i, t].item() for i, t in enumerate(generated)])
+    assert want[1][1] != pytest.approx(want[None][1], abs=1e-3)
+    got = server.client.completions.create(model="tiny", prompt=prompt, max_tokens=6, logprobs=1, seed=0,
+                                           extra_body={"experts_per_token": 1}).choices[0].logprobs
+    tokens = want[1][0][: len(got.tokens)]
+    assert len(got.token_logprobs) == len(tokens) > 0
+    assert got.token_logprobs == pytest.approx(want[1][1][: len(tokens)], abs=1e-4)
 
 
 def test_chat_uses_the_builtin_template(server, offline_model):
@@ -166,6 +189,9 @@ def test_concurrent_requests_match_sequential_answers(server):
 BAD = [
     ({"prompt": "hi", "model": "gpt-4"}, 404, "model"),
     ({"prompt": "hi", "roster_size": 0}, 400, "roster_size"),
+    ({"prompt": "hi", "experts_per_token": 0}, 400, "experts_per_token"),
+    ({"prompt": "hi", "experts_per_token": 9}, 400, "experts_per_token"),  # the tiny model has 8 experts
+    ({"prompt": "hi", "experts_per_token": "2"}, 400, "experts_per_token"),
     ({"prompt": "hi", "roster_size": 65}, 400, "roster_size"),
     ({"prompt": "hi", "tau": "hot"}, 400, "tau"),
     ({"prompt": "hi", "tau": -1}, 400, "tau"),

@@ -43,7 +43,7 @@ class Sink:
 
     def __call__(self, event: tuple) -> None:
         self.events.append(event)
-        if event[0] in ("end", "error"):
+        if event[0] in ("end", "error", "invalid"):
             self.done.set()
 
     @property
@@ -165,3 +165,15 @@ def test_logprobs_and_stop_strings_per_job(model, worker):
     assert text[-3:] in tokenizer.decode(stopped.emit.tokens) and len(other.emit.tokens) == 8
     infos = [value[1] for kind, _, value in plain.emit.events if kind == "token"]
     assert all(len(top) == 2 and top[0][1] >= top[1][1] and logprob <= top[0][1] + 1e-6 for logprob, top in infos)
+
+
+def test_settings_the_model_cannot_run_are_the_requests_fault(worker):
+    """A roster the model refuses (here more experts per token than it has; the server's parser
+    refuses that before, but some refusals need the roster built) answers "invalid" (a 400), not
+    the server's "error" (a 500), and the worker goes on."""
+    bad, good = job([5, 6], 3, experts_per_token=99), job([5, 6], 3)
+    worker.submit([bad, good])
+    assert bad.emit.done.wait(120) and good.emit.done.wait(120)
+    assert [kind for kind, _, _ in bad.emit.events] == ["invalid"]
+    assert "experts_per_token=99" in bad.emit.events[0][2]
+    assert len(good.emit.tokens) == 3

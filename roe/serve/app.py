@@ -8,6 +8,7 @@ RoE step run) and whenever the worker thread is dead. Host and API key: roe/serv
 """
 
 import asyncio
+import copy
 import json
 import logging
 import re
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 import roe
+from roe import adapters
 from roe.config import RoEConfig
 from roe.roster import schedule_for
 from roe.schedule import Schedule
@@ -51,6 +53,17 @@ def require_serve_extra():
     return fastapi, uvicorn
 
 
+def _resolve(model, slots: list, one: RoEConfig) -> Schedule:
+    """``one``'s schedule for the model, and its experts_per_token checked: ValueError if either does not fit.
+
+    NOTE: the dial is checked on copies of the server's resolved router slots (``adapters.dial``
+    rewrites a slot's rule): no forward runs, so parsing never touches the model the worker owns.
+    """
+    schedule = schedule_for(model, one, slots)
+    adapters.dial(model, [copy.copy(slot) for slot in slots], one.experts_per_token)
+    return schedule
+
+
 class Service:
     """What the HTTP handlers need: the model's facts, the worker, readiness and the request lifecycle."""
 
@@ -65,7 +78,8 @@ class Service:
         text_config = model.config.get_text_config()
         self.facts = ModelFacts(tokenizer=tokenizer, vocab=model.get_output_embeddings().weight.shape[0],
                                 context=getattr(text_config, "max_position_embeddings", None), moe_layers=len(slots),
-                                schedules=schedules, resolve=lambda one: schedule_for(model, one, slots))
+                                experts=min(slot.experts for slot in slots), schedules=schedules,
+                                resolve=lambda one: _resolve(model, slots, one))
         gen = getattr(model, "generation_config", None)
         eos = getattr(gen, "eos_token_id", None)
         self.eos = frozenset([eos] if isinstance(eos, int) else (eos or []))
@@ -152,6 +166,8 @@ class Service:
                                code="timeout") from None
             if kind == "error":
                 raise ApiError(500, value, type="server_error", code="generation_failed")
+            if kind == "invalid":
+                raise ApiError(400, value, code="invalid_value")
             choice, was_finished = choices[index], choices[index].finish
             if was_finished:
                 continue

@@ -177,10 +177,12 @@ def _roe_configs(body: dict, cfg: ServeConfig, n: int, facts: "ModelFacts") -> t
     name = name if name is not None or body.get("tau") is not None else cfg.schedule
     seed = _int(body, "seed", cfg.seed, 0, (1 << 62))
     skips = {key: _int(body, key, getattr(cfg, key), 0, facts.moe_layers) for key in ("skip_first", "skip_last")}
+    k = _int(body, "experts_per_token", None, 1, facts.experts)
     try:
-        cfgs = [RoEConfig(roster_size=roster_size, tau=facts.schedules[name] if name else tau, seed=seed + i, **skips)
+        cfgs = [RoEConfig(roster_size=roster_size, tau=facts.schedules[name] if name else tau, seed=seed + i,
+                          experts_per_token=k, **skips)
                 for i in range(n)]
-        facts.resolve(cfgs[0])  # the schedule does not depend on the seed
+        facts.resolve(cfgs[0])  # the schedule and the dial do not depend on the seed
     except (ValueError, TypeError) as err:
         raise ApiError(400, f"invalid RoE settings: {err}", param="tau" if body.get("tau") is not None else None,
                        code="invalid_value") from None
@@ -283,8 +285,10 @@ class ModelFacts:
     vocab: int
     context: int | None
     moe_layers: int
+    experts: int  # the fewest experts of any MoE layer: the largest experts_per_token
     schedules: dict  # registered name -> Schedule, checked against the model
-    resolve: Callable[[RoEConfig], object]  # a config's Schedule for this model (ValueError if it does not fit)
+    resolve: Callable[[RoEConfig], object]  # a config's Schedule for this model (ValueError if it or its
+    # experts_per_token does not fit)
 
 
 def decode_body(raw: bytes) -> dict:
@@ -392,6 +396,8 @@ def request_schemas(cfg: ServeConfig, facts: ModelFacts) -> tuple[dict, dict]:
         "seed": integer(0, 1 << 62),
         "skip_first": integer(0, facts.moe_layers),
         "skip_last": integer(0, facts.moe_layers),
+        "experts_per_token": {**integer(1, facts.experts),
+                              "description": "k, the experts every member selects (default: the model's)"},
     }
     if facts.schedules:
         roe_fields["schedule"] = {"enum": sorted(facts.schedules),

@@ -42,7 +42,8 @@ class Job:
     prompt_ids: list[int]
     max_tokens: int
     index: int
-    # thread-safe: ("token", index, (id, logprobs or None)) / ("end", index, None) / ("error", index, message)
+    # thread-safe: ("token", index, (id, logprobs or None)) / ("end", index, None) /
+    # ("error" or "invalid", index, message)
     emit: Callable[[tuple], None]
     top_logprobs: int | None = None
     cancelled: bool = False
@@ -201,6 +202,10 @@ class Worker:
                     self.groups.append(group)
                     self.batches += 1
                 group.admit(jobs, self.eos)
+            except ValueError as err:  # settings this model cannot run (found only by building the roster)
+                self._fail(jobs, err, kind="invalid")
+                if group is not None and not group.jobs:
+                    self._retire(group)
             except Exception as err:  # a failed prefill answers its jobs, not the server
                 log.exception("admission failed")
                 self._fail(jobs, err)
@@ -239,9 +244,12 @@ class Worker:
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         return any(s in text for s in stop)
 
-    def _fail(self, jobs: list[Job], err: Exception) -> None:
+    def _fail(self, jobs: list[Job], err: Exception, kind: str = "error") -> None:
+        """Answer ``jobs`` with ``err``: kind "error" is the server's failure, "invalid" the request's."""
+        message = (f"generation failed: {type(err).__name__}: {err}" if kind == "error"
+                   else f"invalid RoE settings: {err}")
         for job in jobs:
-            job.emit(("error", job.index, f"generation failed: {type(err).__name__}: {err}"))
+            job.emit((kind, job.index, message))
 
     def _retire(self, group: Group) -> None:
         self.groups.remove(group)
