@@ -170,7 +170,10 @@ class RoEModel:
     def _roe_requests(self, positions: torch.Tensor) -> list[Request]:
         """The RoE requests of this forward whose last scheduled token is sampled."""
         table = table_for(self._roe_config)
-        if table is None or not table.rows:
+        if table is None:
+            return []
+        table.seen = True
+        if not table.rows:
             return []
         from vllm.forward_context import get_forward_context
 

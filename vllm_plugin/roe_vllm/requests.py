@@ -22,7 +22,7 @@ from vllm.config import get_current_vllm_config_or_none
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
-from roe_vllm.settings import EngineSettings, check_request
+from roe_vllm.settings import REQUEST_KEYS, EngineSettings, check_request
 
 # NOTE: vLLM builds the logits processor and the model separately, from copies of one VllmConfig
 # (``dataclasses.replace`` gives a copy a new ``instance_id``, measured with AsyncLLM) that share their
@@ -50,6 +50,7 @@ class RoERequests(LogitsProcessor):
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
         self.engine = EngineSettings.parse(vllm_config.additional_config, vllm_config.model_config.model)
         self.rows: dict[int, Entry] = {}
+        self.seen = False  # the model read the batch in the current step (``apply`` checks it)
         self._engine_key = vllm_config.cache_config
         _TABLES[id(self._engine_key)] = self
 
@@ -67,9 +68,16 @@ class RoERequests(LogitsProcessor):
         check_request(engine, sampling_params, num_layers)
 
     def is_argmax_invariant(self) -> bool:
-        return True
+        return False  # so that ``apply`` also runs on greedy batches, where it checks the model saw the batch
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits untouched; refuses to go on if the model ran a batch with RoE requests without reading
+        them (it would have returned plain logits for them: never silently)."""
+        seen, self.seen = self.seen, False
+        if not seen and any(self.engine.enabled or (e.extra_args and any(k in REQUEST_KEYS for k in e.extra_args))
+                            for e in self.rows.values()):
+            raise RuntimeError("RoE: the model did not read this engine's RoE requests (is the RoE architecture "
+                               "selected? roe_vllm.engine_args selects it)")
         return logits
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:

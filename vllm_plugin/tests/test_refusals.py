@@ -89,3 +89,22 @@ def test_compiled_engine_refused_at_start(default_model):
     args["enforce_eager"] = False
     with pytest.raises(Exception, match="enforce_eager"):
         LLM(**args)
+
+
+def test_roe_requests_never_run_plain_silently():
+    """If the model does not read the batch (a stock architecture, or a broken link to its table), the
+    logits processor stops the step instead of letting RoE requests come back plain."""
+    import torch
+    from roe_vllm.requests import RoERequests
+    from vllm.v1.sample.logits_processor import BatchUpdate
+
+    config = SimpleNamespace(additional_config={}, model_config=SimpleNamespace(model=None),
+                             cache_config=SimpleNamespace())
+    table = RoERequests(config, torch.device("cpu"), False)
+    params = SimpleNamespace(extra_args={"roster_size": 4, "tau": 0.3})
+    table.update_state(BatchUpdate(batch_size=1, removed=[], added=[(0, params, [1, 2], [])], moved=[]))
+    logits = torch.zeros(1, 8)
+    table.seen = True  # the model read the batch
+    assert table.apply(logits) is logits
+    with pytest.raises(RuntimeError, match="did not read"):
+        table.apply(logits)  # next step: the model did not
