@@ -43,16 +43,20 @@ def start_server(args, port: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "roe", "serve", "--port", str(port), "--threads", str(args.threads),
            "-K", str(args.roster_size), "--tau", str(args.tau), "--max-batch", str(args.max_batch),
            "--max-queue", str(args.max_queue)]
-    if args.model:
-        cmd += ["--model", args.model]
+    return launch(cmd + (["--model", args.model] if args.model else []), port)
+
+
+def launch(cmd: list[str], port: int, timeout: float = 300) -> subprocess.Popen:
+    """Start ``roe serve`` and wait until its /health answers 200 (ready: warmed up, kernel built)."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                 return proc
         except httpx.TransportError:
-            time.sleep(0.2)
+            pass
+        time.sleep(0.2)
     proc.kill()
     raise SystemExit(f"the server did not start: {proc.stderr.read()[-2000:]}")
 

@@ -21,25 +21,13 @@ import threading
 import time
 
 import httpx
-from serve_load import free_port
+from serve_load import free_port, launch
 
 
 def start_server(args, port: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "roe", "serve", "--port", str(port), "--threads", str(args.threads),
            "--timeout", str(args.timeout), "--max-request-cost", str(args.long_roster * args.long_n * args.long_tokens)]
-    if args.model:
-        cmd += ["--model", args.model]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit(f"the server did not start: {proc.stderr.read()[-2000:]}")
+    return launch(cmd + (["--model", args.model] if args.model else []), port)
 
 
 def timed_post(url: str, body: dict, out: dict, timeout: float) -> None:
