@@ -20,7 +20,7 @@ Measured with ``benchmarks/small_m_kernel.py``.
 
 The kernel is compiled with ``torch.utils.cpp_extension`` (g++ and ninja, about 40 s) once per
 environment: its module name and build folder are keyed on everything the binary depends on
-(``build_key``: torch version and include paths, the interpreter and its prefix, the source's
+(``Kernel.key``: torch version and include paths, the interpreter and its prefix, the source's
 hash, the compiler flags), so two venvs never share or fight over one folder, and alternating
 between them never rebuilds. A built kernel is imported directly, without ninja or a lock.
 ``prepare()`` builds (saying so on stderr) or loads it: ``make install`` runs it
@@ -40,6 +40,7 @@ import importlib.util
 import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -93,18 +94,50 @@ class PackedHead:
             yield
 
 
-KERNEL_SOURCE = Path(__file__).with_name("small_m.cpp")
 KERNEL_FLAGS = ("-O3", "-mavx2", "-mfma")
-KERNEL_ROOT = Path.home() / ".cache" / "roe" / "kernels"  # one folder per build_key below
+KERNEL_ROOT = Path.home() / ".cache" / "roe" / "kernels"  # one folder per build key below
 
 
-def build_key() -> str:
-    """A short hash of what the compiled kernel depends on; it names the module and its build folder."""
-    from torch.utils.cpp_extension import include_paths
+@dataclass(frozen=True)
+class Kernel:
+    """A C++ source compiled once per environment into ``KERNEL_ROOT/<stem>_<key>/`` (see the module docstring)."""
 
-    parts = [torch.__version__, *include_paths(), sys.prefix, sys.version,
-             hashlib.sha256(KERNEL_SOURCE.read_bytes()).hexdigest(), *KERNEL_FLAGS]
-    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+    stem: str  # module name prefix
+    source: Path
+    functions: tuple[str, ...]
+    what: str  # for messages: "roe's decode kernel"
+    fallback: str  # what runs without it
+
+    def key(self) -> str:
+        """A short hash of what the compiled kernel depends on; it names the module and its build folder."""
+        from torch.utils.cpp_extension import include_paths
+
+        parts = [torch.__version__, *include_paths(), sys.prefix, sys.version,
+                 hashlib.sha256(self.source.read_bytes()).hexdigest(), *KERNEL_FLAGS]
+        return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+    def load_or_build(self):
+        """The kernel module of this environment: imported if built, else compiled; None on failure."""
+        if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+            return None
+        try:
+            name = f"{self.stem}_{self.key()}"
+            directory = KERNEL_ROOT / name
+            library = directory / f"{name}.so"
+            if library.is_file():
+                return _import(name, library)
+            print(f"roe: compiling {self.what} once for this environment (~40 s)...", file=sys.stderr)
+            directory.mkdir(parents=True, exist_ok=True)
+            return _compile(name, directory, self)
+        except Exception as error:  # no compiler, no ninja, a failed build, an unwritable cache: the fallback
+            reason = str(error).strip().splitlines()[-1:] or [""]
+            print(f"roe: {self.what} unavailable ({type(error).__name__}: {reason[0][:200]}); using {self.fallback}",
+                  file=sys.stderr)
+            return None
+
+
+SMALL_M = Kernel("roe_small_m", Path(__file__).with_name("small_m.cpp"), ("small_m_linear",),
+                 "roe's decode kernel", "F.linear")
 
 
 def prepare() -> bool:
@@ -116,30 +149,10 @@ def prepare() -> bool:
     return SmallM.extension() is not None
 
 
-def _load_or_build():
-    """The kernel module of this environment: imported if built, else compiled; None on failure."""
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return None
-    try:
-        name = f"roe_small_m_{build_key()}"
-        directory = KERNEL_ROOT / name
-        library = directory / f"{name}.so"
-        if library.is_file():
-            return _import(name, library)
-        print("roe: compiling roe's decode kernel once for this environment (~40 s)...", file=sys.stderr)
-        directory.mkdir(parents=True, exist_ok=True)
-        return _compile(name, directory)
-    except Exception as error:  # no compiler, no ninja, a failed build, an unwritable cache: keep F.linear
-        reason = str(error).strip().splitlines()[-1:] or [""]
-        print(f"roe: decode kernel unavailable ({type(error).__name__}: {reason[0][:200]}); using F.linear",
-              file=sys.stderr)
-        return None
-
-
-def _compile(name: str, directory: Path):
+def _compile(name: str, directory: Path, kernel: Kernel):
     from torch.utils.cpp_extension import load_inline
 
-    return load_inline(name, cpp_sources=KERNEL_SOURCE.read_text(), functions=["small_m_linear"],
+    return load_inline(name, cpp_sources=kernel.source.read_text(), functions=list(kernel.functions),
                        extra_cflags=list(KERNEL_FLAGS), build_directory=str(directory))
 
 
@@ -168,7 +181,7 @@ class SmallM:
     def extension(cls):
         """The kernel module of this environment (see ``prepare``); None where it cannot be built."""
         if cls._extension is None:
-            cls._extension = _load_or_build() or False
+            cls._extension = SMALL_M.load_or_build() or False
         return cls._extension or None
 
     @classmethod

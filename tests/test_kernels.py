@@ -154,7 +154,7 @@ def fake_builds(monkeypatch, tmp_path):
     class Module:
         small_m_linear = staticmethod(torch.nn.functional.linear)
 
-    def compile_(name, directory):
+    def compile_(name, directory, kernel):
         builds.append(directory)
         (directory / f"{name}.so").write_bytes(b"")
         return Module
@@ -198,7 +198,7 @@ def test_prepare_is_idempotent(fake_builds, capsys):
 
 
 def test_a_failed_build_falls_back_to_f_linear_with_a_message(fake_builds, monkeypatch, capsys, olmoe, prompt_ids):
-    def broken(name, directory):
+    def broken(name, directory, kernel):
         raise RuntimeError("Error building extension: g++ not found")
 
     monkeypatch.setattr(kernels, "_compile", broken)
@@ -217,7 +217,7 @@ def test_a_built_kernel_is_imported_without_compiling(monkeypatch):
     """The real build of this environment, then a new process: it loads without ninja or a compiler."""
     _small_m_or_skip()
 
-    def no_compile(name, directory):
+    def no_compile(name, directory, kernel):
         raise AssertionError("rebuilt although this environment's kernel is built")
 
     new_process(monkeypatch)

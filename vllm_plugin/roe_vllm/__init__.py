@@ -17,10 +17,11 @@ Per request, ``SamplingParams(extra_args={...})`` with these flat keys (same nam
     schedule     str: a schedule registered at engine start (give tau or schedule, not both)
 
 Engine defaults: ``additional_config={"roe": {<the keys above>, "schedules": {name: <roe schedule
-JSON dict or list of taus>}}}`` (reaches every worker). When it sets defaults (any key but
-``schedules``), requests without extra_args run RoE with them; otherwise they run the untouched model. Invalid settings
-are refused per request at admission (ValueError offline, HTTP 400 in the server). Requests with
-RoE may not ask for prompt_logprobs.
+JSON dict or list of taus>}, "kernels": <bool, default true>}}`` (reaches every worker);
+``kernels=False`` runs member attention in PyTorch instead of the compiled kernel (roe_vllm/attention.py).
+When it sets defaults (any key but ``schedules`` and ``kernels``), requests without extra_args run RoE
+with them; otherwise they run the untouched model. Invalid settings are refused per request at admission
+(ValueError offline, HTTP 400 in the server). Requests with RoE may not ask for prompt_logprobs.
 
 Supported: OLMoE, Mixtral, Qwen3-MoE (``roe_vllm.architectures``); eager mode, tensor parallel.
 Refused with the reason: DeepSeek-V2/V3 (MLA), GPT-OSS (sinks, MXFP4), speculative decoding,
@@ -38,14 +39,14 @@ __all__ = ["LOGITS_PROCESSOR", "engine_args"]
 __version__ = "0.1.0"
 
 LOGITS_PROCESSOR = "roe_vllm.requests:RoERequests"
-_ENGINE_KEYS = ("roster_size", "tau", "seed", "skip_first", "skip_last", "schedule", "schedules")
+_ENGINE_KEYS = ("roster_size", "tau", "seed", "skip_first", "skip_last", "schedule", "schedules", "kernels")
 
 
 def engine_args(model: str | Path | None = None, **kwargs) -> dict:
     """Keyword arguments for ``vllm.LLM(...)`` (or ``AsyncEngineArgs``) that run ``model`` with RoE.
 
-    ``model`` None is roe's embedded default model. RoE engine defaults (``roster_size``, ``tau``,
-    ``seed``, ``skip_first``, ``skip_last``, ``schedule``, ``schedules``) go to
+    ``model`` None is roe's embedded default model. RoE engine settings (``roster_size``, ``tau``,
+    ``seed``, ``skip_first``, ``skip_last``, ``schedule``, ``schedules``, ``kernels``) go to
     ``additional_config["roe"]``; every other keyword is passed to vLLM as given.
     NOTE: ``seed`` is RoE's noise seed, as everywhere in roe; vLLM's own engine seed is ``engine_seed``. Sets
     ``enforce_eager=True``, the RoE logits processor and the RoE architecture

@@ -78,6 +78,14 @@ class Step:
         """A per-row tensor of the T clean rows, with the member rows (copies of their sources) appended."""
         return torch.cat([tensor, tensor.index_select(0, self.source_M.to(tensor.device))])
 
+    def offsets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """First member row of each request [R + 1] (rows are contiguous per request) and positions [R]."""
+        if "offsets" not in self.cache:
+            counts_R = torch.tensor([r.roster.members - 1 for r in self.requests])
+            self.cache["offsets"] = (torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(counts_R, 0)]),
+                                     torch.tensor([r.position for r in self.requests]))
+        return self.cache["offsets"]
+
     def blocks(self, block_table: torch.Tensor, count: int) -> torch.Tensor:
         """The first ``count`` KV blocks [R, N] of every RoE request, once per step (layers share the table)."""
         key = ("blocks", id(block_table), count)

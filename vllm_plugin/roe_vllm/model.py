@@ -76,6 +76,7 @@ class RoEModel:
             raise ValueError(f"RoE: {type(self).__name__} has {self._roe_layers} MoE layers but its config says "
                              f"{expected}; roe_vllm.architectures.num_moe_layers is wrong for this model")
         engine = EngineSettings.parse(vllm_config.additional_config, vllm_config.model_config.model)
+        self._roe_kernel = attention.kernel() if engine.kernels else None
         for name, schedule in engine.schedules.items():
             try:
                 schedule.check_layers(self._roe_layers)
@@ -162,7 +163,7 @@ class RoEModel:
             q_MHD = query[T:].reshape(-1, layer.num_heads, layer.head_size)
             k_MHD = key[T:].reshape(-1, layer.num_kv_heads, layer.head_size)
             v_MHD = value[T:].reshape(-1, layer.num_kv_heads, layer.head_size)
-            out_MHD = attention.member_attention(layer, q_MHD, k_MHD, v_MHD, step, metadata, layer.kv_cache)
+            out_MHD = attention.attend(layer, q_MHD, k_MHD, v_MHD, step, metadata, layer.kv_cache, self._roe_kernel)
             return torch.cat([clean, out_MHD.reshape(out_MHD.shape[0], *clean.shape[1:])])
 
         layer.forward = forward
@@ -229,15 +230,16 @@ class RoEModel:
         return hidden[:T]
 
     def compute_logits(self, hidden_states: torch.Tensor, *args, **kwargs):
-        logits = super().compute_logits(hidden_states, *args, **kwargs)
         members, self._roe_members = self._roe_members, None
         if members is None:
-            return logits
+            return super().compute_logits(hidden_states, *args, **kwargs)
         step, member_hidden = members
-        member_logits = super().compute_logits(member_hidden, *args, **kwargs)
+        N = hidden_states.shape[0]
+        # one product with the head for the clean and the member rows: the head is read once
+        logits = super().compute_logits(torch.cat([hidden_states, member_hidden]), *args, **kwargs)
         if logits is None:  # a tensor-parallel rank that does not hold the gathered logits
             return logits
-        return aggregate(logits, member_logits, step)
+        return aggregate(logits[:N], logits[N:], step)
 
     def load_weights(self, weights):
         loaded = super().load_weights(weights)

@@ -11,7 +11,8 @@ Keys (flat, same names and meaning as ``roe.RoEConfig`` and ``roe serve``):
     schedule     the name of a schedule registered in the engine's ``schedules`` (never a path)
 
 The engine's ``additional_config={"roe": {...}}`` holds defaults for the same keys plus
-``schedules``: ``{name: schedule JSON dict (format roe.schedule/1) or list of taus}``. A request's
+``schedules``: ``{name: schedule JSON dict (format roe.schedule/1) or list of taus}`` and ``kernels``
+(default true: member attention through the compiled kernel, roe_vllm/attention.py). A request's
 ``SamplingParams.extra_args`` overrides the defaults key by key. Without engine defaults (no "roe"
 entry, or one with only ``schedules``), a request without RoE keys runs the untouched model; K = 1
 or an all-zero schedule also does.
@@ -29,7 +30,7 @@ from roe.config import RoEConfig
 from roe.schedule import SCHEDULE_FORMAT, Schedule, model_default_schedule
 
 REQUEST_KEYS = ("roster_size", "tau", "seed", "skip_first", "skip_last", "schedule")
-ENGINE_KEYS = REQUEST_KEYS + ("schedules",)
+ENGINE_KEYS = REQUEST_KEYS + ("schedules", "kernels")
 # Request features whose meaning RoE does not define in vLLM (they would silently be clean).
 UNSUPPORTED_REQUEST = {"prompt_logprobs": "prompt_logprobs (per-position RoE scoring is roe's score(), not served)"}
 
@@ -70,6 +71,7 @@ class EngineSettings:
     schedules: dict[str, Schedule]
     enabled: bool  # the engine sets RoE defaults: requests without RoE keys run RoE with them
     model_default: Schedule | None = None  # the schedule.json shipped with the checkpoint (tau absent)
+    kernels: bool = True  # member attention through the compiled kernel where it builds
 
     @classmethod
     def parse(cls, additional_config: Mapping | None, model_dir: str | None = None) -> EngineSettings:
@@ -87,8 +89,12 @@ class EngineSettings:
         if not isinstance(schedules, Mapping):
             raise TypeError('additional_config["roe"]["schedules"] must be a dict {name: schedule}')
         parsed = {str(name): _schedule(str(name), spec) for name, spec in schedules.items()}
-        defaults = {k: v for k, v in entry.items() if k != "schedules"}
-        settings = cls(defaults=defaults, schedules=parsed, enabled=bool(defaults), model_default=model_default)
+        kernels = entry.get("kernels", True)
+        if not isinstance(kernels, bool):
+            raise TypeError(f'additional_config["roe"]["kernels"] must be true or false, got {kernels!r}')
+        defaults = {k: v for k, v in entry.items() if k not in ("schedules", "kernels")}
+        settings = cls(defaults=defaults, schedules=parsed, enabled=bool(defaults), model_default=model_default,
+                       kernels=kernels)
         settings._config(defaults)  # the defaults alone must be valid
         return settings
 
