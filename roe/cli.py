@@ -442,6 +442,35 @@ def serve(*, model: str | None = None, host: str = "127.0.0.1", port: int = 8000
         raise SystemExit(f"error: {err}") from None
 
 
+def phds(*, model: str | None = None, ks: str | None = None, steps: int = 400, curriculum_steps: int = 100,
+         lr: float = 3e-4, batch_size: int = 16, seq_len: int = 256, data: str | None = None, seed: int = 0,
+         eval_windows: int = 32, ckpt_minutes: float = 4.0, out: str | None = None) -> None:
+    """MoE-PHDS fine-tune: one checkpoint whose experts per token can be dialled at run time.
+
+    --ks LIST (e.g. 1,2,3,4): the levels of experts per token. For --steps optimiser steps each
+    step runs the model at a k drawn uniformly from them (through roe's runtime dial, exactly the
+    model built with that k), then --curriculum-steps at min(ks), the sparsest (arXiv 2509.23012).
+    A single level is the single-k ("oracle") fine-tune with the same budget. Data: the default
+    model's training windows (data/tokens, from roe.data.tokenizer --encode), or --data: a directory
+    with train.bin (and validation.bin), or a file of token ids (.npy, or flat uint16). --out DIR
+    receives a checkpoint every --ckpt-minutes (and at each phase end); re-running the same command
+    resumes from it, with the same result as an uninterrupted run. At the end DIR is a loadable
+    checkpoint (config, weights in the input's dtype, tokenizer, schedule.json if the input has one)
+    plus phds.json (settings, per-step log, validation NLL at every level before and after each phase).
+    """
+    from roe import phds as fine_tune
+
+    if out is None:
+        raise ValueError("--out DIR is required (the checkpoint and the fine-tuned model go there)")
+    if ks is None:
+        raise ValueError("--ks is required: the levels of experts per token, e.g. --ks 1,2,3,4")
+    if not (math.isfinite(ckpt_minutes) and ckpt_minutes >= 0):
+        raise ValueError(f"--ckpt-minutes must be finite and >= 0, got {ckpt_minutes}")
+    cfg = fine_tune.PhdsConfig(ks=fine_tune.parse_levels(ks), steps=steps, curriculum_steps=curriculum_steps, lr=lr,
+                               batch_size=batch_size, seq_len=seq_len, seed=seed, eval_windows=eval_windows)
+    fine_tune.run(model, cfg, Path(out), data=None if data is None else Path(data), ckpt_minutes=ckpt_minutes)
+
+
 def _check_fits(lm, tokens: int, what: str) -> None:
     """Refuse work longer than the model's context (max_position_embeddings) before doing any."""
     context = getattr(lm.config.get_text_config(), "max_position_embeddings", None)
@@ -517,7 +546,7 @@ def _bench_prompt(lm, tokenizer, model, prompt_tokens: int):
 
 
 COMMANDS = {"generate": generate, "eval": evaluate, "bench": bench, "models": models, "calibrate": calibrate,
-            "tasks": tasks, "serve": serve}
+            "tasks": tasks, "serve": serve, "phds": phds}
 
 
 def _parse_ks(ks: str) -> list[int]:

@@ -1,0 +1,395 @@
+"""MoE-PHDS (arXiv 2509.23012): fine-tune one checkpoint so its experts per token can be dialled.
+
+Shapes: B windows, S positions, T rows (B * S), E experts, V vocab, L MoE layers.
+
+One step counter runs two phases:
+
+    steps [0, steps):                          k ~ Uniform(ks), keyed (seed, step) (see ``k_at``)
+    steps [steps, steps + curriculum_steps):   k = min(ks), the sparsest level (the anchoring curriculum)
+
+At step t the model runs at k_t exactly as roe serves it: through the runtime dial
+(``roe.roster`` with K = 1, tau = 0, ``experts_per_token = k_t``), i.e. the model built with
+``num_experts_per_tok = k_t``. Gradients flow as in that model (through the gate weights of the
+k chosen experts). The loss is that model's own objective:
+
+    loss = CE(next token) + router_aux_loss_coef * balance(router_logits, k_t)
+
+Everything a step uses is a pure function of (settings, step): the windows (``roe.data.train.batch_at``),
+k_t and the learning rate (linear warm-up, cosine over all steps). So a checkpoint (weights,
+AdamW state, step, log) resumed gives the parameters of an uninterrupted run bit for bit.
+
+This module knows the dial (roe.roster) and the training data layout (roe.data); it knows
+nothing of evaluation beyond a validation NLL per level for the log.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+PHDS_FORMAT = "roe.phds/1"
+STATE_FILE = "phds-state.pt"  # the training checkpoint inside --out; removed once the run is done
+LOG_FILE = "phds.json"
+DEFAULT_TOKENS = Path("data/tokens")  # where roe.data.tokenizer --encode writes the default model's windows
+K_STREAM = 1  # keys the k draws apart from the window draws of the same (seed, step)
+PRODUCE_TOKENS = ("python -m roe.data.corpus --out data/corpus && python -m roe.data.tokenizer --corpus data/corpus "
+                  "--existing roe/assets/default --out data/tokenizer --encode --tokens data/tokens")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PhdsConfig:
+    """The fine-tune's settings: everything that decides the resulting parameters.
+
+    ks: the sparsity levels (experts per token) sampled during the first phase; the curriculum
+        runs at min(ks). A single level is the "oracle" fine-tune at that k with the same budget.
+    steps / curriculum_steps: optimiser steps of each phase.
+    lr: peak learning rate (linear warm-up over ``warmup_steps``, cosine to ``min_lr_ratio * lr``
+        over both phases); AdamW (0.9, 0.95) with ``weight_decay`` on matrices, as the default
+        model was trained (roe/data/train.py), gradients clipped at norm 1.
+    batch_size x seq_len: the token windows of one step. eval_windows: validation windows per
+        level for the log (0: none).
+    """
+
+    ks: tuple[int, ...]
+    steps: int = 400
+    curriculum_steps: int = 100
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    batch_size: int = 16
+    seq_len: int = 256
+    seed: int = 0
+    eval_windows: int = 32
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.ks, tuple) or not self.ks:
+            raise ValueError(f"--ks needs at least one level of experts per token, got {self.ks!r}")
+        if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.ks):
+            raise ValueError(f"--ks levels must be integers >= 1 (experts per token), got {list(self.ks)}")
+        object.__setattr__(self, "ks", tuple(sorted(set(self.ks))))
+        for name in ("steps", "curriculum_steps", "warmup_steps", "seed", "eval_windows"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.total_steps < 1:
+            raise ValueError("--steps plus --curriculum-steps must be at least 1")
+        for name in ("batch_size", "seq_len"):
+            if getattr(self, name) < 2:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 2, got {getattr(self, name)}")
+        if not (math.isfinite(self.lr) and self.lr > 0) or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"--lr must be finite and > 0 and min_lr_ratio in [0, 1], got {self.lr}, "
+                             f"{self.min_lr_ratio}")
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps + self.curriculum_steps
+
+
+def parse_levels(ks: str) -> tuple[int, ...]:
+    """'1,2,4' -> (1, 2, 4); the checks against the model's experts come with the model."""
+    try:
+        levels = tuple(int(k) for k in ks.split(",") if k.strip())
+    except ValueError:
+        raise ValueError(f"--ks must be comma-separated integers (experts per token), got {ks!r}") from None
+    if not levels:
+        raise ValueError(f"--ks needs at least one level of experts per token, got {ks!r}")
+    return levels
+
+
+def k_at(cfg: PhdsConfig, step: int) -> int:
+    """The experts per token of step ``step``: uniform over ``ks``, then min(ks) in the curriculum.
+
+    NOTE: drawn without replacement in blocks of len(ks) steps (each block a random permutation of
+    the levels, keyed (seed, block)): every step's k is uniform over the levels, as independent
+    draws would be, and every level gets the same share of a short budget.
+    """
+    if step >= cfg.steps:
+        return cfg.ks[0]
+    block, slot = divmod(step, len(cfg.ks))
+    order = np.random.default_rng([cfg.seed, block, K_STREAM]).permutation(len(cfg.ks))
+    return int(cfg.ks[order[slot]])
+
+
+def lr_at(cfg: PhdsConfig, step: int) -> float:
+    """Linear warm-up, then cosine down to ``min_lr_ratio * lr`` at the last step (both phases).
+
+    NOTE: over steps, not wall-clock time as roe/data/train.py does: a resumed run must see the
+    same rates as an uninterrupted one.
+    """
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.total_steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def balance_loss(router_logits_L: list[torch.Tensor], k: int) -> torch.Tensor:
+    """Switch-Transformer load balancing at k experts per token, as transformers computes it
+    (``load_balancing_loss_func`` of OLMoE, Mixtral, Qwen-MoE with ``top_k = k``):
+
+        E * sum_e f_e * P_e,   f_e = top-k selections of e per row,  P_e = mean softmax prob of e
+
+    pooled over all MoE layers' rows; gradients through P only (f is a count).
+    """
+    experts = router_logits_L[0].shape[-1]
+    counts_E = torch.zeros(experts)
+    probs_sum_E = torch.zeros(experts)
+    rows = 0
+    for logits_TE in router_logits_L:
+        probs_TE = torch.softmax(logits_TE.float(), dim=-1)
+        idx_TA = torch.topk(probs_TE, k, dim=-1).indices
+        counts_E = counts_E + torch.bincount(idx_TA.reshape(-1), minlength=experts).float()
+        probs_sum_E = probs_sum_E + probs_TE.sum(dim=0)
+        rows += logits_TE.shape[0]
+    return experts * torch.sum((counts_E / rows) * (probs_sum_E / rows))
+
+
+class Dial:
+    """The model's forward at k experts per token, through roe's runtime dial, with its loss.
+
+    One roster per level, built once (K = 1, tau = 0: every member is the clean one); building
+    it checks the level against every router's experts and refuses a family whose model fixes k.
+    Each forward installs the roster's router wrappers for that call only.
+    """
+
+    def __init__(self, model, ks: tuple[int, ...]) -> None:
+        import roe
+
+        self.model = model
+        self.rosters = {}
+        for k in ks:
+            try:
+                self.rosters[k] = roe.roster(model, roe.RoEConfig(roster_size=1, tau=0.0, experts_per_token=k))
+            except ValueError as err:
+                raise ValueError(f"--ks {k}: {err}") from None
+        self.aux_coef = float(getattr(model.config.get_text_config(), "router_aux_loss_coef", 0.0) or 0.0)
+
+    def forward(self, rows_BS: torch.Tensor, k: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(logits [B, S, V], router logits [T, E] of every MoE layer) of the model at k."""
+        roster = self.rosters[k]
+        router_logits_L: list[torch.Tensor] = []
+        hooks = [slot.module.register_forward_hook(
+            lambda module, _args, output, rule=slot.rule: router_logits_L.append(rule.logits(module, output)))
+            for slot in roster.slots]
+        position_BS = torch.arange(rows_BS.shape[1]).expand_as(rows_BS)
+        try:
+            out = roster.forward(member_BQ=torch.zeros_like(rows_BS), position_BQ=position_BS, input_ids=rows_BS,
+                                 use_cache=False)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return out.logits, router_logits_L
+
+    def loss(self, rows_BS: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(total, next-token CE, balance) of the windows at k; the window is input and labels."""
+        logits_BSV, router_logits_L = self.forward(rows_BS, k)
+        ce = torch.nn.functional.cross_entropy(logits_BSV[:, :-1].flatten(0, 1).float(), rows_BS[:, 1:].reshape(-1))
+        aux = balance_loss(router_logits_L, k) if self.aux_coef else torch.zeros(())
+        return ce + self.aux_coef * aux, ce, aux
+
+    @torch.no_grad()
+    def validation_nll(self, tokens: np.ndarray, cfg: PhdsConfig, k: int) -> float:
+        """Mean next-token NLL at k over evenly spaced windows of the validation tokens."""
+        n = min(cfg.eval_windows, (len(tokens) - 1) // cfg.seq_len)
+        starts = np.linspace(0, len(tokens) - cfg.seq_len, n).astype(np.int64)
+        total = 0.0
+        for chunk in np.array_split(starts, max(1, math.ceil(n / cfg.batch_size))):
+            rows_BS = torch.from_numpy(np.stack([tokens[s: s + cfg.seq_len] for s in chunk]).astype(np.int64))
+            total += self.loss(rows_BS, k)[1].item() * len(chunk)
+        return total / n
+
+
+def make_optimizer(model, cfg: PhdsConfig) -> torch.optim.AdamW:
+    """AdamW as roe/data/train.py: weight decay on matrices except the embeddings."""
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def load_tokens(data: Path | None, vocab_size: int, seq_len: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """(train tokens, validation tokens or None) from ``data``.
+
+    None: the default model's training windows (``data/tokens/train.bin``, written by
+    roe.data.tokenizer --encode). A directory: its ``train.bin`` (and ``validation.bin``), flat
+    uint16 as roe.data writes them. A file: token ids, ``.npy`` (any integer dtype) or flat uint16.
+    """
+    from roe.data.train import load_split
+
+    path = DEFAULT_TOKENS if data is None else Path(data)
+    if path.is_dir() and (path / "train.bin").is_file():
+        train = load_split(path, "train")
+        val = load_split(path, "validation") if (path / "validation.bin").is_file() else None
+    elif path.is_file():
+        train = np.load(path) if path.suffix == ".npy" else np.fromfile(path, dtype=np.uint16)
+        val = None
+    elif data is None:
+        raise FileNotFoundError(f"the tokenised training data of the default model is missing ({path}/train.bin, "
+                                f"relative to {Path.cwd()}). Produce it from the repository root with:\n  "
+                                f"{PRODUCE_TOKENS}\nor pass --data FILE (token ids: .npy, or flat uint16)")
+    else:
+        raise FileNotFoundError(f"--data {data}: neither a token file nor a directory with train.bin")
+    for name, tokens in (("train", train), ("validation", val)):
+        if tokens is None:
+            continue
+        if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError(f"--data: {name} tokens must be a flat array of integer ids, got {tokens.dtype} "
+                             f"{tokens.shape}")
+        if len(tokens) <= seq_len:
+            raise ValueError(f"--data: {len(tokens)} {name} tokens, fewer than one window of --seq-len {seq_len}")
+        if tokens.min() < 0 or tokens.max() >= vocab_size:
+            raise ValueError(f"--data: {name} token ids span [{tokens.min()}, {tokens.max()}], outside the model's "
+                             f"vocabulary of {vocab_size}")
+    return train, val
+
+
+def step_once(dial: Dial, optimizer, tokens: np.ndarray, cfg: PhdsConfig, step: int) -> dict[str, Any]:
+    """One optimiser step at k_t on the windows of step ``step``; returns its log record."""
+    from roe.data.train import batch_at
+
+    k = k_at(cfg, step)
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(cfg, step)
+    loss, ce, aux = dial.loss(batch_at(tokens, cfg, step), k)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(dial.model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"step": step + 1, "k": k, "lr": optimizer.param_groups[0]["lr"], "loss": round(loss.item(), 5),
+            "ce": round(ce.item(), 5), "aux": round(aux.item(), 5)}
+
+
+def save_state(path: Path, model, optimizer, step: int, log: list, settings: dict) -> None:
+    """The training checkpoint, written atomically (an interruption leaves the previous one)."""
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "log": log,
+                "settings": settings}, tmp)
+    os.replace(tmp, path)
+
+
+def resume_state(out: Path, model, optimizer, settings: dict) -> tuple[int, list]:
+    """(next step, log) from ``out``'s checkpoint, or (0, []) for a fresh run; refuses other settings."""
+    path = out / STATE_FILE
+    if not path.is_file():
+        return 0, []
+    state = torch.load(path, weights_only=False)
+    if state["settings"] != settings:
+        differ = sorted(k for k in settings if state["settings"].get(k) != settings[k])
+        raise ValueError(f"{out} holds a PHDS checkpoint made with other settings ({', '.join(differ)}); re-run with "
+                         "the same settings to resume, or choose another --out")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    return state["step"], state["log"]
+
+
+def source_dir(model_path: str | Path | None) -> Path | None:
+    """The input checkpoint directory (None for a hub id)."""
+    from roe.loading import DEFAULT_MODEL
+
+    path = DEFAULT_MODEL if model_path is None else Path(model_path).expanduser()
+    return path if path.is_dir() else None
+
+
+def save_checkpoint(model, tokenizer, source: Path | None, out: Path) -> None:
+    """The fine-tuned model as a loadable checkpoint: config, weights in the input's dtype, tokenizer,
+    and the input's schedule.json when it has one.
+
+    NOTE: the schedule was calibrated on the input's weights; it is kept so RoE runs as before,
+    and ``roe calibrate`` re-fits it to the new weights.
+    """
+    dtype = torch.float32
+    if source is not None:
+        config = json.loads((source / "config.json").read_text())
+        dtype = getattr(torch, config.get("dtype") or config.get("torch_dtype") or "float32")
+    model.to(dtype).save_pretrained(out, safe_serialization=True)
+    model.float()
+    tokenizer.save_pretrained(out)
+    if source is not None and (source / "schedule.json").is_file():
+        shutil.copyfile(source / "schedule.json", out / "schedule.json")
+
+
+def write_log(out: Path, record: dict) -> None:
+    tmp = out / (LOG_FILE + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(tmp, out / LOG_FILE)
+
+
+def evaluate_levels(dial: Dial, val: np.ndarray | None, cfg: PhdsConfig, step: int) -> dict | None:
+    """Validation NLL at every level, for the log (None without validation tokens)."""
+    if val is None or cfg.eval_windows == 0:
+        return None
+    was_training = dial.model.training
+    dial.model.eval()
+    nll = {str(k): round(dial.validation_nll(val, cfg, k), 5) for k in cfg.ks}
+    dial.model.train(was_training)
+    return {"step": step, "validation_nll": nll}
+
+
+def run(model_path: str | Path | None, cfg: PhdsConfig, out: Path, *, data: Path | None = None,
+        ckpt_minutes: float = 4.0) -> dict:
+    """The PHDS fine-tune of ``model_path`` (None: the embedded model) into ``out``; resumes from
+    ``out``'s checkpoint when there is one; returns the phds.json record."""
+    from tqdm import tqdm
+
+    import roe
+
+    out = Path(out)
+    settings = {"model": "embedded default" if model_path is None else str(model_path),
+                "data": "default training windows" if data is None else str(data), **asdict(cfg)}
+    settings["ks"] = list(cfg.ks)
+    done = out / LOG_FILE
+    if done.is_file() and not (out / STATE_FILE).is_file():
+        record = json.loads(done.read_text())
+        if record.get("done") and record.get("settings") == settings:
+            print(f"{out} already holds this PHDS fine-tune (done); nothing to do", flush=True)
+            return record
+    model, tokenizer = roe.load(model_path)
+    dial = Dial(model, cfg.ks)
+    train_tokens, val_tokens = load_tokens(data, model.config.get_text_config().vocab_size, cfg.seq_len)
+    out.mkdir(parents=True, exist_ok=True)
+    optimizer = make_optimizer(model, cfg)
+    step, log = resume_state(out, model, optimizer, settings)
+    if step:
+        print(f"resumed from {out / STATE_FILE} at step {step} of {cfg.total_steps}", flush=True)
+    model.train()
+    record = {"format": PHDS_FORMAT, "settings": settings, "done": False, "log": log}
+    if step == 0 and (evaluation := evaluate_levels(dial, val_tokens, cfg, 0)):
+        log.append(evaluation)
+    last_save = time.monotonic()
+    bar = tqdm(total=cfg.total_steps, initial=step, unit="step", desc=f"phds k in {list(cfg.ks)}")
+    try:
+        while step < cfg.total_steps:
+            entry = step_once(dial, optimizer, train_tokens, cfg, step)
+            step += 1
+            log.append(entry)
+            bar.update(1)
+            bar.set_postfix(k=entry["k"], loss=entry["loss"])
+            phase_end = step in (cfg.steps, cfg.total_steps)
+            if phase_end and (evaluation := evaluate_levels(dial, val_tokens, cfg, step)):
+                log.append(evaluation)
+                bar.write(json.dumps(evaluation))
+            if phase_end or time.monotonic() - last_save >= ckpt_minutes * 60:
+                save_state(out / STATE_FILE, model, optimizer, step, log, settings)
+                write_log(out, record)
+                last_save = time.monotonic()
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"\ninterrupted at step {step}; re-run the same command to resume from {out / STATE_FILE}", flush=True)
+        raise
+    bar.close()
+    model.eval()
+    save_checkpoint(model, tokenizer, source_dir(model_path), out)
+    record["done"] = True
+    write_log(out, record)
+    (out / STATE_FILE).unlink(missing_ok=True)
+    print(f"done: {cfg.total_steps} steps; the checkpoint in {out} dials k at run time "
+          f"(roe generate --model {out} --experts-per-token K)", flush=True)
+    return record
