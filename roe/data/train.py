@@ -1,22 +1,29 @@
 """Train the embedded default model: a small fine-grained OLMoE on the offline corpus.
 
     python -m roe.data.train --preset e64k8 --minutes 95 --out runs/default
+    python -m roe.data.train --preset e32k4 --total-steps 1200 --out runs/x --resume
 
-Runs on CPU in fp32 for a wall-clock budget. The learning rate follows a linear warm-up
-then a cosine decay over the *time* budget (so a run ends annealed whatever the machine's
-speed), data windows are drawn from a generator seeded by ``(seed, step)``, and a checkpoint
-(model, optimiser, step, elapsed time) is written atomically every few minutes, so an
-interrupted run resumes where it stopped with ``--resume``. Validation loss is measured on
-fixed windows of the validation split. At the end the model is saved in fp16 safetensors with
-its tokenizer (``--out``/final). This module knows nothing about RoE.
+Runs on CPU in fp32 for a wall-clock budget, or for a token budget (``--total-steps``). The
+learning rate follows a linear warm-up then a cosine decay over the *time* budget (so a run
+ends annealed whatever the machine's speed) or over the step budget (so runs of different
+sizes see the same tokens with the same schedule, and an interrupted run resumed with
+``--resume`` takes exactly the steps an uninterrupted one takes). Data windows are drawn from
+a generator seeded by ``(seed, step)``, and a checkpoint (model, optimiser, step, elapsed time)
+is written atomically every few minutes and on SIGTERM, so an interrupted run resumes where it
+stopped with ``--resume``. Validation loss is measured on fixed windows of the validation
+split. At the end the model is saved in fp16 safetensors with its tokenizer (``--out``/final).
+This module knows nothing about RoE.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -52,13 +59,15 @@ class TrainConfig:
     eval_every_min: float = 5.0
     ckpt_every_min: float = 4.0
     eval_windows: int = 64
-    max_steps: int = 0  # 0: stop on the time budget only
+    max_steps: int = 0  # 0: stop on the time (or step) budget only
+    total_steps: int = 0  # >0: a token budget: cosine over this many steps, end there; `minutes` is ignored
+    intermediate_size: int = 0  # 0: the preset's expert width
 
 
 def build_model(cfg: TrainConfig, vocab_size: int, eos_id: int):
     from transformers import OlmoeConfig, OlmoeForCausalLM
 
-    moe = PRESETS[cfg.preset]
+    moe = {**PRESETS[cfg.preset], **({"intermediate_size": cfg.intermediate_size} if cfg.intermediate_size else {})}
     hidden = 32 if cfg.preset == "tiny" else cfg.hidden_size
     config = OlmoeConfig(
         vocab_size=vocab_size,
@@ -83,12 +92,24 @@ def build_model(cfg: TrainConfig, vocab_size: int, eos_id: int):
 
 
 def lr_at(cfg: TrainConfig, step: int, elapsed_s: float) -> float:
-    """Linear warm-up over steps, then cosine over the wall-clock budget down to min_lr_ratio."""
+    """Linear warm-up over steps, then cosine over the step or wall-clock budget down to min_lr_ratio."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, elapsed_s / (cfg.minutes * 60))
+    if cfg.total_steps:
+        progress = min(1.0, step / cfg.total_steps)
+    else:
+        progress = min(1.0, elapsed_s / (cfg.minutes * 60))
     cosine = 0.5 * (1 + math.cos(math.pi * progress))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+def budget_spent(cfg: TrainConfig, step: int, elapsed_s: float) -> bool:
+    """True once the run has taken its steps (max_steps, else total_steps) or, with no step budget, its minutes."""
+    if cfg.max_steps and step >= cfg.max_steps:
+        return True
+    if cfg.total_steps:
+        return step >= cfg.total_steps
+    return elapsed_s >= cfg.minutes * 60
 
 
 def batch_at(tokens: np.ndarray, cfg: TrainConfig, step: int) -> torch.Tensor:
@@ -165,12 +186,54 @@ def load_split(data: Path, split: str) -> np.ndarray:
     return np.fromfile(data / f"{split}.bin", dtype=np.uint16)
 
 
+def make_optimizer(model, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW (0.9, 0.95); weight decay on matrices except the (tied) embedding."""
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
+    )
+
+
+def train_step(model, optimizer, rows: torch.Tensor, lr: float):
+    """One optimiser step on a batch of windows (cross-entropy + the model's aux loss); returns the output."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    out = model(input_ids=rows, labels=rows)
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return out
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """Yield an event that SIGTERM sets (instead of killing), so the loop stops at a step boundary.
+
+    NOTE: a job killed with SIGTERM (a session ending, or its owner) then checkpoints the step it
+    reached instead of losing everything since the last periodic checkpoint. The previous
+    handler is restored on exit; outside the main thread no handler can be installed.
+    """
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: flag.set())
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def train(cfg: TrainConfig, data: Path, tokenizer_dir: Path, out: Path, resume: bool,
-          init: Path | None = None) -> None:
-    """Train for cfg.minutes of wall-clock time, resuming from out/ckpt.pt when asked.
+          init: Path | None = None) -> bool:
+    """Train for cfg.minutes of wall-clock time (or cfg.total_steps), resuming from out/ckpt.pt when asked.
 
     ``init`` warm-starts from saved weights (e.g. the shipped model) with a fresh optimiser and
-    a fresh warm-up + cosine schedule: continued training, not a resume.
+    a fresh warm-up + cosine schedule: continued training, not a resume. Returns False when
+    SIGTERM stopped the run early (checkpointed, no final model), True when it ran its budget.
     """
     from tqdm import tqdm
     from transformers import AutoTokenizer
@@ -181,12 +244,7 @@ def train(cfg: TrainConfig, data: Path, tokenizer_dir: Path, out: Path, resume: 
     model = build_model(cfg, len(tokenizer), tokenizer.eos_token_id)
     if init is not None:
         load_init_weights(model, init)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
-    )
+    optimizer = make_optimizer(model, cfg)
     step, elapsed = 0, 0.0
     ckpt = out / "ckpt.pt"
     if resume and ckpt.exists():
@@ -199,42 +257,43 @@ def train(cfg: TrainConfig, data: Path, tokenizer_dir: Path, out: Path, resume: 
     print(f"params {n_params / 1e6:.2f} M, train tokens {len(train_tokens) / 1e6:.2f} M", flush=True)
     log = (out / "log.jsonl").open("a")
     model.train()
-    budget = cfg.minutes * 60
     last_eval = last_ckpt = elapsed
-    bar = tqdm(total=int(budget), initial=int(elapsed), unit="s", mininterval=30)
+    by_steps = cfg.total_steps > 0
+    bar = tqdm(total=cfg.total_steps if by_steps else int(cfg.minutes * 60), initial=step if by_steps else int(elapsed),
+               unit="step" if by_steps else "s", mininterval=30)
     t0 = time.perf_counter() - elapsed
-    while elapsed < budget and not (cfg.max_steps and step >= cfg.max_steps):
-        rows = batch_at(train_tokens, cfg, step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(cfg, step, elapsed)
-        out_ = model(input_ids=rows, labels=rows)
-        out_.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        now = time.perf_counter() - t0
-        bar.update(int(now) - int(elapsed))
-        elapsed = now
-        record = {"step": step, "min": round(elapsed / 60, 2), "loss": round(out_.loss.item(), 4),
-                  "aux": round(out_.aux_loss.item(), 4), "lr": optimizer.param_groups[0]["lr"],
-                  "tokens": step * cfg.batch_size * cfg.seq_len}
-        final = elapsed >= budget or (cfg.max_steps and step >= cfg.max_steps)
-        if elapsed - last_eval >= cfg.eval_every_min * 60 or final:
-            record["val_loss"] = round(validation_loss(model, val_tokens, cfg), 4)
-            last_eval = elapsed
-            bar.set_postfix(loss=record["loss"], val=record["val_loss"])
-            print(json.dumps(record), flush=True)
-        if step % 10 == 0 or "val_loss" in record:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-        if elapsed - last_ckpt >= cfg.ckpt_every_min * 60:
-            save_checkpoint(ckpt, model, optimizer, step, elapsed, cfg)
-            last_ckpt = elapsed
+    with stop_on_sigterm() as stop:
+        while not budget_spent(cfg, step, elapsed) and not stop.is_set():
+            rows = batch_at(train_tokens, cfg, step)
+            out_ = train_step(model, optimizer, rows, lr_at(cfg, step, elapsed))
+            step += 1
+            now = time.perf_counter() - t0
+            bar.update(1 if by_steps else int(now) - int(elapsed))
+            elapsed = now
+            record = {"step": step, "min": round(elapsed / 60, 2), "loss": round(out_.loss.item(), 4),
+                      "aux": round(out_.aux_loss.item(), 4), "lr": optimizer.param_groups[0]["lr"],
+                      "tokens": step * cfg.batch_size * cfg.seq_len}
+            final = budget_spent(cfg, step, elapsed)
+            if elapsed - last_eval >= cfg.eval_every_min * 60 or final:
+                record["val_loss"] = round(validation_loss(model, val_tokens, cfg), 4)
+                last_eval = elapsed
+                bar.set_postfix(loss=record["loss"], val=record["val_loss"])
+                print(json.dumps(record), flush=True)
+            if step % 10 == 0 or "val_loss" in record:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            if elapsed - last_ckpt >= cfg.ckpt_every_min * 60:
+                save_checkpoint(ckpt, model, optimizer, step, elapsed, cfg)
+                last_ckpt = elapsed
     bar.close()
     save_checkpoint(ckpt, model, optimizer, step, elapsed, cfg)
+    if stop.is_set():
+        print(f"stopped by SIGTERM at step {step} ({elapsed / 60:.1f} min), checkpointed: resume with --resume",
+              flush=True)
+        return False
     save_final(model, tokenizer, out)
     print(f"done: {step} steps, {step * cfg.batch_size * cfg.seq_len / 1e6:.2f} M tokens, {elapsed / 60:.1f} min")
+    return True
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -255,7 +314,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = TrainConfig(**args)
     if cfg.preset not in PRESETS:
         parser.error(f"unknown preset {cfg.preset!r}; choose from {sorted(PRESETS)}")
-    train(cfg, data, tok, out, resume, init)
+    if not train(cfg, data, tok, out, resume, init):
+        raise SystemExit(128 + signal.SIGTERM)
 
 
 if __name__ == "__main__":
