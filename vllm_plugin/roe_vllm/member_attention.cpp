@@ -32,6 +32,43 @@ static inline float dot(const float* a, const float* b, int64_t n) {
   return total;
 }
 
+// exp of 8 floats (Cephes' expf polynomial, as in avx_mathfun: about 1 ulp; inputs below -88.38 give ~4e-39, not 0,
+// which a softmax whose largest term is 1 cannot tell apart). std::exp, one call per score, took half the kernel.
+static inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-88.3762626647949f));
+  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  const __m256i n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(0x7f)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
+}
+
+// p[0 .. n) = softmax(s[0 .. n)) in place.
+static void softmax(float* s, int64_t n) {
+  const float top = *std::max_element(s, s + n);
+  __m256 sum8 = _mm256_setzero_ps();
+  int64_t x = 0;
+  for (; x + 8 <= n; x += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + x), _mm256_set1_ps(top)));
+    _mm256_storeu_ps(s + x, e);
+    sum8 = _mm256_add_ps(sum8, e);
+  }
+  float total = 0.f;
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, sum8);
+  for (int c = 0; c < 8; ++c) total += lanes[c];
+  for (; x < n; ++x) total += (s[x] = std::exp(s[x] - top));
+  const float inverse = 1.f / total;
+  for (x = 0; x < n; ++x) s[x] *= inverse;
+}
+
 static inline void axpy(float w, const float* x, float* y, int64_t n) {  // y += w * x (vectorised by the compiler)
   for (int64_t d = 0; d < n; ++d) y[d] += w * x[d];
 }
@@ -141,10 +178,7 @@ static void attend(const float* q, const float* k_own, const float* v_own, const
         float* si = scores.data() + i * X;
         for (int64_t x = 0; x < X - 1; ++x) si[x] *= scale;
         si[X - 1] = dot(q + row(i) * D, k_own + own(i), D) * scale;
-        const float top = *std::max_element(si, si + X);
-        float total = 0.f;
-        for (int64_t x = 0; x < X; ++x) total += (si[x] = std::exp(si[x] - top));
-        for (int64_t x = 0; x < X; ++x) si[x] /= total;
+        softmax(si, X);
         float* oi = out + row(i) * D;
         const float* vi = v_own + own(i);
         for (int64_t d = 0; d < D; ++d) oi[d] = si[X - 1] * vi[d];

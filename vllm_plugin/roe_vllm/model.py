@@ -239,7 +239,7 @@ class RoEModel:
         logits = super().compute_logits(torch.cat([hidden_states, member_hidden]), *args, **kwargs)
         if logits is None:  # a tensor-parallel rank that does not hold the gathered logits
             return logits
-        return aggregate(logits[:N], logits[N:], step)
+        return aggregate(logits, N, step)
 
     def load_weights(self, weights):
         loaded = super().load_weights(weights)
@@ -255,17 +255,25 @@ class RoEModel:
         return loaded
 
 
-def aggregate(logits_NV: torch.Tensor, member_logits_MV: torch.Tensor, step: Step) -> torch.Tensor:
-    """Each RoE request's row replaced by log mean_k softmax over its K members (member 0 = its own row).
+def aggregate(logits_YV: torch.Tensor, rows: int, step: Step) -> torch.Tensor:
+    """The ``rows`` clean logits rows, each RoE request's replaced by log mean_k softmax over its K members.
 
-    Requests with the same K are aggregated together: [n, K, V] in one call of roe's MeanProb.
+    ``logits_YV``: the clean rows, then the member rows in the step's order (member 0 of a request is
+    its clean row). One softmax over all rows; each request's members are summed in place
+    (``index_add_``), with no [R, K, V] copy. A token whose probability underflows in every member
+    would get -inf: those requests take roe's stable ``MeanProb.from_logits`` instead, as in roe.
     """
-    out_NV = logits_NV.clone()
-    first_R = torch.cumsum(torch.tensor([0] + [r.roster.members - 1 for r in step.requests]), 0)[:-1]
-    for K in sorted({r.roster.members for r in step.requests}):
-        which = [i for i, r in enumerate(step.requests) if r.roster.members == K]
-        index_n = torch.tensor([step.requests[i].index for i in which])
-        members_nJ = first_R[which][:, None] + torch.arange(K - 1)
-        logits_nKV = torch.cat([logits_NV[index_n][:, None], member_logits_MV[members_nJ]], dim=1)
-        out_NV[index_n] = MeanProb.from_logits(logits_nKV, dim=1).to(out_NV.dtype)
+    N = rows
+    out_NV = logits_YV[:N].clone()
+    probs_YV = torch.softmax(logits_YV.float(), dim=-1)
+    index_R = torch.tensor([r.index for r in step.requests])
+    members_R = torch.tensor([float(r.roster.members) for r in step.requests])
+    sum_RV = probs_YV[index_R].index_add_(0, step.request_M, probs_YV[N:])
+    mean_RV = sum_RV.div_(members_R[:, None]).log_()
+    out_NV[index_R] = mean_RV.to(out_NV.dtype)
+    underflow_R = torch.isinf(mean_RV).any(dim=-1)
+    for r in underflow_R.nonzero().flatten().tolist():
+        member_rows = N + (step.request_M == r).nonzero().flatten()
+        logits_KV = torch.cat([logits_YV[index_R[r]][None], logits_YV[member_rows]])
+        out_NV[index_R[r]] = MeanProb.from_logits(logits_KV, dim=0).to(out_NV.dtype)
     return out_NV
