@@ -279,7 +279,7 @@ def train(cfg: TrainConfig, data: Path, tokenizer_dir: Path, out: Path, resume: 
                 last_eval = elapsed
                 bar.set_postfix(loss=record["loss"], val=record["val_loss"])
                 print(json.dumps(record), flush=True)
-            if step % 10 == 0 or "val_loss" in record:
+            if step % 10 == 0 or "val_loss" in record or stop.is_set():
                 log.write(json.dumps(record) + "\n")
                 log.flush()
             if elapsed - last_ckpt >= cfg.ckpt_every_min * 60:

@@ -1,0 +1,284 @@
+"""Equivalent size, measured (issue 20): an OLMoE family trained identically, to place RoE on its curve.
+
+    python benchmarks/equivalent_size.py speed [--seconds 60] [--hours 10]   # s/step of each member, the budget
+    python benchmarks/equivalent_size.py train [--threads 1]                 # train the family; re-run to resume
+    python benchmarks/equivalent_size.py status                              # how far each member got
+
+The family is the default model's architecture (``OlmoeForCausalLM``, 6 layers, 32 experts,
+top-4, tied embeddings, vocab 8192) scaled in width the way Mixtral 8x7B -> 8x22B and the Qwen3
+MoE sizes scale: hidden size in steps of one 64-wide attention head, expert width kept at
+0.375 x hidden, expert count and top-k fixed, so every member has the same active fraction of its
+expert parameters (4 of 32). ``d256`` is the default model's exact shape. Every member uses the
+same data (``data/tokens``, encoded with the shipped tokenizer ``roe/assets/default``), the same
+recipe and the same token budget (``TOTAL_STEPS`` x 16 x 256 tokens, cosine over steps: see
+``roe.data.train --total-steps``), so sizes differ in parameters only.
+
+``train`` runs the members one after another (``python -m roe.data.train --resume`` in a child
+process, output appended to ``runs/family/<member>/train.log``); a member that is finished is
+skipped, one that was interrupted continues from its checkpoint, and an interrupted-and-resumed
+run takes exactly the steps of an uninterrupted one. SIGTERM to the driver is passed to the
+child, which checkpoints at the next step boundary; the driver then stops. After each member
+(finished or not) its deduplicated log and parameter counts go to
+``benchmarks/results/family/<member>.json`` (committed; checkpoints stay in ``runs/``, gitignored).
+The recipe, the measured speeds and the budget's arithmetic: ``benchmarks/equivalent_size.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "data" / "tokens"
+TOKENIZER = ROOT / "roe" / "assets" / "default"
+RUNS = ROOT / "runs" / "family"
+RESULTS = ROOT / "benchmarks" / "results" / "family"
+
+# NOTE: fixed once from the measured speeds (benchmarks/results/family/speed.json) so that the
+# whole family fits in about ten hours of 1-thread training; changing it would make the runs
+# already under way incomparable, and `train` refuses a run directory made with another recipe.
+TOTAL_STEPS = 1200
+RECIPE = dict(preset="e32k4", num_layers=6, seq_len=256, batch_size=16, lr=1.5e-3, min_lr_ratio=0.1,
+              warmup_steps=50, weight_decay=0.1, aux_loss_coef=0.01, seed=0, eval_every_min=5.0,
+              ckpt_every_min=4.0, eval_windows=64)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Member:
+    name: str
+    hidden_size: int
+
+    @property
+    def num_heads(self) -> int:
+        return self.hidden_size // 64
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.hidden_size * 3 // 8
+
+    def config(self, total_steps: int = TOTAL_STEPS):
+        from roe.data.train import TrainConfig
+
+        return TrainConfig(**RECIPE, hidden_size=self.hidden_size, num_heads=self.num_heads,
+                           intermediate_size=self.intermediate_size, total_steps=total_steps)
+
+
+# NOTE: training order, not size order: the 1x model first (the RoE experiments need it), then
+# the ends of the range (a first fit needs them), then the rest.
+FAMILY = [Member(name=f"d{h}", hidden_size=h) for h in (256, 192, 384, 320, 128)]
+
+
+def parameter_counts(member: Member) -> dict:
+    """Total, active (top-k of the experts) and embedding parameters of a member, counted on the model."""
+    import torch
+
+    from roe.data.train import build_model
+
+    cfg = member.config()
+    with torch.device("meta"):
+        model = build_model(cfg, vocab_size=8192, eos_id=0)
+    k_over_e = model.config.num_experts_per_tok / model.config.num_experts
+    total = expert = embedding = 0
+    for name, param in model.named_parameters():
+        total += param.numel()
+        expert += param.numel() if ".experts." in name else 0
+        embedding += param.numel() if "embed_tokens" in name else 0
+    return {"params": total, "active_params": round(total - expert + expert * k_over_e),
+            "embedding_params": embedding, "expert_params": expert}
+
+
+# -- speed ----------------------------------------------------------------------------------------
+
+def step_seconds(member: Member, seconds: float, warmup: int = 2) -> list[float]:
+    """Wall time of training steps exactly as roe.data.train takes them, for ``seconds`` after warm-up."""
+    import numpy as np
+
+    from roe.data import train
+
+    cfg = member.config()
+    tokens = np.fromfile(DATA / "train.bin", dtype=np.uint16)
+    model = train.build_model(cfg, vocab_size=8192, eos_id=0).train()
+    optimizer = train.make_optimizer(model, cfg)
+    times, start = [], time.perf_counter()
+    for step in range(10_000):
+        t0 = time.perf_counter()
+        train.train_step(model, optimizer, train.batch_at(tokens, cfg, step), train.lr_at(cfg, step, 0.0))
+        if step >= warmup:
+            times.append(time.perf_counter() - t0)
+        if step >= warmup + 3 and time.perf_counter() - start > seconds:
+            break
+    return times
+
+
+def speed(seconds: float, hours: float, threads: int) -> dict:
+    """Median s/step of every member, and the per-member token budget that fits the family in ``hours``."""
+    import torch
+
+    torch.set_num_threads(threads)
+    tokens_per_step = RECIPE["batch_size"] * RECIPE["seq_len"]
+    rows = []
+    for member in sorted(FAMILY, key=lambda m: m.hidden_size):
+        times = step_seconds(member, seconds)
+        s_step = statistics.median(times)
+        row = {"member": member.name, "hidden_size": member.hidden_size, **parameter_counts(member),
+               "steps_timed": len(times), "s_per_step": round(s_step, 3),
+               "s_per_step_range": [round(min(times), 3), round(max(times), 3)],
+               "tokens_per_s": round(tokens_per_step / s_step)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    family_s_per_step = sum(r["s_per_step"] for r in rows)
+    steps = int(hours * 3600 / family_s_per_step)
+    return {"conditions": conditions(threads), "seconds_per_member": seconds, "hours": hours, "members": rows,
+            "family_s_per_step": round(family_s_per_step, 3), "steps_that_fit": steps,
+            "tokens_that_fit": steps * tokens_per_step}
+
+
+def conditions(threads: int) -> dict:
+    import platform
+
+    import torch
+
+    return {"threads": threads, "nice": os.nice(0), "loadavg": [round(x, 2) for x in os.getloadavg()],
+            "torch": torch.__version__, "python": platform.python_version(), "dtype": "float32",
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+# -- train ----------------------------------------------------------------------------------------
+
+def train_args(member: Member, threads: int) -> list[str]:
+    """The roe.data.train command line of a member (always --resume: a re-run continues)."""
+    args = [sys.executable, "-m", "roe.data.train", "--data", str(DATA), "--tokenizer", str(TOKENIZER),
+            "--out", str(RUNS / member.name), "--resume", "--threads", str(threads)]
+    for field, value in asdict(member.config()).items():
+        args += [f"--{field.replace('_', '-')}", str(value)]
+    return args
+
+
+def check_recipe(member: Member) -> None:
+    """Refuse a run directory started with another recipe (its schedule would silently change)."""
+    run = RUNS / member.name
+    recipe = run / "recipe.json"
+    wanted = asdict(member.config())
+    if recipe.exists():
+        found = json.loads(recipe.read_text())
+        if found != wanted:
+            diff = {k: (found.get(k), v) for k, v in wanted.items() if found.get(k) != v}
+            raise SystemExit(f"{run} was started with another recipe (found, wanted): {diff}; move it away")
+    else:
+        run.mkdir(parents=True, exist_ok=True)
+        recipe.write_text(json.dumps(wanted, indent=1) + "\n")
+
+
+def run_records(member: Member) -> list[dict]:
+    """The run's log.jsonl with each step once: a resumed run logs again the steps after its last checkpoint."""
+    path = RUNS / member.name / "log.jsonl"
+    by_step: dict[int, dict] = {}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        record = json.loads(line)
+        by_step[record["step"]] = {**by_step.get(record["step"], {}), **record}
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def finished(member: Member) -> bool:
+    records = run_records(member)
+    final = RUNS / member.name / "final" / "model.safetensors"
+    return final.exists() and bool(records) and records[-1]["step"] >= TOTAL_STEPS
+
+
+def export(member: Member, threads: int) -> dict:
+    """benchmarks/results/family/<member>.json: recipe, parameter counts, progress and the whole log."""
+    records = run_records(member)
+    vals = [r for r in records if "val_loss" in r]
+    last = records[-1] if records else {"step": 0, "min": 0.0, "tokens": 0}
+    doc = {"member": member.name, "hidden_size": member.hidden_size, "num_heads": member.num_heads,
+           "intermediate_size": member.intermediate_size, **parameter_counts(member),
+           "recipe": asdict(member.config()), "token_budget": TOTAL_STEPS * RECIPE["batch_size"] * RECIPE["seq_len"],
+           "finished": finished(member), "steps_done": last["step"], "tokens_seen": last["tokens"],
+           "train_minutes": last["min"],
+           "s_per_step": round(60 * last["min"] / last["step"], 3) if last["step"] else None,
+           "final_val_loss": vals[-1]["val_loss"] if vals else None, "threads": threads, "log": records}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{member.name}.json").write_text(json.dumps(doc, indent=1) + "\n")
+    return doc
+
+
+def train_member(member: Member, threads: int) -> int:
+    """Run (or continue) one member in a child process; SIGTERM is passed on. Returns its exit code."""
+    check_recipe(member)
+    log = (RUNS / member.name / "train.log").open("a")
+    log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())} launch\n")
+    log.flush()
+    child = subprocess.Popen(train_args(member, threads), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    previous = signal.signal(signal.SIGTERM, lambda *_: child.send_signal(signal.SIGTERM))
+    try:
+        return child.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def train_family(threads: int) -> int:
+    if not (DATA / "train.bin").exists():
+        raise SystemExit(f"no {DATA}/train.bin: python -m roe.data.corpus --out data/corpus && python -m "
+                         "roe.data.tokenizer --corpus data/corpus --existing roe/assets/default --out data/tokenizer "
+                         "--encode --tokens data/tokens")
+    for member in FAMILY:
+        if finished(member):
+            print(f"{member.name}: finished", flush=True)
+            continue
+        print(f"{time.strftime('%H:%M:%S')} {member.name}: training (log: {RUNS / member.name / 'train.log'})",
+              flush=True)
+        code = train_member(member, threads)
+        doc = export(member, threads)
+        print(f"{time.strftime('%H:%M:%S')} {member.name}: exit {code}, step {doc['steps_done']}/{TOTAL_STEPS}, "
+              f"val {doc['final_val_loss']}", flush=True)
+        if code != 0:
+            return code
+    return 0
+
+
+def status() -> None:
+    print(f"budget: {TOTAL_STEPS} steps x {RECIPE['batch_size']} x {RECIPE['seq_len']} = "
+          f"{TOTAL_STEPS * RECIPE['batch_size'] * RECIPE['seq_len'] / 1e6:.2f} M tokens per member")
+    for member in FAMILY:
+        records = run_records(member)
+        last = records[-1] if records else {"step": 0, "min": 0.0}
+        vals = [r["val_loss"] for r in records if "val_loss" in r]
+        left = (TOTAL_STEPS - last["step"]) * last["min"] / last["step"] / 60 if last["step"] else None
+        print(f"{member.name}: step {last['step']}/{TOTAL_STEPS}, {last['min']:.1f} min, "
+              f"val {vals[-1] if vals else '-'}, finished {finished(member)}"
+              + (f", about {left:.1f} h left at its pace" if left is not None and not finished(member) else ""))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_speed = sub.add_parser("speed", help="time training steps of every member and compute the budget")
+    p_speed.add_argument("--seconds", type=float, default=60.0)
+    p_speed.add_argument("--hours", type=float, default=10.0)
+    p_speed.add_argument("--threads", type=int, default=1)
+    p_speed.add_argument("--out", type=Path, default=RESULTS / "speed.json")
+    p_train = sub.add_parser("train", help="train the family, one member after another (re-run to resume)")
+    p_train.add_argument("--threads", type=int, default=1)
+    sub.add_parser("status", help="how far each member got")
+    args = parser.parse_args(argv)
+    if args.command == "speed":
+        doc = speed(args.seconds, args.hours, args.threads)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(doc, indent=1) + "\n")
+        print(json.dumps(doc))
+    elif args.command == "train":
+        raise SystemExit(train_family(args.threads))
+    else:
+        status()
+
+
+if __name__ == "__main__":
+    main()
