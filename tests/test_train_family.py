@@ -1,0 +1,73 @@
+"""The equivalent-size family's driver (benchmarks/equivalent_size.py): commands, logs and recipe guard.
+
+The family trains over several sessions, each re-running the same command; these tests make sure
+that re-running continues the same runs with the same recipe and that the committed logs count
+each step once.
+"""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from roe.data import train
+
+SPEC = importlib.util.spec_from_file_location(
+    "equivalent_size", Path(__file__).resolve().parents[1] / "benchmarks" / "equivalent_size.py")
+es = sys.modules.setdefault(SPEC.name, importlib.util.module_from_spec(SPEC))
+SPEC.loader.exec_module(es)
+
+
+@pytest.mark.parametrize("member", es.FAMILY, ids=lambda m: m.name)
+def test_driver_command_line_gives_train_the_members_config(member, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(train, "train", lambda cfg, data, tok, out, resume, init: seen.update(
+        cfg=cfg, data=data, tok=tok, out=out, resume=resume, init=init) or True)
+    monkeypatch.setattr(train.torch, "set_num_threads", lambda n: seen.update(threads=n))
+    command = es.train_args(member, threads=1)
+    assert command[1:3] == ["-m", "roe.data.train"]
+    train.main(command[3:])
+    assert seen["cfg"] == member.config()
+    assert seen["cfg"].total_steps == es.TOTAL_STEPS and seen["resume"] and seen["init"] is None
+    assert seen["out"] == es.RUNS / member.name and seen["tok"] == es.TOKENIZER and seen["threads"] == 1
+
+
+def test_family_spans_half_to_twice_the_default_at_one_active_expert_fraction():
+    from safetensors import safe_open
+
+    counts = {m.name: es.parameter_counts(m) for m in es.FAMILY}
+    with safe_open(es.TOKENIZER / "model.safetensors", "pt") as shipped:
+        default = sum(math.prod(shipped.get_slice(name).get_shape()) for name in shipped.keys())
+    assert counts["d256"]["params"] == default  # the 1x member is the shipped model's shape
+    ratios = sorted(c["params"] / default for c in counts.values())
+    assert ratios[0] <= 0.6 and ratios[-1] >= 2.0 and len(ratios) >= 4
+    for c in counts.values():
+        dense = c["params"] - c["expert_params"]
+        assert c["active_params"] == dense + c["expert_params"] * 4 // 32
+
+
+def test_resumed_log_counts_each_step_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(es, "RUNS", tmp_path)
+    member = es.FAMILY[0]
+    (tmp_path / member.name).mkdir()
+    lines = [{"step": 10, "loss": 5.0}, {"step": 20, "loss": 4.0, "val_loss": 4.1}, {"step": 30, "loss": 3.9},
+             # killed after step 30, resumed from the checkpoint of step 20: steps 21-30 again
+             {"step": 30, "loss": 3.9}, {"step": 34, "loss": 3.8, "val_loss": 3.85}]
+    (tmp_path / member.name / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    records = es.run_records(member)
+    assert [r["step"] for r in records] == [10, 20, 30, 34]
+    assert records[1]["val_loss"] == 4.1 and not es.finished(member)
+
+
+def test_a_run_started_with_another_recipe_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(es, "RUNS", tmp_path)
+    member = es.FAMILY[0]
+    es.check_recipe(member)
+    es.check_recipe(member)  # the same recipe: continues
+    recipe = tmp_path / member.name / "recipe.json"
+    recipe.write_text(json.dumps({**json.loads(recipe.read_text()), "total_steps": es.TOTAL_STEPS // 2}))
+    with pytest.raises(SystemExit, match="total_steps"):
+        es.check_recipe(member)
