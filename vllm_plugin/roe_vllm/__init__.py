@@ -15,6 +15,10 @@ Per request, ``SamplingParams(extra_args={...})`` with these flat keys (same nam
     skip_first   int >= 0: MoE layers kept clean at the start when tau is a float (default 1)
     skip_last    int >= 0: MoE layers kept clean at the end when tau is a float (default 1)
     schedule     str: a schedule registered at engine start (give tau or schedule, not both)
+    experts_per_token  int in [1, E]: k experts per token for every row of the request (prefill, member 0
+                 and every member), weights as the model computes them with k; absent: the model's own.
+                 The MoE-PHDS dial: works at K = 1 too; k > the model's own k included (the fused MoE
+                 takes its top-k from the routing's width, roe_vllm/routing.py)
 
 Engine defaults: ``additional_config={"roe": {<the keys above>, "schedules": {name: <roe schedule
 JSON dict or list of taus>}, "kernels": <bool, default true>}}`` (reaches every worker);
@@ -39,14 +43,15 @@ __all__ = ["LOGITS_PROCESSOR", "engine_args"]
 __version__ = "0.1.0"
 
 LOGITS_PROCESSOR = "roe_vllm.requests:RoERequests"
-_ENGINE_KEYS = ("roster_size", "tau", "seed", "skip_first", "skip_last", "schedule", "schedules", "kernels")
+_ENGINE_KEYS = ("roster_size", "tau", "seed", "skip_first", "skip_last", "schedule", "experts_per_token", "schedules",
+                "kernels")
 
 
 def engine_args(model: str | Path | None = None, **kwargs) -> dict:
     """Keyword arguments for ``vllm.LLM(...)`` (or ``AsyncEngineArgs``) that run ``model`` with RoE.
 
     ``model`` None is roe's embedded default model. RoE engine settings (``roster_size``, ``tau``,
-    ``seed``, ``skip_first``, ``skip_last``, ``schedule``, ``schedules``, ``kernels``) go to
+    ``seed``, ``skip_first``, ``skip_last``, ``schedule``, ``experts_per_token``, ``schedules``, ``kernels``) go to
     ``additional_config["roe"]``; every other keyword is passed to vLLM as given.
     NOTE: ``seed`` is RoE's noise seed, as everywhere in roe; vLLM's own engine seed is ``engine_seed``. Sets
     ``enforce_eager=True``, the RoE logits processor and the RoE architecture

@@ -53,3 +53,16 @@ def num_moe_layers(hf_config) -> int | None:
         experts = getattr(hf_config, "num_experts", 0) or 0
         return sum(1 for i in range(layers) if i not in dense and experts > 0 and (i + 1) % step == 0)
     return layers
+
+
+def moe_experts(hf_config) -> tuple[int, int] | None:
+    """(experts per MoE layer, the model's own experts per token) from its config; None if unknown.
+
+    The frontend checks ``experts_per_token`` with it; the routers check it against their own at load.
+    """
+    archs = [a[len(PREFIX):] if a.startswith(PREFIX) else a for a in (getattr(hf_config, "architectures", None) or [])]
+    if not archs or archs[0] not in SUPPORTED:
+        return None
+    experts = getattr(hf_config, "num_local_experts" if archs[0] == "MixtralForCausalLM" else "num_experts", None)
+    top_k = getattr(hf_config, "num_experts_per_tok", None)
+    return (experts, top_k) if experts and top_k else None

@@ -4,7 +4,9 @@ It also lets the per-request check see its engine: vLLM calls a logits processor
 ``validate_params(params)`` at admission with the request only, while a RoE request is valid only
 against the engine's defaults, registered schedules and MoE layer count. ``register`` wraps the
 admission check (``InputProcessor._validate_params``) to publish the engine config it belongs to
-(``roe_vllm.requests.ADMITTING``) for the duration of the call.
+(``roe_vllm.requests.ADMITTING``) for the duration of the call, and salts the prefix-cache key of a
+request that dials ``experts_per_token`` to another k (``roe_vllm.requests.dial_salt``): its KV cache
+is the k-model's and must never be reused by a request with another k.
 
 Nothing else changes: an engine that does not select a RoE architecture runs vLLM's stock
 classes, and a request without RoE settings on a RoE engine without defaults runs the untouched
@@ -44,3 +46,19 @@ def _publish_admitting_config() -> None:
 
     _validate_params._roe_vllm = True
     InputProcessor._validate_params = _validate_params
+    _salt_dialled_requests(InputProcessor)
+
+
+def _salt_dialled_requests(processor_class) -> None:
+    from roe_vllm.requests import dial_salt
+
+    original = processor_class.process_inputs
+
+    def process_inputs(self, request_id, prompt, params, *args, **kwargs):
+        request = original(self, request_id, prompt, params, *args, **kwargs)
+        salt = dial_salt(self.vllm_config, params)
+        if salt is not None:
+            request.cache_salt = salt if request.cache_salt is None else f"{request.cache_salt}|{salt}"
+        return request
+
+    processor_class.process_inputs = process_inputs

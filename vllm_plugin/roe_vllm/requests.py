@@ -8,6 +8,12 @@ never changes logits: the model's ``compute_logits`` writes the averaged distrib
 
 ``validate_params`` refuses invalid RoE settings per request at admission (a 400 in the server),
 so an engine never sees them.
+
+The table also answers, per forward, the experts per token of every token row (``experts_per_row``):
+a request that dials ``experts_per_token`` runs all its rows with that k, prefill chunks included, so
+its KV cache holds the history of the model with k (roe_vllm/routing.py reads it in every router).
+NOTE: such a KV cache differs from the model's own, so ``cache_salt`` gives those requests their own
+prefix-cache keys (plugin.py sets it at admission): a prefix computed with one k is never reused with another.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ class Entry:
 
     extra_args: dict | None
     prompt_len: int | None
+    experts_per_token: int | None = None  # the k all its rows select (None: the model's own)
     roster: Any = None
     resolved: bool = False
 
@@ -51,6 +58,8 @@ class RoERequests(LogitsProcessor):
         self.engine = EngineSettings.parse(vllm_config.additional_config, vllm_config.model_config.model)
         self.rows: dict[int, Entry] = {}
         self.seen = False  # the model read the batch in the current step (``apply`` checks it)
+        self.dialled = False  # some request of the batch dials experts_per_token
+        self._dial: tuple[Any, torch.Tensor] | None = None  # (the forward context, its rows' k [T])
         self._engine_key = vllm_config.cache_config
         _TABLES[id(self._engine_key)] = self
 
@@ -60,12 +69,12 @@ class RoERequests(LogitsProcessor):
         model_config = getattr(vllm_config, "model_config", None)
         engine = EngineSettings.parse(vllm_config.additional_config if vllm_config is not None else None,
                                       model_config.model if model_config is not None else None)
-        num_layers = None
+        num_layers = experts = None
         if model_config is not None:
-            from roe_vllm.architectures import num_moe_layers
+            from roe_vllm.architectures import moe_experts, num_moe_layers
 
-            num_layers = num_moe_layers(model_config.hf_config)
-        check_request(engine, sampling_params, num_layers)
+            num_layers, experts = num_moe_layers(model_config.hf_config), moe_experts(model_config.hf_config)
+        check_request(engine, sampling_params, num_layers, experts)
 
     def is_argmax_invariant(self) -> bool:
         return False  # so that ``apply`` also runs on greedy batches, where it checks the model saw the batch
@@ -81,13 +90,57 @@ class RoERequests(LogitsProcessor):
         return logits
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
-        process_dict_updates(self.rows, batch_update, _entry)
+        process_dict_updates(self.rows, batch_update, self._entry)
+        self.dialled = any(e.experts_per_token is not None for e in self.rows.values())
+        self._dial = None
+
+    def _entry(self, params, prompt_tok_ids, output_tok_ids) -> Entry | None:
+        extra = params.extra_args if params is not None else None
+        return Entry(extra_args=dict(extra) if extra else None,
+                     prompt_len=len(prompt_tok_ids) if prompt_tok_ids is not None else None,
+                     experts_per_token=self.engine.experts_per_token(extra))
+
+    def experts_per_row(self) -> torch.Tensor | None:
+        """k of every token row of the current forward [T] (0: the model's own); None when no request dials.
+
+        Request i of the batch owns rows ``query_start_loc[i]:query_start_loc[i + 1]``; computed once per
+        forward (the routers of all MoE layers share it).
+        """
+        if not self.dialled:
+            return None
+        from vllm.forward_context import get_forward_context
+
+        context = get_forward_context()
+        if self._dial is not None and self._dial[0] is context:
+            return self._dial[1]
+        metadata = context.attn_metadata
+        if not metadata:
+            return None
+        metadata = next(iter(metadata.values())) if isinstance(metadata, dict) else metadata
+        start_N1 = metadata.query_start_loc.cpu()
+        k_N = torch.tensor([(self.rows[i].experts_per_token or 0) if i in self.rows else 0
+                            for i in range(start_N1.shape[0] - 1)], dtype=torch.long)
+        k_T = torch.repeat_interleave(k_N, (start_N1[1:] - start_N1[:-1]).long())
+        self._dial = (context, k_T)
+        return k_T
 
 
-def _entry(params, prompt_tok_ids, output_tok_ids) -> Entry | None:
-    extra = params.extra_args if params is not None else None
-    return Entry(extra_args=dict(extra) if extra else None,
-                 prompt_len=len(prompt_tok_ids) if prompt_tok_ids is not None else None)
+def dial_salt(vllm_config, params) -> str | None:
+    """The prefix-cache salt of a request that dials another k than the model's own (None: no salt).
+
+    Its KV cache is the k-model's; requests with the same k share theirs, and no other request reads it.
+    """
+    from roe_vllm.architectures import moe_experts
+
+    model_config = getattr(vllm_config, "model_config", None)
+    if model_config is None:
+        return None
+    engine = EngineSettings.parse(vllm_config.additional_config, model_config.model)
+    k = engine.experts_per_token(getattr(params, "extra_args", None))
+    experts = moe_experts(model_config.hf_config)
+    if k is None or (experts is not None and k == experts[1]):
+        return None
+    return f"roe-experts-per-token={k}"
 
 
 def table_for(vllm_config) -> RoERequests | None:

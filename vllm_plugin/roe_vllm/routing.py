@@ -14,6 +14,19 @@ router would give those experts (renormalised exactly when it renormalises). ``C
 restates each router's gating formula; the first call of every router (vLLM's start-up warm-up
 forward) checks that it reproduces the router's own weights at its own ids, bit for bit, and
 refuses to start otherwise.
+
+The experts-per-token dial (``experts_per_token``, MoE-PHDS arXiv 2509.23012): every row of a request
+that dials k (its prefill, its clean row, its members) selects k experts as the router's own code would
+with ``top_k = k`` (top-k of the same, possibly noisy, logits) and gets the clean gating of those k
+(renormalised over the k exactly when the router renormalises). The fused MoE takes its top-k from the
+width of the routing tensors, so one forward routes W = max(A, largest k) columns:
+
+    ids_RW = [ids_Rk, ids_Rk[:, :1] ...]      w_RW = [w_Rk, 0 ...]
+
+NOTE: padding columns repeat the row's first chosen expert with weight exactly 0. The CPU kernel sums
+the columns in order, so w * y + 0 * y' = w * y bit for bit, and y' is the output of an expert the row
+really runs (finite whenever the row's output is): no NaN or inf can come from a padding column, and no
+unused expert's weights are read. k > A works the same way (W = k), up to the router's E experts.
 """
 
 from __future__ import annotations
@@ -49,6 +62,14 @@ class CleanWeights:
         return cls(scoring=scoring, renormalize=bool(getattr(router, "renormalize", True)), grouped=grouped,
                    scaling=float(getattr(router, "routed_scaling_factor", 1.0) or 1.0))
 
+    def select(self, logits_TE: torch.Tensor, k: int) -> torch.Tensor:
+        """The router's own choice of k experts [T, k] (CPURouter._softmax_topk's top-k: raw logits, unsorted)."""
+        if self.grouped:
+            # NOTE: group-limited selection with another k is not restated here; no supported architecture
+            # (roe_vllm/architectures.py) routes by groups, and the frontend never admits one.
+            raise ValueError("RoE on vLLM: experts_per_token is not supported with grouped routing")
+        return torch.topk(logits_TE, k, dim=-1, sorted=False).indices
+
     def __call__(self, logits_TE: torch.Tensor, ids_TA: torch.Tensor) -> torch.Tensor:
         ids_TA = ids_TA.long()
         if not self.grouped:  # CPURouter._softmax_topk / fused top-k softmax
@@ -75,15 +96,67 @@ def self_test(rule: CleanWeights, router, logits_TE: torch.Tensor, weights_TA: t
                          "the router's own weights at tau = 0; this router is not supported")
 
 
+def dial(rule: CleanWeights, logits_RE: torch.Tensor, noisy_RE: torch.Tensor, weights_RA: torch.Tensor,
+         ids_RA: torch.Tensor, k_R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows with k_R > 0 re-selected with k experts (noisy_RE: the logits they select on), W columns for all.
+
+    R routed rows (clean and member), A the router's own k; k_R = 0 or A keeps the router's result.
+    """
+    A = ids_RA.shape[1]
+    W = max(A, int(k_R.max()))
+    pad_RW = ids_RA[:, :1].expand(-1, W)
+    ids_RW = torch.cat([ids_RA, pad_RW[:, A:]], dim=1)
+    weights_RW = torch.cat([weights_RA, weights_RA.new_zeros(weights_RA.shape[0], W - A)], dim=1)
+    for k in k_R.unique().tolist():
+        if k in (0, A):
+            continue
+        rows_n = (k_R == k).nonzero().squeeze(1)
+        ids_nk = rule.select(noisy_RE[rows_n], k)
+        ids_RW[rows_n] = torch.cat([ids_nk, ids_nk[:, :1].expand(-1, W - k)], dim=1).to(ids_RW.dtype)
+        weights_RW[rows_n] = torch.cat([rule(logits_RE[rows_n], ids_nk).to(weights_RW.dtype),
+                                        weights_RW.new_zeros(rows_n.shape[0], W - k)], dim=1)
+    return weights_RW.contiguous(), ids_RW.contiguous()
+
+
+def _member_k(step) -> torch.Tensor:
+    """k of each member row [M] (0: the model's own), once per step."""
+    if "experts_per_token" not in step.cache:
+        k_R = torch.tensor([r.roster.experts_per_token or 0 for r in step.requests], dtype=torch.long)
+        step.cache["experts_per_token"] = k_R[step.request_M]
+    return step.cache["experts_per_token"]
+
+
+def _rows_k(table, step, T: int, rows: int) -> torch.Tensor | None:
+    """k of every routed row [T (+ M)] of this forward, or None when none dials."""
+    k_T = table.experts_per_row() if table is not None else None
+    k_M = _member_k(step) if step is not None and step.wide and rows > T else None
+    if k_T is None and (k_M is None or not bool(k_M.any())):
+        return None
+    if k_T is None:
+        k_T = torch.zeros(T, dtype=torch.long)
+    if k_T.shape[0] != T:
+        raise RuntimeError(f"RoE: the forward has {T} token rows but its requests schedule {k_T.shape[0]}")
+    return k_T if k_M is None else torch.cat([k_T, k_M])
+
+
 def install(router, layer: int, step_of) -> None:
-    """Wrap one router instance: member rows of the current step re-select with noise.
+    """Wrap one router instance: member rows of the current step re-select with noise, dialled rows with k.
 
     ``step_of()`` returns the current forward's ``Step`` (roe_vllm/members.py) or None. The router runs
     once, on the logits with the member rows' noise added (the clean rows get none, so their result is
-    the router's own); then the member rows get the clean gate weights at their noisy choice.
+    the router's own); then the member rows get the clean gate weights at their noisy choice, and rows
+    of requests that dial ``experts_per_token`` are re-selected with their k (``dial``).
+    NOTE: called while vLLM builds the model, inside its ``set_current_vllm_config``: the engine's batch
+    table (roe_vllm/requests.py, per-row k) is found through that config, as the model finds it.
     """
+    from vllm.config import get_current_vllm_config
+
+    from roe_vllm.requests import table_for
+
     rule = CleanWeights.of(router)
     original = router.select_experts
+    vllm_config = get_current_vllm_config()
+    _check_experts(router, vllm_config)
     tested = []
 
     def select_experts(hidden_states, router_logits, topk_indices_dtype=None, *, input_ids=None):
@@ -91,9 +164,10 @@ def install(router, layer: int, step_of) -> None:
         noise_ME = None
         if step is not None and step.wide:
             noise_ME = step.noise(layer, router_logits.shape[-1])
+        noisy_TE = router_logits
         if noise_ME is None:
             weights_TA, ids_TA = original(hidden_states, router_logits, topk_indices_dtype, input_ids=input_ids)
-            T = router_logits.shape[0]
+            T = step.rows if step is not None and step.wide else router_logits.shape[0]
         else:
             T = step.rows
             if router_logits.shape[0] != T + step.num_members:
@@ -106,6 +180,20 @@ def install(router, layer: int, step_of) -> None:
         if not tested:
             self_test(rule, router, router_logits[:T], weights_TA[:T], ids_TA[:T])
             tested.append(True)
+        k_R = _rows_k(table_for(vllm_config), step, T, router_logits.shape[0])
+        if k_R is not None:
+            return dial(rule, router_logits, noisy_TE, weights_TA, ids_TA, k_R)
         return weights_TA, ids_TA
 
     router.select_experts = select_experts
+
+
+def _check_experts(router, vllm_config) -> None:
+    """The frontend checks experts_per_token with the config's (E, k): the router must have the same."""
+    from roe_vllm.architectures import moe_experts
+
+    expected = moe_experts(vllm_config.model_config.hf_config)
+    found = (router.global_num_experts, router.top_k)
+    if expected is not None and expected != found:
+        raise ValueError(f"RoE: a router has {found[0]} experts and top-k {found[1]} but the config says "
+                         f"{expected}; roe_vllm.architectures.moe_experts is wrong for this model")

@@ -1,7 +1,7 @@
 """roe-vllm serve: vLLM's OpenAI-compatible server with RoE, speaking ``roe serve``'s request fields.
 
 ``roe serve`` takes RoE settings as top-level request fields (``roster_size``, ``tau``, ``seed``,
-``skip_first``, ``skip_last``, ``schedule``); vLLM takes per-request extension settings in
+``skip_first``, ``skip_last``, ``schedule``, ``experts_per_token``); vLLM takes per-request extension settings in
 ``vllm_xargs``, which become ``SamplingParams.extra_args``, where the plugin reads them. The ASGI
 middleware ``RoEFields`` moves the fields from the JSON body into ``vllm_xargs`` and answers 400 in
 vLLM's OpenAI error format for values that can never be valid, so one client script works against
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
-FIELDS = ("roster_size", "tau", "seed", "skip_first", "skip_last", "schedule")
+FIELDS = ("roster_size", "tau", "seed", "skip_first", "skip_last", "schedule", "experts_per_token")
 ROUTES = ("/v1/completions", "/v1/chat/completions")
 MAX_ROSTER_SIZE = 64  # per-request cost bound, as roe serve's default --max-roster-size
 # roe serve's chat prompt for a tokenizer without a chat template: "role: content" lines, then "assistant:"
@@ -78,10 +78,8 @@ def _schedule(value, registered: set[str]) -> str:
 def roe_xargs(body: dict, schedules: set[str]) -> dict:
     """The RoE fields of ``body``, each checked alone, as ``vllm_xargs`` entries (flat keys, as the plugin reads them).
 
-    ``experts_per_token`` (roe serve's MoE-PHDS dial) is refused: the plugin does not implement it.
+    ``experts_per_token`` (the MoE-PHDS dial) is checked against the model's experts in ``ServerRoE.check``.
     """
-    if body.get("experts_per_token") is not None:
-        raise FieldError("experts_per_token", "experts_per_token is not supported by roe-vllm yet")
     checks: dict[str, Callable] = {
         "roster_size": lambda v: _integer("roster_size", v, 1, MAX_ROSTER_SIZE),
         "tau": _tau,
@@ -89,20 +87,23 @@ def roe_xargs(body: dict, schedules: set[str]) -> dict:
         "skip_first": lambda v: _integer("skip_first", v, 0),
         "skip_last": lambda v: _integer("skip_last", v, 0),
         "schedule": lambda v: _schedule(v, schedules),
+        "experts_per_token": lambda v: _integer("experts_per_token", v, 1),
     }
     return {name: checks[name](body[name]) for name in FIELDS if body.get(name) is not None}
 
 
 @dataclass(frozen=True)
 class ServerRoE:
-    """What the server's RoE checks need, read once from vLLM's app state: the engine's RoE settings, MoE layers."""
+    """What the server's RoE checks need, read once from vLLM's app state: the engine's RoE settings, MoE layers,
+    (experts per MoE layer, the model's own experts per token)."""
 
     engine: Any  # roe_vllm.settings.EngineSettings
     moe_layers: int | None
+    experts: tuple[int, int] | None = None
 
     @classmethod
     def of(cls, app) -> ServerRoE:
-        from roe_vllm.architectures import num_moe_layers
+        from roe_vllm.architectures import moe_experts, num_moe_layers
         from roe_vllm.settings import EngineSettings
 
         vllm_config = app.state.vllm_config
@@ -110,7 +111,7 @@ class ServerRoE:
         if model_config is None:
             return cls(engine=EngineSettings.parse(vllm_config.additional_config), moe_layers=None)
         return cls(engine=EngineSettings.parse(vllm_config.additional_config, model_config.model),
-                   moe_layers=num_moe_layers(model_config.hf_config))
+                   moe_layers=num_moe_layers(model_config.hf_config), experts=moe_experts(model_config.hf_config))
 
     def check(self, body: dict, xargs: dict) -> None:
         """The plugin's own check of the request's settings with the engine defaults and the model (400 if not).
@@ -126,7 +127,7 @@ class ServerRoE:
             prompt_logprobs = body.get("logprobs")  # vLLM's completions: echo asks for prompt log-probs
         try:
             check_request(self.engine, SimpleNamespace(extra_args=xargs, prompt_logprobs=prompt_logprobs),
-                          self.moe_layers)
+                          self.moe_layers, self.experts)
             roster = self.engine.roster(xargs, self.moe_layers) if self.moe_layers is not None else None
         except (ValueError, TypeError) as err:
             raise FieldError(None, str(err)) from None
@@ -159,7 +160,7 @@ def moved(body: dict, server: ServerRoE) -> dict | None:
     # admission check in the API server without the engine's config, where no name is registered.
     if "schedule" in merged:
         merged["tau"] = list(server.engine.schedules[merged.pop("schedule")].tau)
-    dropped = {*FIELDS, "experts_per_token"} - {"seed"}
+    dropped = set(FIELDS) - {"seed"}
     return {**{k: v for k, v in body.items() if k not in dropped}, "vllm_xargs": merged}
 
 
@@ -284,8 +285,8 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", allow_abbrev=False, help="run vLLM's OpenAI-compatible server with RoE",
                        description="Run vLLM's OpenAI-compatible server (the code of `vllm serve`) with the RoE "
                                    "plugin. Requests take roe serve's fields roster_size, tau, seed, skip_first, "
-                                   "skip_last and schedule (a name registered here); -K, --tau, --seed, "
-                                   "--skip-first and --skip-last are the defaults of requests that omit them.")
+                                   "skip_last, experts_per_token and schedule (a name registered here); -K, --tau, "
+                                   "--seed, --skip-first and --skip-last are the defaults of requests that omit them.")
     s.add_argument("--model", default=None, help="checkpoint directory (default: roe's embedded default model)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)

@@ -9,13 +9,16 @@ Keys (flat, same names and meaning as ``roe.RoEConfig`` and ``roe serve``):
     skip_first   MoE layers kept clean at the start when tau is a float
     skip_last    MoE layers kept clean at the end when tau is a float
     schedule     the name of a schedule registered in the engine's ``schedules`` (never a path)
+    experts_per_token  k, the experts every row of the request selects in every MoE layer (its clean
+                 prefill, member 0 and every member), gate weights as the model computes them with k;
+                 absent or None: the model's own (the MoE-PHDS dial, arXiv 2509.23012; roe_vllm/routing.py)
 
 The engine's ``additional_config={"roe": {...}}`` holds defaults for the same keys plus
 ``schedules``: ``{name: schedule JSON dict (format roe.schedule/1) or list of taus}`` and ``kernels``
 (default true: member attention through the compiled kernel, roe_vllm/attention.py). A request's
 ``SamplingParams.extra_args`` overrides the defaults key by key. Without engine defaults (no "roe"
 entry, or one with only ``schedules``), a request without RoE keys runs the untouched model; K = 1
-or an all-zero schedule also does.
+or an all-zero schedule also does, unless it dials ``experts_per_token`` to another k than the model's.
 
 This module knows nothing about vLLM; it validates with roe's own ``RoEConfig`` and ``Schedule``.
 """
@@ -29,7 +32,7 @@ from typing import Any
 from roe.config import RoEConfig
 from roe.schedule import SCHEDULE_FORMAT, Schedule, model_default_schedule
 
-REQUEST_KEYS = ("roster_size", "tau", "seed", "skip_first", "skip_last", "schedule")
+REQUEST_KEYS = ("roster_size", "tau", "seed", "skip_first", "skip_last", "schedule", "experts_per_token")
 ENGINE_KEYS = REQUEST_KEYS + ("schedules", "kernels")
 # Request features whose meaning RoE does not define in vLLM (they would silently be clean).
 UNSUPPORTED_REQUEST = {"prompt_logprobs": "prompt_logprobs (per-position RoE scoring is roe's score(), not served)"}
@@ -37,11 +40,12 @@ UNSUPPORTED_REQUEST = {"prompt_logprobs": "prompt_logprobs (per-position RoE sco
 
 @dataclass(frozen=True)
 class Roster:
-    """What one request runs: K members, tau per MoE layer, the noise seed."""
+    """What one request's members run: K members, tau per MoE layer, the noise seed, k (None: the model's)."""
 
     members: int
     tau_L: tuple[float, ...]
     seed: int
+    experts_per_token: int | None = None
 
     @property
     def first_noisy(self) -> int:
@@ -132,12 +136,22 @@ class EngineSettings:
         schedule = cfg.schedule(num_moe_layers, self.model_default)
         if cfg.roster_size == 1 or schedule.is_clean:
             return None
-        return Roster(members=cfg.roster_size, tau_L=schedule.tau, seed=cfg.seed)
+        return Roster(members=cfg.roster_size, tau_L=schedule.tau, seed=cfg.seed,
+                      experts_per_token=cfg.experts_per_token)
+
+    def experts_per_token(self, extra_args: Mapping | None) -> int | None:
+        """The k every row of the request selects; None: the model's own (also for a request without RoE).
+
+        Independent of the roster: a K = 1 request that dials k runs the model with k (pure MoE-PHDS serving).
+        """
+        cfg = self.config(extra_args)
+        return None if cfg is None else cfg.experts_per_token
 
 
-def check_request(engine: EngineSettings, params, num_moe_layers: int | None) -> None:
+def check_request(engine: EngineSettings, params, num_moe_layers: int | None,
+                  experts: tuple[int, int] | None = None) -> None:
     """Refuse a request whose RoE settings are invalid: a ValueError with the reason (vLLM turns it into
-    a validation error, HTTP 400 in the server)."""
+    a validation error, HTTP 400 in the server). ``experts``: the model's (experts per MoE layer, own k)."""
     try:
         cfg = engine.config(params.extra_args)
         if cfg is None:
@@ -146,6 +160,10 @@ def check_request(engine: EngineSettings, params, num_moe_layers: int | None) ->
             cfg.schedule(num_moe_layers, engine.model_default)
     except TypeError as err:
         raise ValueError(str(err)) from None
+    k = cfg.experts_per_token
+    if k is not None and experts is not None and k > experts[0]:
+        raise ValueError(f"experts_per_token={k} exceeds the model's {experts[0]} experts per MoE layer "
+                         f"(its own k is {experts[1]}); choose 1 <= experts_per_token <= {experts[0]}")
     for name, what in UNSUPPORTED_REQUEST.items():
         if getattr(params, name, None) is not None:
             raise ValueError(f"RoE requests do not support {what}")
