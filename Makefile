@@ -56,6 +56,7 @@ $(VLLM_STAMP): pyproject.toml vllm_plugin/pyproject.toml
 	touch $@
 
 vllm: $(VLLM_STAMP)
+	$(VLLM_BIN)/python -m roe_vllm.attention
 
 # the tests compare the plugin with roe's own engine, run from .venv (transformers 5.23)
 test-vllm: vllm install

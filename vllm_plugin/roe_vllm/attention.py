@@ -198,3 +198,10 @@ def attend(layer, query_MHD: torch.Tensor, key_MHD: torch.Tensor, value_MHD: tor
         blocks_RN.contiguous(), first_R, position_R, block_size, keys_major, values_major, float(layer.impl.scale),
         int(getattr(layer.impl, "sliding_window", -1) or -1))
     return out_MHD.to(query_MHD.dtype)
+
+
+if __name__ == "__main__":  # python -m roe_vllm.attention: build the kernel now (make vllm does)
+    import sys
+
+    state = "ready" if kernel() else "not available; member attention uses PyTorch"
+    print(f"roe-vllm: member-attention kernel {state}", file=sys.stderr)
