@@ -444,7 +444,7 @@ def serve(*, model: str | None = None, host: str = "127.0.0.1", port: int = 8000
 
 def phds(*, model: str | None = None, ks: str | None = None, steps: int = 400, curriculum_steps: int = 100,
          lr: float = 3e-4, batch_size: int = 16, seq_len: int = 256, data: str | None = None, seed: int = 0,
-         eval_windows: int = 32, ckpt_minutes: float = 4.0, out: str | None = None) -> None:
+         eval_windows: int = 32, ckpt_minutes: float = 4.0, threads: int = 0, out: str | None = None) -> None:
     """MoE-PHDS fine-tune: one checkpoint whose experts per token can be dialled at run time.
 
     --ks LIST (e.g. 1,2,3,4): the levels of experts per token. For --steps optimiser steps each
@@ -457,7 +457,10 @@ def phds(*, model: str | None = None, ks: str | None = None, steps: int = 400, c
     resumes from it, with the same result as an uninterrupted run. At the end DIR is a loadable
     checkpoint (config, weights in the input's dtype, tokenizer, schedule.json if the input has one)
     plus phds.json (settings, per-step log, validation NLL at every level before and after each phase).
+    --threads N sets torch's intra-op threads (0: torch's default).
     """
+    import torch
+
     from roe import phds as fine_tune
 
     if out is None:
@@ -468,6 +471,8 @@ def phds(*, model: str | None = None, ks: str | None = None, steps: int = 400, c
         raise ValueError(f"--ckpt-minutes must be finite and >= 0, got {ckpt_minutes}")
     cfg = fine_tune.PhdsConfig(ks=fine_tune.parse_levels(ks), steps=steps, curriculum_steps=curriculum_steps, lr=lr,
                                batch_size=batch_size, seq_len=seq_len, seed=seed, eval_windows=eval_windows)
+    if threads:
+        torch.set_num_threads(threads)
     fine_tune.run(model, cfg, Path(out), data=None if data is None else Path(data), ckpt_minutes=ckpt_minutes)
 
 

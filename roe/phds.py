@@ -255,6 +255,7 @@ def step_once(dial: Dial, optimizer, tokens: np.ndarray, cfg: PhdsConfig, step: 
     """One optimiser step at k_t on the windows of step ``step``; returns its log record."""
     from roe.data.train import batch_at
 
+    start = time.perf_counter()
     k = k_at(cfg, step)
     for group in optimizer.param_groups:
         group["lr"] = lr_at(cfg, step)
@@ -264,7 +265,7 @@ def step_once(dial: Dial, optimizer, tokens: np.ndarray, cfg: PhdsConfig, step: 
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return {"step": step + 1, "k": k, "lr": optimizer.param_groups[0]["lr"], "loss": round(loss.item(), 5),
-            "ce": round(ce.item(), 5), "aux": round(aux.item(), 5)}
+            "ce": round(ce.item(), 5), "aux": round(aux.item(), 5), "seconds": round(time.perf_counter() - start, 3)}
 
 
 def save_state(path: Path, model, optimizer, step: int, log: list, settings: dict) -> None:
@@ -352,6 +353,9 @@ def run(model_path: str | Path | None, cfg: PhdsConfig, out: Path, *, data: Path
             print(f"{out} already holds this PHDS fine-tune (done); nothing to do", flush=True)
             return record
     model, tokenizer = roe.load(model_path)
+    context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if context is not None and cfg.seq_len > context:
+        raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's context of {context} tokens")
     dial = Dial(model, cfg.ks)
     train_tokens, val_tokens = load_tokens(data, model.config.get_text_config().vocab_size, cfg.seq_len)
     out.mkdir(parents=True, exist_ok=True)
