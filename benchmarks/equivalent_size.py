@@ -148,6 +148,24 @@ def speed(seconds: float, hours: float, threads: int) -> dict:
             "tokens_that_fit": steps * tokens_per_step}
 
 
+def markdown_table(doc: dict, total_steps: int = TOTAL_STEPS) -> str:
+    """The family table of benchmarks/equivalent_size.md, from a speed document."""
+    default = next(r["params"] for r in doc["members"] if r["member"] == "d256")
+    tokens = total_steps * RECIPE["batch_size"] * RECIPE["seq_len"]
+    lines = ["| member | hidden / heads / expert width | params | x default | active params | tokens "
+             "| CPU s/step (1 thread) | tokens/s | expected hours |", "|" + " --- |" * 9]
+    for r in doc["members"]:
+        m = next(m for m in FAMILY if m.name == r["member"])
+        hours = total_steps * r["cpu_s_per_step"] / 3600
+        lines.append(f"| {m.name} | {m.hidden_size} / {m.num_heads} / {m.intermediate_size} "
+                     f"| {r['params'] / 1e6:.2f} M | {r['params'] / default:.2f} | {r['active_params'] / 1e6:.2f} M "
+                     f"| {tokens / 1e6:.2f} M | {r['cpu_s_per_step']:.2f} | {r['tokens_per_cpu_s']:,} | {hours:.2f} |")
+    hours = total_steps * doc["family_s_per_step"] / 3600
+    lines.append(f"| family | | | | | {len(doc['members']) * tokens / 1e6:.1f} M | {doc['family_s_per_step']:.2f} | "
+                 f"| {hours:.2f} |")
+    return "\n".join(lines)
+
+
 def conditions(threads: int) -> dict:
     import platform
 
@@ -302,6 +320,7 @@ def main(argv: list[str] | None = None) -> None:
         doc = speed(args.seconds, args.hours, args.threads)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(doc, indent=1) + "\n")
+        print(markdown_table(doc, doc["steps_that_fit"]))
         print(json.dumps(doc))
     elif args.command == "train":
         raise SystemExit(train_family(args.threads, args.until and utc_deadline(args.until)))
