@@ -43,6 +43,9 @@ CASES = [
     ("skips", {"roster_size": 2, "tau": 2.0, "skip_first": 0, "skip_last": 2, "seed": 7},
      {"roster_size": 2, "tau": 2.0, "skip_first": 0, "skip_last": 2, "seed": 7}),
     ("model_default", {"roster_size": 4, "seed": 2}, {"roster_size": 4, "seed": 2}),  # no tau: the shipped schedule
+    ("dial_k1", {"roster_size": 1, "experts_per_token": 2}, {"roster_size": 1, "experts_per_token": 2}),
+    ("dial", {"roster_size": 4, "tau": 0.3, "seed": 3, "experts_per_token": 6},
+     {"roster_size": 4, "tau": 0.3, "seed": 3, "experts_per_token": 6}),
     ("plain", {}, {"roster_size": 1}),
 ]
 
@@ -213,7 +216,7 @@ INVALID = [
     {"tau": -0.1}, {"tau": "0.3"}, {"tau": []}, {"tau": [0.1, "x"]}, {"tau": {"a": 1}},
     {"seed": -1}, {"seed": 1 << 63}, {"seed": "1"},
     {"skip_first": -1}, {"skip_last": 1.5},
-    {"schedule": 3}, {"experts_per_token": 2},
+    {"schedule": 3}, {"experts_per_token": 0}, {"experts_per_token": "2"}, {"experts_per_token": 33},
     # checked by the plugin at admission (they need the model's 6 MoE layers)
     {"roster_size": 4, "skip_first": 4, "skip_last": 4}, {"roster_size": 4, "tau": [0.1, 0.2, 0.3]},
     {"roster_size": 4, "tau": 0.2, "schedule": "calib"}, {"roster_size": 4, "tau": 0.2, "prompt_logprobs": 1},
