@@ -29,6 +29,8 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -131,6 +133,11 @@ def lr_at(cfg: PhdsConfig, step: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def next_token_ce(logits_BSV: torch.Tensor, rows_BS: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of each position's next token (the window is input and labels)."""
+    return torch.nn.functional.cross_entropy(logits_BSV[:, :-1].flatten(0, 1).float(), rows_BS[:, 1:].reshape(-1))
+
+
 def balance_loss(router_logits_L: list[torch.Tensor], k: int) -> torch.Tensor:
     """Switch-Transformer load balancing at k experts per token, as transformers computes it
     (``load_balancing_loss_func`` of OLMoE, Mixtral, Qwen-MoE with ``top_k = k``):
@@ -170,28 +177,53 @@ class Dial:
                 self.rosters[k] = roe.roster(model, roe.RoEConfig(roster_size=1, tau=0.0, experts_per_token=k))
             except ValueError as err:
                 raise ValueError(f"--ks {k}: {err}") from None
-        self.aux_coef = float(getattr(model.config.get_text_config(), "router_aux_loss_coef", 0.0) or 0.0)
+        self.slots = next(iter(self.rosters.values())).slots
+        self.aux_coef = self._aux_coefficient()
 
-    def forward(self, rows_BS: torch.Tensor, k: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """(logits [B, S, V], router logits [T, E] of every MoE layer) of the model at k."""
-        roster = self.rosters[k]
+    def _aux_coefficient(self) -> float:
+        """The weight of the balance term in the model's own loss, found as the routing rules are:
+        on one probe forward at the model's own k, the candidate (``router_aux_loss_coef``, else 0:
+        Llama-4 declares the coefficient but its loss has no such term) that reproduces the loss the
+        model reports. A model whose loss is neither is refused: PHDS could not train its objective."""
+        coef = float(getattr(self.model.config.get_text_config(), "router_aux_loss_coef", 0.0) or 0.0)
+        vocab = self.model.config.get_text_config().vocab_size
+        rows_BS = torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(1234))
+        own_k = self.slots[0].rule.model_k(self.slots[0].module)
+        with torch.no_grad(), self._router_logits() as router_logits_L:
+            out = self.model(input_ids=rows_BS, labels=rows_BS, output_router_logits=True, use_cache=False)
+            ce = next_token_ce(out.logits, rows_BS)
+            for candidate in dict.fromkeys((coef, 0.0)):
+                if torch.allclose(ce + candidate * balance_loss(router_logits_L, own_k), out.loss, rtol=1e-5):
+                    return candidate
+        raise ValueError(f"{type(self.model).__name__}: its training loss is neither cross-entropy nor cross-entropy + "
+                         f"{coef} x the Switch load-balancing loss roe computes at each k; roe phds cannot "
+                         "train its objective at other k")
+
+    @contextmanager
+    def _router_logits(self) -> Iterator[list[torch.Tensor]]:
+        """Collect every router's logits [T, E] during the forwards inside the block."""
         router_logits_L: list[torch.Tensor] = []
         hooks = [slot.module.register_forward_hook(
             lambda module, _args, output, rule=slot.rule: router_logits_L.append(rule.logits(module, output)))
-            for slot in roster.slots]
-        position_BS = torch.arange(rows_BS.shape[1]).expand_as(rows_BS)
+            for slot in self.slots]
         try:
-            out = roster.forward(member_BQ=torch.zeros_like(rows_BS), position_BQ=position_BS, input_ids=rows_BS,
-                                 use_cache=False)
+            yield router_logits_L
         finally:
             for hook in hooks:
                 hook.remove()
+
+    def forward(self, rows_BS: torch.Tensor, k: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(logits [B, S, V], router logits [T, E] of every MoE layer) of the model at k."""
+        position_BS = torch.arange(rows_BS.shape[1]).expand_as(rows_BS)
+        with self._router_logits() as router_logits_L:
+            out = self.rosters[k].forward(member_BQ=torch.zeros_like(rows_BS), position_BQ=position_BS,
+                                          input_ids=rows_BS, use_cache=False)
         return out.logits, router_logits_L
 
     def loss(self, rows_BS: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(total, next-token CE, balance) of the windows at k; the window is input and labels."""
         logits_BSV, router_logits_L = self.forward(rows_BS, k)
-        ce = torch.nn.functional.cross_entropy(logits_BSV[:, :-1].flatten(0, 1).float(), rows_BS[:, 1:].reshape(-1))
+        ce = next_token_ce(logits_BSV, rows_BS)
         aux = balance_loss(router_logits_L, k) if self.aux_coef else torch.zeros(())
         return ce + self.aux_coef * aux, ce, aux
 

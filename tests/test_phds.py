@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import OlmoeForCausalLM
+from transformers import AutoModelForCausalLM, OlmoeForCausalLM
 from transformers.models.olmoe import modeling_olmoe
 
 import roe
@@ -81,6 +81,29 @@ def test_the_training_forward_is_the_model_built_with_k(saved_model, tokens_dir,
     own = OlmoeForCausalLM.from_pretrained(saved_model, dtype=torch.float32)
     if k != own.config.num_experts_per_tok:
         assert (own(input_ids=rows_BS, labels=rows_BS).loss - got).abs() > 1e-4, f"k={k} changed nothing"
+
+
+@pytest.mark.parametrize("name", ["mixtral", "deepseek_v3", "llama4"])
+def test_the_training_forward_is_the_model_built_with_k_in_other_families(name):
+    """Renormalised softmax (Mixtral), sigmoid + bias with no balance loss (DeepSeek-V3), and a model
+    that declares router_aux_loss_coef but trains without the term (Llama-4): loss and gradients at
+    k = 3 equal those of the model built with num_experts_per_tok = 3."""
+    model = families.build(name).train()
+    config = families.FAMILIES[name]()
+    config.num_experts_per_tok = 3
+    rebuilt = AutoModelForCausalLM.from_config(config, dtype=torch.float32).train()
+    rebuilt.load_state_dict(model.state_dict(), strict=True)
+    rows_BS = torch.randint(3, families.VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    want = rebuilt(input_ids=rows_BS, labels=rows_BS, output_router_logits=True).loss
+    want.backward()
+    got = phds.Dial(model, (1, 3)).loss(rows_BS, 3)[0]
+    got.backward()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    for (param_name, param), rebuilt_param in zip(model.named_parameters(), rebuilt.parameters(), strict=True):
+        if rebuilt_param.grad is None:
+            assert param.grad is None or not param.grad.any(), param_name
+        else:
+            torch.testing.assert_close(param.grad, rebuilt_param.grad, rtol=1e-5, atol=1e-7, msg=param_name)
 
 
 def test_run_varies_k_then_anchors_at_min_and_writes_a_loadable_checkpoint(saved_model, tokens_dir, tmp_path,
