@@ -378,12 +378,16 @@ def run(model_path: str | Path | None, cfg: PhdsConfig, out: Path, *, data: Path
     settings = {"model": "embedded default" if model_path is None else str(model_path),
                 "data": "default training windows" if data is None else str(data), **asdict(cfg)}
     settings["ks"] = list(cfg.ks)
+    source = source_dir(model_path)
+    if source is not None and out.resolve() == source.resolve():
+        raise ValueError(f"--out {out} is the input model's directory; choose another (the input stays as it is)")
     done = out / LOG_FILE
     if done.is_file() and not (out / STATE_FILE).is_file():
         record = json.loads(done.read_text())
         if record.get("done") and record.get("settings") == settings:
             print(f"{out} already holds this PHDS fine-tune (done); nothing to do", flush=True)
             return record
+        raise ValueError(f"{out} already holds a PHDS fine-tune made with other settings; choose another --out")
     model, tokenizer = roe.load(model_path)
     context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if context is not None and cfg.seq_len > context:
@@ -422,7 +426,7 @@ def run(model_path: str | Path | None, cfg: PhdsConfig, out: Path, *, data: Path
         raise
     bar.close()
     model.eval()
-    save_checkpoint(model, tokenizer, source_dir(model_path), out)
+    save_checkpoint(model, tokenizer, source, out)
     record["done"] = True
     write_log(out, record)
     (out / STATE_FILE).unlink(missing_ok=True)

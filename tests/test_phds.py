@@ -162,6 +162,17 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_parameters(saved_model,
     assert steps == list(range(1, 12))
     run_cli(saved_model, tokens_dir, parts)
     assert "nothing to do" in capsys.readouterr().out
+    err = refused(["phds", "--model", str(saved_model), "--data", str(tokens_dir), "--out", str(parts), *SETTINGS,
+                   "--seed", "1"], capsys)
+    assert "already holds a PHDS fine-tune made with other settings" in err
+    assert torch.equal(load_file(parts / "model.safetensors")["lm_head.weight"], got["lm_head.weight"])
+
+
+def test_the_input_directory_is_not_an_output(saved_model, tokens_dir, capsys):
+    err = refused(["phds", "--model", str(saved_model), "--data", str(tokens_dir), "--out", str(saved_model),
+                   *SETTINGS], capsys)
+    assert "is the input model's directory" in err
+    assert not (saved_model / "phds.json").exists()
 
 
 def test_a_checkpoint_of_other_settings_is_not_resumed(saved_model, tokens_dir, tmp_path, monkeypatch, capsys):
