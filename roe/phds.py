@@ -12,7 +12,10 @@ At step t the model runs at k_t exactly as roe serves it: through the runtime di
 ``num_experts_per_tok = k_t``. Gradients flow as in that model (through the gate weights of the
 k chosen experts). The loss is that model's own objective:
 
-    loss = CE(next token) + router_aux_loss_coef * balance(router_logits, k_t)
+    loss = CE(next token) + c * balance(router_logits, k_t)
+
+c is ``router_aux_loss_coef`` when the model's own loss has that Switch balance term, else 0
+(self-tested on a probe forward, ``Dial._aux_coefficient``).
 
 Everything a step uses is a pure function of (settings, step): the windows (``roe.data.train.batch_at``),
 k_t and the learning rate (linear warm-up, cosine over all steps). So a checkpoint (weights,
