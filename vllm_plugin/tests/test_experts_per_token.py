@@ -6,7 +6,8 @@ transformers engine with ``RoEConfig(experts_per_token=k)`` (tokens identical, l
 the vocabulary, at K = 1 and K = 4, for k = 2 < A and k = 6 > A). The model's own k changes nothing, bit for
 bit. The fused MoE's top-k is the routing's width: padding columns of weight 0 are checked on the kernel
 itself. Dialled prefixes never share the prefix cache with another k. Engines: ``roe_llm`` (RoE, prefix
-caching on, 32-token blocks) and ``plain_k2``.
+caching on, 32-token blocks) and ``plain_k2``; Mixtral and Qwen3-MoE (routers that renormalise over the k
+chosen) on tiny checkpoints of test_families.py, against roe's engine.
 """
 
 import json
@@ -14,6 +15,7 @@ import json
 import pytest
 import torch
 from conftest import dense_logprobs, generate, roe_reference, tied_copy
+from test_families import FAMILIES, save_tiny
 
 V = 8192
 STEPS = 32
@@ -157,6 +159,35 @@ def test_invalid_values_are_refused_and_the_engine_survives(roe_llm, extra, mess
         assert "own k is 4" in str(err.value)
     survivor = {"roster_size": 1, "experts_per_token": EXPERTS}
     assert len(generate(roe_llm, PROMPTS[:1], survivor, max_tokens=2)[0].token_ids) == 2
+
+
+@pytest.fixture(scope="module", params=["mixtral", "qwen3_moe"])
+def renormalising(request, tmp_path_factory):
+    import roe_vllm
+    from vllm import LLM
+
+    path = save_tiny(FAMILIES[request.param], tmp_path_factory.mktemp(request.param))
+    llm = LLM(**roe_vllm.engine_args(path, dtype="float32", max_model_len=256, max_logprobs=256,
+                                     skip_tokenizer_init=True, enable_prefix_caching=False, engine_seed=0))
+    yield request.param, path, llm
+    del llm
+
+
+def test_renormalising_families_match_roe_engine(renormalising):
+    """Own k = 2 of 8 experts, weights renormalised over the chosen: k = 1 (weight 1) and k = 3 in a noisy roster."""
+    name, path, llm = renormalising
+    prompts = [[5, 17, 99, 3, 250, 41, 7], [200, 1, 64]]
+    configs = [{"roster_size": 1, "experts_per_token": 1},
+               {"roster_size": 3, "tau": 1.0, "seed": 9, "skip_first": 0, "experts_per_token": 3}]
+    refs = roe_reference({"model": str(path), "prompt_ids": prompts, "max_new_tokens": 16, "configs": configs})
+    plain = generate(llm, prompts, None, max_tokens=16, logprobs=256, detokenize=False)
+    for cfg, ref in zip(configs, refs):
+        got = generate(llm, prompts, cfg, max_tokens=16, logprobs=256, detokenize=False)
+        for out, want, clean in zip(got, ref, plain):
+            assert list(out.token_ids) == want["tokens"], name
+            mine = dense_logprobs(out, 256)
+            assert (mine - torch.tensor(want["logprobs"])).abs().max().item() < 1e-4, name
+            assert (mine - dense_logprobs(clean, 256)).abs().max().item() > 1e-3, name
 
 
 # ---------------------------------------------------------------- the pieces alone (no engine)
