@@ -73,32 +73,31 @@ static inline void axpy(float w, const float* x, float* y, int64_t n) {  // y +=
   for (int64_t d = 0; d < n; ++d) y[d] += w * x[d];
 }
 
-// scores[i][0 .. n) = q_i . keys[:, s] for Q rows, keys dim-major ([D, BS] from slot 0): 8 slots per register,
-// four query rows per pass over the keys, so each key vector loaded feeds four FMAs.
+// scores[i][s] = q_i . keys[:, s] for NR query rows and 8 slots from s, keys dim-major ([D, BS]): each key vector
+// loaded feeds NR FMAs.
+template <int NR>
+static inline void scores_8(const float* const* q, const float* keys, int64_t BS, int64_t D, int64_t s,
+                            float* const* scores) {
+  __m256 acc[NR];
+  for (int j = 0; j < NR; ++j) acc[j] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    const __m256 k = _mm256_loadu_ps(keys + d * BS + s);
+    for (int j = 0; j < NR; ++j) acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(q[j][d]), k, acc[j]);
+  }
+  for (int j = 0; j < NR; ++j) _mm256_storeu_ps(scores[j] + s, acc[j]);
+}
+
+// scores[i][0 .. n) = q_i . keys[:, s] for Q rows, keys dim-major ([D, BS] from slot 0): query rows in blocks of
+// 8, 4, 2 and 1, 8 slots per register.
 static void scores_dim_major(const float* const* q, int64_t Q, const float* keys, int64_t BS, int64_t D, int64_t n,
                              float* const* scores) {
   int64_t s = 0;
   for (; s + 8 <= n; s += 8) {
     int64_t i = 0;
-    for (; i + 4 <= Q; i += 4) {
-      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-      for (int64_t d = 0; d < D; ++d) {
-        const __m256 k = _mm256_loadu_ps(keys + d * BS + s);
-        a0 = _mm256_fmadd_ps(_mm256_set1_ps(q[i][d]), k, a0);
-        a1 = _mm256_fmadd_ps(_mm256_set1_ps(q[i + 1][d]), k, a1);
-        a2 = _mm256_fmadd_ps(_mm256_set1_ps(q[i + 2][d]), k, a2);
-        a3 = _mm256_fmadd_ps(_mm256_set1_ps(q[i + 3][d]), k, a3);
-      }
-      _mm256_storeu_ps(scores[i] + s, a0);
-      _mm256_storeu_ps(scores[i + 1] + s, a1);
-      _mm256_storeu_ps(scores[i + 2] + s, a2);
-      _mm256_storeu_ps(scores[i + 3] + s, a3);
-    }
-    for (; i < Q; ++i) {
-      __m256 a = _mm256_setzero_ps();
-      for (int64_t d = 0; d < D; ++d) a = _mm256_fmadd_ps(_mm256_set1_ps(q[i][d]), _mm256_loadu_ps(keys + d * BS + s), a);
-      _mm256_storeu_ps(scores[i] + s, a);
-    }
+    for (; i + 8 <= Q; i += 8) scores_8<8>(q + i, keys, BS, D, s, scores + i);
+    for (; i + 4 <= Q; i += 4) scores_8<4>(q + i, keys, BS, D, s, scores + i);
+    for (; i + 2 <= Q; i += 2) scores_8<2>(q + i, keys, BS, D, s, scores + i);
+    for (; i < Q; ++i) scores_8<1>(q + i, keys, BS, D, s, scores + i);
   }
   for (; s < n; ++s)
     for (int64_t i = 0; i < Q; ++i) {

@@ -15,7 +15,7 @@ from roe_vllm import attention
 from roe_vllm.members import Request, Step
 from roe_vllm.settings import Roster
 
-H, HKV, BLOCK = 4, 2, 8
+H, HKV, BLOCK = 6, 2, 8  # G = 3 query heads per KV head: odd row counts reach every row block
 
 
 def write_cache(history, blocks, keys_major, values_major, dtype, D):
