@@ -14,9 +14,10 @@ Shapes: B prompts, K members, P stored positions, R live rows of a step, V vocab
    the batch.
 3. Scheduling: ``Decoding`` is the state over live rows. Prompts join between steps (prefilled,
    then merged into the running left-padded cache) and leave when they finish or are dropped,
-   each with its own seed and sampling settings; its ``steps()`` generator yields each step's
-   tokens and log-probs. ``generate`` consumes it; so does the server's worker
-   (roe/serve/worker.py), which admits requests into running batches.
+   each with its own seed, sampling settings and stop conditions (roe/stopping.py: eos, stop
+   strings, max_new_tokens, checked once per step on a bounded tail of the text); its
+   ``steps()`` generator yields each step's tokens and log-probs. ``generate`` consumes it; so
+   does the server's worker (roe/serve/worker.py), which admits requests into running batches.
 
 This module knows nothing about routers; the roster's ``forward`` carries the noise plan.
 It runs its own loop instead of ``model.generate`` (DESIGN §5: keep the grouped_mm experts
@@ -34,6 +35,7 @@ import torch
 from roe.cache import CleanCache, first_member, member_masks
 from roe.roster import Roster, check_inputs
 from roe.routing import NoiseBank, sampling_uniform
+from roe.stopping import StopConditions, StopState
 
 
 class FoldedDecoder:
@@ -236,12 +238,16 @@ def choose_next(logprobs_BV, *, do_sample, temperature, top_p, uniform_B) -> tor
 def _check_options(max_new_tokens, do_sample, temperature, top_p, stop_strings, tokenizer) -> None:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    _check_sampling(do_sample, temperature, top_p)
+    if stop_strings and tokenizer is None:
+        raise ValueError("stop_strings needs tokenizer= to decode the generated text")
+
+
+def _check_sampling(do_sample, temperature, top_p) -> None:
     if do_sample and not (temperature > 0):
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
     if not (0 < top_p <= 1):
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if stop_strings and tokenizer is None:
-        raise ValueError("stop_strings needs tokenizer= to decode the generated text")
 
 
 def _as_set(token_ids) -> set[int]:
@@ -259,30 +265,35 @@ def model_eos(model) -> frozenset[int]:
 class Row:
     """One prompt of a ``Decoding``: its settings, and its progress once admitted.
 
-    ``prompt`` holds 1-D token ids; the row stops after ``max_new_tokens`` tokens or at a token
-    of ``eos`` (which it emits). ``finish`` is None while the row is live, then "eos", "length",
-    or "dropped" (removed by the caller: a stop string, a cancelled request).
+    ``prompt`` holds 1-D token ids; ``stop`` says when the row ends (an eos token, which it
+    emits; a stop string; ``max_new_tokens``). ``finish`` is None while the row is live, then
+    "eos", "stop" (a stop string), "length", or "dropped" (removed by the caller: a cancelled request).
     """
 
     prompt: torch.Tensor
     seed: int
-    max_new_tokens: int
-    eos: frozenset[int] = frozenset()
+    stop: StopConditions
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
     token: int = field(init=False)  # the token the next step feeds, at ``position``
     position: int = field(init=False)
-    generated: int = 0
+    progress: StopState = field(init=False, repr=False)
     finish: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, torch.Tensor) or self.prompt.dim() != 1 or len(self.prompt) == 0:
             raise ValueError("a row's prompt must be a non-empty 1-D tensor of token ids")
-        _check_options(self.max_new_tokens, self.do_sample, self.temperature, self.top_p, None, None)
-        if self.max_new_tokens < 1:
-            raise ValueError(f"a row needs max_new_tokens >= 1, got {self.max_new_tokens}")
+        if not isinstance(self.stop, StopConditions):
+            raise TypeError(f"a row's stop must be StopConditions, got {type(self.stop).__name__}")
+        _check_sampling(self.do_sample, self.temperature, self.top_p)
         self.token, self.position = int(self.prompt[-1]), len(self.prompt) - 1
+        self.progress = self.stop.start()
+
+    @property
+    def generated(self) -> int:
+        """Tokens generated so far."""
+        return self.progress.generated
 
 
 @dataclass(frozen=True)
@@ -301,7 +312,7 @@ class Decoding:
 
     This is iteration-level batching: ``admit`` prefills newcomers (clean, at batch 1) and merges
     them into the running batch, ``step`` runs ONE forward over every live row and draws each
-    row's next token, and rows that finish (eos, their own ``max_new_tokens``) or that the caller
+    row's next token, and rows that finish (their ``stop`` conditions) or that the caller
     ``drop``s leave before the next step. A row's tokens do not depend on which rows share its
     steps: its history is prefilled alone, its noise and its sampling uniform are keyed by (its
     seed, member, position), and padding is masked out. ``generate`` and the server consume it.
@@ -346,11 +357,8 @@ class Decoding:
             uniform_B=sampling_uniform(torch.tensor([row.seed for row in rows]), pos_R) if sampling else None,
         )
         for row, token in zip(rows, chosen_R.tolist(), strict=True):
-            row.token, row.position, row.generated = token, row.position + 1, row.generated + 1
-            if token in row.eos:
-                row.finish = "eos"
-            elif row.generated >= row.max_new_tokens:
-                row.finish = "length"
+            row.token, row.position = token, row.position + 1
+            row.finish = row.progress.update(token)
         self.drop([row for row in rows if row.finish])
         return Step(rows, chosen_R, logprobs_RV)
 
@@ -399,9 +407,10 @@ def generate(
     if max_new_tokens == 0:
         return input_ids.clone()
     decoding = Decoding(roster)
-    rows = decoding.admit([Row(ids[m], seed=roster.cfg.seed, max_new_tokens=max_new_tokens, eos=frozenset(eos),
-                               do_sample=do_sample, temperature=temperature, top_p=top_p)
-                           for ids, m in zip(input_ids, mask_BS, strict=True)])
+    stop = StopConditions(max_new_tokens=max_new_tokens, eos=frozenset(eos), strings=tuple(stop_strings or ()),
+                          tokenizer=tokenizer)
+    rows = decoding.admit([Row(ids[m], seed=roster.cfg.seed, stop=stop, do_sample=do_sample, temperature=temperature,
+                               top_p=top_p) for ids, m in zip(input_ids, mask_BS, strict=True)])
     index = {id(row): b for b, row in enumerate(rows)}
     new_tokens = []
     for step in decoding.steps():
@@ -415,14 +424,7 @@ def generate(
         if on_step is not None:
             logprobs_BV = step.logprobs_RV.new_full((len(rows), step.logprobs_RV.shape[1]), math.nan)
             on_step(chosen_B, logprobs_BV.index_copy_(0, at_R, step.logprobs_RV))
-        if stop_strings:
-            hit_R = _hit_stop(tokenizer, torch.stack(new_tokens, dim=1)[at_R], stop_strings)
-            decoding.drop([row for row, hit in zip(step.rows, hit_R.tolist(), strict=True) if hit])
     if streamer is not None:
         streamer.end()
     return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
 
-
-def _hit_stop(tokenizer, new_BN: torch.Tensor, stop_strings: Sequence[str]) -> torch.Tensor:
-    texts = tokenizer.batch_decode(new_BN, skip_special_tokens=True)
-    return torch.tensor([any(s in text for s in stop_strings) for text in texts])

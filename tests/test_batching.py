@@ -16,6 +16,7 @@ import torch
 import roe
 from roe import families
 from roe.engine import Decoding, Row, model_eos
+from roe.stopping import StopConditions
 
 NOISY = roe.RoEConfig(roster_size=4, tau=1.5, skip_first=0, skip_last=0, seed=3)
 SAMPLED = dict(do_sample=True, temperature=1.3, top_p=0.9)
@@ -33,7 +34,7 @@ def solo(model, cfg: roe.RoEConfig, row: Row) -> tuple[list[int], torch.Tensor]:
     the log-probs [N, V] they were chosen from."""
     logprobs = []
     with roe.roster(model, replace(cfg, seed=row.seed)) as r:
-        out = r.generate(row.prompt[None], max_new_tokens=row.max_new_tokens, do_sample=row.do_sample,
+        out = r.generate(row.prompt[None], max_new_tokens=row.stop.max_new_tokens, do_sample=row.do_sample,
                          temperature=row.temperature, top_p=row.top_p, on_step=lambda _, lp: logprobs.append(lp[0]))
     return out[0, len(row.prompt):len(row.prompt) + row.generated].tolist(), torch.stack(logprobs)[:row.generated]
 
@@ -61,11 +62,11 @@ def joining_run(model, cfg: roe.RoEConfig, vocab: int, eos: frozenset) -> tuple[
     """A long greedy prompt runs; a longer sampled one, a shorter greedy one and a one-token sampled
     one join after 3 steps (other seeds); one more joins after the shorter one has left."""
     got: dict = {}
-    long = Row(prompt(6, 0, vocab), seed=cfg.seed, max_new_tokens=24, eos=eos)
-    joiners = [Row(prompt(13, 1, vocab), seed=11, max_new_tokens=10, eos=eos, **SAMPLED),
-               Row(prompt(3, 2, vocab), seed=12, max_new_tokens=4, eos=eos),
-               Row(prompt(1, 3, vocab), seed=cfg.seed, max_new_tokens=12, eos=eos, **SAMPLED)]
-    late = Row(prompt(9, 4, vocab), seed=13, max_new_tokens=6, eos=eos)
+    long = Row(prompt(6, 0, vocab), seed=cfg.seed, stop=StopConditions(max_new_tokens=24, eos=eos))
+    joiners = [Row(prompt(13, 1, vocab), seed=11, stop=StopConditions(max_new_tokens=10, eos=eos), **SAMPLED),
+               Row(prompt(3, 2, vocab), seed=12, stop=StopConditions(max_new_tokens=4, eos=eos)),
+               Row(prompt(1, 3, vocab), seed=cfg.seed, stop=StopConditions(max_new_tokens=12, eos=eos), **SAMPLED)]
+    late = Row(prompt(9, 4, vocab), seed=13, stop=StopConditions(max_new_tokens=6, eos=eos))
     with torch.no_grad(), roe.roster(model, cfg) as r:
         decoding = Decoding(r)
         decoding.admit([long])
@@ -106,8 +107,9 @@ def test_different_seeds_and_settings_share_one_forward(olmoe):
     try:
         with torch.no_grad(), roe.roster(olmoe, NOISY) as r:
             decoding = Decoding(r)
-            rows = decoding.admit([Row(prompt(5, 0), seed=seed, max_new_tokens=8, **SAMPLED) for seed in (1, 2, 3)]
-                                  + [Row(prompt(7, 1), seed=4, max_new_tokens=8)])
+            eight = StopConditions(max_new_tokens=8)
+            rows = decoding.admit([Row(prompt(5, 0), seed=seed, stop=eight, **SAMPLED) for seed in (1, 2, 3)]
+                                  + [Row(prompt(7, 1), seed=4, stop=eight)])
             calls.clear()
             steps = list(decoding.steps())
     finally:
@@ -122,8 +124,8 @@ def test_dropped_rows_stop_costing_compute(olmoe):
     """A dropped row leaves the next step's batch, and the padding only it needed goes with it."""
     with torch.no_grad(), roe.roster(olmoe, NOISY) as r:
         decoding = Decoding(r)
-        long, short = decoding.admit([Row(prompt(30, 0), seed=3, max_new_tokens=50),
-                                      Row(prompt(4, 1), seed=5, max_new_tokens=50)])
+        long, short = decoding.admit([Row(prompt(30, 0), seed=3, stop=StopConditions(max_new_tokens=50)),
+                                      Row(prompt(4, 1), seed=5, stop=StopConditions(max_new_tokens=50))])
         decoding.step()
         assert decoding.decoder.cache.layers[0].keys.shape[:3:2] == (2, 30)
         decoding.drop([long])
@@ -134,11 +136,11 @@ def test_dropped_rows_stop_costing_compute(olmoe):
 
 def test_rows_are_checked():
     with pytest.raises(ValueError, match="max_new_tokens"):
-        Row(prompt(3, 0), seed=0, max_new_tokens=0)
+        Row(prompt(3, 0), seed=0, stop=StopConditions(max_new_tokens=0))
     with pytest.raises(ValueError, match="temperature"):
-        Row(prompt(3, 0), seed=0, max_new_tokens=2, do_sample=True, temperature=0.0)
+        Row(prompt(3, 0), seed=0, stop=StopConditions(max_new_tokens=2), do_sample=True, temperature=0.0)
     with pytest.raises(ValueError, match="prompt"):
-        Row(torch.zeros(0, dtype=torch.long), seed=0, max_new_tokens=2)
+        Row(torch.zeros(0, dtype=torch.long), seed=0, stop=StopConditions(max_new_tokens=2))
 
 
 def test_per_row_seeds_give_each_row_its_own_requests_noise():

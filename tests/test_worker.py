@@ -14,9 +14,11 @@ import pytest
 import torch
 
 import roe
+from roe import stopping
 from roe.serve.protocol import Sampling, ServeConfig
 from roe.serve.worker import Job, Worker
 from tests.conftest import tiny_olmoe, tiny_tokenizer
+from tests.test_stopping import Spy
 
 GREEDY = Sampling(False, 1.0, 1.0, ())
 SAMPLED = Sampling(True, 1.3, 0.9, ())
@@ -165,6 +167,23 @@ def test_logprobs_and_stop_strings_per_job(model, worker):
     assert text[-3:] in tokenizer.decode(stopped.emit.tokens) and len(other.emit.tokens) == 8
     infos = [value[1] for kind, _, value in plain.emit.events if kind == "token"]
     assert all(len(top) == 2 and top[0][1] >= top[1][1] and logprob <= top[0][1] + 1e-6 for logprob, top in infos)
+
+
+def test_stop_strings_cost_a_bounded_decode_per_step(model):
+    """The worker once decoded a job's whole text at every step to look for its stop strings
+    (LONG tokens at the last step); a decode now holds a bounded window, and the job gets its
+    solo tokens."""
+    spy = Spy(tiny_tokenizer())
+    w = Worker(model, spy, ServeConfig(max_batch=4, threads=1), pad_id=0)
+    w.start()
+    long = replace(job([5, 6, 7], LONG), sampling=Sampling(False, 1.0, 1.0, ("never in the text",)))
+    w.submit([long])
+    try:
+        assert long.emit.done.wait(300)
+    finally:
+        w.close(timeout=120)
+    assert long.emit.tokens == solo(model, long)
+    assert max(spy.lengths) <= stopping.WINDOW and len(spy.lengths) <= 3 * LONG
 
 
 def test_settings_the_model_cannot_run_are_the_requests_fault(worker):

@@ -28,6 +28,7 @@ from roe.config import RoEConfig
 from roe.engine import Decoding, Row, model_eos
 from roe.roster import Roster
 from roe.serve.protocol import ApiError, Sampling, ServeConfig
+from roe.stopping import StopConditions
 
 log = logging.getLogger("roe.serve")
 
@@ -89,18 +90,21 @@ class Group:
 
     def __init__(self, settings: RoEConfig, roster: Roster, busy: float) -> None:
         self.settings, self.decoding = settings, Decoding(roster)
-        self.jobs: dict[int, tuple[Row, Job, list[int]]] = {}  # id(row) -> (row, job, its tokens)
+        self.jobs: dict[int, tuple[Row, Job]] = {}  # id(row) -> (row, job)
         self.busy, self.steps = busy, 0  # worker seconds spent on this group (from its start level), steps run
 
-    def admit(self, jobs: list[Job], eos: frozenset[int]) -> None:
-        rows = [Row(torch.tensor(job.prompt_ids), seed=job.cfg.seed, max_new_tokens=job.max_tokens, eos=eos,
+    def admit(self, jobs: list[Job], eos: frozenset[int], tokenizer) -> None:
+        """Prefill ``jobs`` into the group; each row ends at eos, a stop string of its job, or its ``max_tokens``."""
+        rows = [Row(torch.tensor(job.prompt_ids), seed=job.cfg.seed,
+                    stop=StopConditions(max_new_tokens=job.max_tokens, eos=eos, strings=job.sampling.stop,
+                                        tokenizer=tokenizer),
                     do_sample=job.sampling.do_sample, temperature=job.sampling.temperature, top_p=job.sampling.top_p)
                 for job in jobs]
         self.decoding.admit(rows)
-        self.jobs.update({id(row): (row, job, []) for row, job in zip(rows, jobs, strict=True)})
+        self.jobs.update({id(row): (row, job) for row, job in zip(rows, jobs, strict=True)})
 
     def drop_cancelled(self) -> None:
-        gone = [row for row, job, _ in self.jobs.values() if job.cancelled]
+        gone = [row for row, job in self.jobs.values() if job.cancelled]
         self.decoding.drop(gone)
         for row in gone:
             del self.jobs[id(row)]
@@ -201,7 +205,7 @@ class Worker:
                     group = Group(settings, self.rosters.acquire(settings), level)
                     self.groups.append(group)
                     self.batches += 1
-                group.admit(jobs, self.eos)
+                group.admit(jobs, self.eos, self.tokenizer)
             except ValueError as err:  # settings this model cannot run (found only by building the roster)
                 self._fail(jobs, err, kind="invalid")
                 if group is not None and not group.jobs:
@@ -219,30 +223,21 @@ class Worker:
             step = group.decoding.step()
         except Exception as err:  # a failed step answers its group's jobs, not the server
             log.exception("decode step failed")
-            self._fail([job for _, job, _ in group.jobs.values()], err)
+            self._fail([job for _, job in group.jobs.values()], err)
             self._retire(group)
             return
         group.busy += time.perf_counter() - start
         group.steps += 1
         self.steps += 1
-        stopped = []
         for row, token, logprobs_V in zip(step.rows, step.tokens_R.tolist(), step.logprobs_RV, strict=True):
-            _, job, tokens = group.jobs[id(row)]
+            _, job = group.jobs[id(row)]
             job.steps += 1
             job.emit(("token", job.index, (token, _logprob_info(job, token, logprobs_V))))
-            tokens.append(token)
-            if not row.finish and job.sampling.stop and self._hit_stop(tokens, job.sampling.stop):
-                stopped.append(row)
-        group.decoding.drop(stopped)
-        for row in [row for row, _, _ in group.jobs.values() if row.finish]:
-            _, job, _ = group.jobs.pop(id(row))
+        for row in [row for row, _ in group.jobs.values() if row.finish]:
+            _, job = group.jobs.pop(id(row))
             job.emit(("end", job.index, None))
         if not group.decoding.rows:
             self._retire(group)
-
-    def _hit_stop(self, tokens: list[int], stop: tuple[str, ...]) -> bool:
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        return any(s in text for s in stop)
 
     def _fail(self, jobs: list[Job], err: Exception, kind: str = "error") -> None:
         """Answer ``jobs`` with ``err``: kind "error" is the server's failure, "invalid" the request's."""
