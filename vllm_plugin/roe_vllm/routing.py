@@ -1,6 +1,7 @@
-"""Noisy re-selection of the member rows' experts inside vLLM's fused-MoE router.
+"""Noisy re-selection of the member rows' experts inside vLLM's fused-MoE router, and the experts-per-token dial.
 
-Shapes: T clean rows, M member rows, E experts, A experts per token.
+Shapes: T clean rows, M member rows, R = T + M routed rows, E experts, A experts per token (the model's),
+k a dialled experts per token, W the routing's width.
 
 Every fused-MoE layer routes through ``router.select_experts(hidden, logits)``. For a forward with
 member rows, the clean rows keep the router's own result; the member rows are routed again:
@@ -118,11 +119,11 @@ def dial(rule: CleanWeights, logits_RE: torch.Tensor, noisy_RE: torch.Tensor, we
     return weights_RW.contiguous(), ids_RW.contiguous()
 
 
-def _member_k(step) -> torch.Tensor:
-    """k of each member row [M] (0: the model's own), once per step."""
+def _member_k(step) -> torch.Tensor | None:
+    """k of each member row [M] (0: the model's own), None when no member dials; once per step."""
     if "experts_per_token" not in step.cache:
         k_R = torch.tensor([r.roster.experts_per_token or 0 for r in step.requests], dtype=torch.long)
-        step.cache["experts_per_token"] = k_R[step.request_M]
+        step.cache["experts_per_token"] = k_R[step.request_M] if bool(k_R.any()) else None
     return step.cache["experts_per_token"]
 
 
@@ -130,13 +131,15 @@ def _rows_k(table, step, T: int, rows: int) -> torch.Tensor | None:
     """k of every routed row [T (+ M)] of this forward, or None when none dials."""
     k_T = table.experts_per_row() if table is not None else None
     k_M = _member_k(step) if step is not None and step.wide and rows > T else None
-    if k_T is None and (k_M is None or not bool(k_M.any())):
+    if k_T is None and k_M is None:
         return None
     if k_T is None:
         k_T = torch.zeros(T, dtype=torch.long)
     if k_T.shape[0] != T:
         raise RuntimeError(f"RoE: the forward has {T} token rows but its requests schedule {k_T.shape[0]}")
-    return k_T if k_M is None else torch.cat([k_T, k_M])
+    if k_M is None:
+        k_M = torch.zeros(rows - T, dtype=torch.long)
+    return torch.cat([k_T, k_M])
 
 
 def install(router, layer: int, step_of) -> None:
