@@ -11,10 +11,13 @@ member attention):
    earlier layer, and that layer's attention, run on the T clean rows only) and widen the
    residual, positions and the final norm's inputs after it. The model code is unchanged.
 3. Each attention layer runs vLLM's attention on the clean rows (writing the KV cache) and the
-   member attention on the member rows (reading it). Each router re-selects the member rows'
-   experts with roe's keyed noise and gives them the clean gate weights.
-4. ``forward`` returns the T clean rows and keeps the M member rows; ``compute_logits`` replaces
-   each RoE request's logits row with ``log mean_k softmax(logits_k)`` over its K members, so
+   member attention on the member rows (reading it; attention.py, a compiled kernel where it
+   builds). Each router re-selects the member rows' experts with roe's keyed noise and gives them
+   the clean gate weights; rows of requests that dial ``experts_per_token`` select k experts
+   (routing.py).
+4. ``forward`` returns the T clean rows and keeps the M member rows; ``compute_logits`` runs the
+   head once over the sampled clean rows and the member rows, and replaces each RoE request's
+   logits row with ``log mean_k softmax(logits_k)`` over its K members, so
    greedy, sampling, returned logprobs and stop strings all act on the averaged distribution.
 
 The stock class's weights, kernels and KV cache are used as they are. A tied LM head that vLLM's
