@@ -376,13 +376,6 @@ def run_vllm_serve(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ns, rest = parser().parse_known_args(sys.argv[1:] if argv is None else argv)
-    import vllm.envs
-
-    # NOTE: measured with vLLM 0.32: an engine run inside the API server process serves every request
-    # as the untouched model, RoE settings or not. Refused rather than silently plain.
-    if not vllm.envs.VLLM_ENABLE_V1_MULTIPROCESSING:
-        raise SystemExit("roe-vllm: error: VLLM_ENABLE_V1_MULTIPROCESSING=0 runs the engine inside the API server, "
-                         "where requests' RoE settings do not reach the plugin; unset it")
     try:
         argv = vllm_argv(ns, rest)
     except (ValueError, TypeError) as err:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from roe_vllm.serve import RoEFields, main, parser, vllm_argv
+from roe_vllm.serve import RoEFields, parser, vllm_argv
 
 ROOT = Path(__file__).resolve().parents[2]
 ROE_PYTHON = ROOT / ".venv" / "bin" / "python"  # roe's own venv (transformers 5.23)
@@ -107,13 +107,13 @@ def roe_tokens():
     proc.kill()
 
 
-@pytest.fixture(scope="module")
-def server(roe_tokens, tmp_path_factory):
+def _serve(tmp_path_factory, multiprocessing: str):
+    """A ``roe-vllm serve`` subprocess (default model, schedule "calib", --api-key) and a client for it."""
     port, log = _free_port(), tmp_path_factory.mktemp("serve") / "server.log"
     cmd = [str(Path(sys.executable).parent / "roe-vllm"), "serve", "--port", str(port), "--schedule",
            f"calib={SCHEDULE}", "--api-key", KEY, "--max-model-len", "512"]
-    # the server as users run it: engine core in its own process (conftest.py sets in-process for LLM tests)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
+           "VLLM_ENABLE_V1_MULTIPROCESSING": multiprocessing}
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -127,6 +127,18 @@ def server(roe_tokens, tmp_path_factory):
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(roe_tokens, tmp_path_factory):
+    # the server as users run it: engine core in its own process (conftest.py sets in-process for LLM tests)
+    yield from _serve(tmp_path_factory, "1")
+
+
+@pytest.fixture(scope="module")
+def in_process_server(roe_tokens, tmp_path_factory):
+    """The engine inside the API server's process (VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
+    yield from _serve(tmp_path_factory, "0")
 
 
 @pytest.fixture(scope="module")
@@ -159,13 +171,23 @@ def _gap(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) for x, y in zip(a, b, strict=True))
 
 
-@pytest.mark.parametrize("name,fields", [(n, f) for n, f, _ in CASES])
-def test_tokens_equal_roe_engine(server, expected, name, fields):
-    response = _complete(server, **fields)
+def _assert_roe_engines(response: httpx.Response, expected: dict, name: str) -> None:
     assert _tokens(response) == expected[name]["tokens"]
     choice = response.json()["choices"][0]
     assert choice["prompt_token_ids"] == expected["prompt_ids"]
     assert _gap(choice["logprobs"]["token_logprobs"], expected[name]["logprobs"]) <= LOGPROB_TOL
+
+
+@pytest.mark.parametrize("name,fields", [(n, f) for n, f, _ in CASES])
+def test_tokens_equal_roe_engine(server, expected, name, fields):
+    _assert_roe_engines(_complete(server, **fields), expected, name)
+
+
+@pytest.mark.parametrize("name,fields", [(n, f) for n, f, _ in CASES])
+def test_in_process_engine_gives_roe_engines_tokens(in_process_server, expected, name, fields):
+    """The engine inside the API server's process: its model and logits processor are built from
+    different copies of the engine config there, and RoE requests once came back as plain ones."""
+    _assert_roe_engines(_complete(in_process_server, **fields), expected, name)
 
 
 def test_cases_differ_from_the_untouched_model(expected):
@@ -347,9 +369,3 @@ def test_command_line_keeps_the_users_middleware_and_dtype():
     assert argv.count("--dtype") == 1 and _value(argv, "--dtype") == "bfloat16"
     assert argv[-2:] == ["--sched", "x"]  # not taken for an abbreviation of --schedule: vLLM reports it
 
-
-def test_an_in_process_engine_is_refused(monkeypatch):
-    """In the API server's process the plugin's engine served RoE requests as plain ones (vLLM 0.32)."""
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    with pytest.raises(SystemExit, match="VLLM_ENABLE_V1_MULTIPROCESSING=0"):
-        main(["serve", "--port", "1"])
