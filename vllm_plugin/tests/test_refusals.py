@@ -68,6 +68,14 @@ def test_engine_defaults_validated():
     assert EngineSettings.parse({"roe": {"roster_size": 4}}).enabled
 
 
+def test_kernels_setting_is_a_switch_not_a_default():
+    assert EngineSettings.parse(None).kernels and EngineSettings.parse({"roe": {"roster_size": 4}}).kernels
+    off = EngineSettings.parse({"roe": {"kernels": False}})
+    assert not off.kernels and not off.enabled and off.defaults == {}
+    with pytest.raises(TypeError, match="kernels"):
+        EngineSettings.parse({"roe": {"kernels": "no"}})
+
+
 def test_request_settings_resolve_like_roe():
     engine = EngineSettings.parse({"roe": {"roster_size": 4, "tau": 0.2, "schedules": {"s": [0.0, 0.5, 0.0]}}})
     assert engine.roster(None, 3).tau_L == (0.0, 0.2, 0.0)
