@@ -14,6 +14,11 @@ a request that dials ``experts_per_token`` runs all its rows with that k, prefil
 its KV cache holds the history of the model with k (roe_vllm/routing.py reads it in every router).
 NOTE: such a KV cache differs from the model's own, so ``cache_salt`` gives those requests their own
 prefix-cache keys (plugin.py sets it at admission): a prefix computed with one k is never reused with another.
+
+Parallel sampling (``n`` > 1): vLLM fans a request out into n child requests that share one
+``extra_args``, so every choice would run the same RoE noise. As in ``roe serve``, choice i runs with
+the RoE seed ``seed + i``: at admission the request's seed is pinned (the engine default resolved) in
+``ChoiceSeeds``, and each child gets its own ``extra_args`` with its seed (plugin.py).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from roe_vllm.settings import REQUEST_KEYS, EngineSettings, check_request
 # (``dataclasses.replace`` gives a copy a new ``instance_id``, measured with AsyncLLM) that share their
 # sub-configs; this registry (the engine's CacheConfig object -> processor, weak) is how the model
 # finds its engine's batch table. The processor holds the CacheConfig, so its id is not reused.
+MAX_SEED = 1 << 63  # roe's noise keying takes seeds in [0, 2**63)
 _TABLES: weakref.WeakValueDictionary[int, RoERequests] = weakref.WeakValueDictionary()
 # The engine config of the request being admitted (set around vLLM's admission check, plugin.py):
 # ``validate_params`` receives only the request, but the check needs the engine's defaults and layers.
@@ -75,6 +81,10 @@ class RoERequests(LogitsProcessor):
 
             num_layers, experts = num_moe_layers(model_config.hf_config), moe_experts(model_config.hf_config)
         check_request(engine, sampling_params, num_layers, experts)
+        cfg, n = engine.config(sampling_params.extra_args), getattr(sampling_params, "n", 1) or 1
+        if cfg is not None and cfg.seed + n - 1 >= MAX_SEED:
+            raise ValueError(f"RoE seed {cfg.seed} with n={n}: choice i runs with seed + i, which must stay "
+                             f"below 2**63")
 
     def is_argmax_invariant(self) -> bool:
         return False  # so that ``apply`` also runs on greedy batches, where it checks the model saw the batch
@@ -141,6 +151,27 @@ def dial_salt(vllm_config, params) -> str | None:
     if k is None or (experts is not None and k == experts[1]):
         return None
     return f"roe-experts-per-token={k}"
+
+
+class ChoiceSeeds(dict):
+    """The ``extra_args`` of a RoE request with n > 1, its RoE seed pinned: choice i runs with seed + i."""
+
+    def choice(self, index: int) -> dict:
+        return {**self, "seed": self["seed"] + index}
+
+
+def choice_seeds(vllm_config, params) -> ChoiceSeeds | None:
+    """The ``extra_args`` that give a RoE request's n choices their seeds (None: not a RoE request with n > 1).
+
+    Only on a RoE engine: a stock engine's requests keep their ``extra_args`` as given.
+    """
+    from roe_vllm.architectures import PREFIX
+
+    model_config = getattr(vllm_config, "model_config", None)
+    if (getattr(params, "n", 1) or 1) <= 1 or not getattr(model_config, "architecture", "").startswith(PREFIX):
+        return None
+    cfg = EngineSettings.parse(vllm_config.additional_config, model_config.model).config(params.extra_args)
+    return None if cfg is None else ChoiceSeeds({**(params.extra_args or {}), "seed": cfg.seed})
 
 
 def table_for(vllm_config) -> RoERequests | None:
