@@ -5,8 +5,9 @@ row stops at its new token if the token is one of ``eos`` (the token is emitted)
 of its generated tokens contains one of ``strings``, else if it is the ``max_new_tokens``-th.
 
 The text is ``tokenizer.decode(generated, skip_special_tokens=True)``. Decoding all of it at every
-step costs O(n) per step, O(n^2) per row. ``StopState`` decodes a bounded tail instead, as vLLM's
-incremental detokenizer does (after text-generation-inference)::
+step costs O(n) per step, O(n^2) per row. ``StopState`` reads it through a ``Detokenizer``, which
+decodes a bounded tail instead, as vLLM's incremental detokenizer does (after
+text-generation-inference); the server streams a choice's text through one too::
 
     generated tokens:  ... committed ... | prefix ... read | read ... n
     window (decoded):                    |   last piece    |  pending
@@ -70,17 +71,13 @@ class StopConditions:
 
 
 class StopState:
-    """One row's progress: tokens counted, and the tail of its text that a stop string could still end in."""
+    """One row's progress: tokens counted, and (with stop strings) its text, searched where a new hit could be."""
 
     def __init__(self, conditions: StopConditions) -> None:
         self.conditions, self.generated = conditions, 0
-        self.tokens: list[int] = []  # every generated token, for the fallback only
-        self.prefix = self.read = 0  # tokens[prefix:read] is the last committed piece, tokens[read:] pending
-        self.head = ""  # decode(tokens[prefix:read])
+        self.text = Detokenizer(conditions.tokenizer) if conditions.strings else None
         self.keep = max([0, *(len(s) - 1 for s in conditions.strings)])
-        self.tail = ""  # the last ``keep`` committed characters
-        self.whole = False  # the tokenizer rewrote committed text: decode everything from now on
-        self.glue = _glued(conditions.tokenizer) if conditions.strings else frozenset()
+        self.cut: int | None = None  # once "stop": where the first stop string starts in the text
 
     def update(self, token: int) -> str | None:
         """Count ``token``, just generated: "eos", "stop" (a stop string) or "length" if the row ends at it."""
@@ -93,23 +90,76 @@ class StopState:
         return "length" if self.generated >= stop.max_new_tokens else None
 
     def _hit(self, token: int) -> bool:
-        """Append ``token``; does the text now contain a stop string?"""
+        """Append ``token``; does the text now contain a stop string? (``cut``: where the first starts.)
+
+        A hit absent before ends in the new text, so it starts at most ``keep`` committed
+        characters before it; after a rewrite (``Detokenizer.whole``) the whole text is searched."""
+        start = max(0, self.text.committed - self.keep)
+        self.text.push(token)
+        start = 0 if self.text.whole else start
+        window = self.text.since(start)
+        found = [at for s in self.conditions.strings if (at := window.find(s)) >= 0]
+        if found:
+            self.cut = start + min(found)
+        return bool(found)
+
+
+class Detokenizer:
+    """The text of a growing list of tokens, decoded on a bounded window (see the module docstring).
+
+    After each ``push`` the text is ``decode(tokens, skip_special_tokens=True)``: its first
+    ``committed`` characters (the pieces committed so far) never change again, the rest
+    (``pending``) may. ``since(start)`` joins only the pieces it needs, so reading the end of the
+    text costs what that end holds, not the whole text. The stop conditions and the server's
+    streaming (roe/serve/text.py) both read a row's text through it.
+    """
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.glue = tokenizer, _glued(tokenizer)
+        self.tokens: list[int] = []  # every token pushed, for the fallback only
+        self.prefix = self.read = 0  # tokens[prefix:read] is the last committed piece, tokens[read:] pending
+        self.head = ""  # decode(tokens[prefix:read])
+        self.pieces: list[str] = []  # the committed text, piece by piece
+        self.committed = 0  # characters in ``pieces``
+        self.pending = ""
+        self.whole = False  # the tokenizer rewrote committed text: decode everything from now on
+
+    def __len__(self) -> int:
+        return self.committed + len(self.pending)
+
+    def text(self) -> str:
+        return self.since(0)
+
+    def since(self, start: int) -> str:
+        """The text from character ``start`` on."""
+        parts, at = [self.pending], self.committed
+        for piece in reversed(self.pieces):
+            if at <= start:
+                break
+            parts.append(piece)
+            at -= len(piece)
+        return "".join(reversed(parts))[start - at:]
+
+    def push(self, token: int) -> None:
+        """Append ``token``: commit what its window shows final, keep the rest pending."""
         self.tokens.append(token)
         full = "" if self.whole else self._decode(self.prefix, len(self.tokens))
         if self.whole or not full.startswith(self.head):
             # NOTE: a run of byte-fallback tokens that is not valid UTF-8 decodes as one U+FFFD
             # per byte, including bytes already read as whole characters: committed text changed.
-            # The window holds the whole run (``_glued``), so this is seen here; the row falls
-            # back to the whole decode, exact and O(n) per step, which only broken bytes cost.
-            self.whole = True
-            return self._found(self._decode(0, len(self.tokens)))
+            # The window holds the whole run (``_glued``), so this is seen here; the text falls
+            # back to the whole decode, exact and O(n) per token, which only broken bytes cost.
+            self.whole, self.pieces, self.committed = True, [], 0
+            self.pending = self._decode(0, len(self.tokens))
+            return
         new = full[len(self.head):]
-        hit = self._found(self.tail + new)
         if new and not new.endswith("\ufffd"):
             self._commit(len(self.tokens), new)
+            self.pending = ""
         elif len(self.tokens) - self.read > MAX_PENDING:
             self._settle(full)
-        return hit
+        else:
+            self.pending = new
 
     def _settle(self, full: str) -> None:
         """Commit the pending tokens but the last HOLD if no character spans that point (see MAX_PENDING)."""
@@ -117,21 +167,22 @@ class StopState:
         upto = self._decode(self.prefix, end)
         if len(upto) >= len(self.head) and full.startswith(upto):
             self._commit(end, upto[len(self.head):])
+            self.pending = full[len(upto):]
+        else:
+            self.pending = full[len(self.head):]
 
     def _commit(self, end: int, text: str) -> None:
         """``tokens[read:end]`` read ``text`` for good: they become the last piece (the window
         starts at the old ``read``, unless a byte-fallback or skipped token is there)."""
-        self.tail = (self.tail + text)[-self.keep:] if self.keep else ""
+        self.pieces.append(text)
+        self.committed += len(text)
         if self.tokens[self.read] not in self.glue:
             self.prefix = self.read
         self.read = end
         self.head = self._decode(self.prefix, self.read)
 
-    def _found(self, text: str) -> bool:
-        return any(s in text for s in self.conditions.strings)
-
     def _decode(self, start: int, end: int) -> str:
-        return self.conditions.tokenizer.decode(self.tokens[start:end], skip_special_tokens=True)
+        return self.tokenizer.decode(self.tokens[start:end], skip_special_tokens=True)
 
 
 BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")

@@ -50,7 +50,7 @@ class Sink:
 
     @property
     def tokens(self) -> list[int]:
-        return [value[0] for kind, _, value in self.events if kind == "token"]
+        return [value[0] for kind, _, value in self.events if kind in ("token", "end")]
 
 
 def job(prompt: list[int], max_tokens: int, *, roster_size: int = 4, seed: int = 0, sampling: Sampling = GREEDY,
@@ -165,7 +165,7 @@ def test_logprobs_and_stop_strings_per_job(model, worker):
     assert stopped.emit.done.wait(60) and other.emit.done.wait(60)
     assert stopped.emit.tokens == plain.emit.tokens[:len(stopped.emit.tokens)]
     assert text[-3:] in tokenizer.decode(stopped.emit.tokens) and len(other.emit.tokens) == 8
-    infos = [value[1] for kind, _, value in plain.emit.events if kind == "token"]
+    infos = [value[1] for kind, _, value in plain.emit.events if kind in ("token", "end")]
     assert all(len(top) == 2 and top[0][1] >= top[1][1] and logprob <= top[0][1] + 1e-6 for logprob, top in infos)
 
 

@@ -150,7 +150,7 @@ class Service:
         jobs = [Job(parsed.keys[i % n], parsed.cfgs[i % n], parsed.sampling, ids, parsed.max_tokens, p * n + i, emit,
                     parsed.top_logprobs)
                 for p, ids in enumerate(parsed.prompts) for i in range(n)]
-        choices = [ChoiceText(self.tokenizer, self.eos, parsed.sampling.stop, parsed.max_tokens) for _ in jobs]
+        choices = [ChoiceText(self.tokenizer, parsed.sampling.stop) for _ in jobs]
         self.worker.submit(jobs)
         return jobs, choices, events
 
@@ -173,8 +173,8 @@ class Service:
                 continue
             if kind == "token":
                 choice.add(*value)
-            else:
-                choice.end()
+            else:  # "end": the last token, with the finish the worker found (no stop string is searched here)
+                choice.end(*value)
             piece = choice.delta()
             if piece or choice.finish:
                 yield index, piece, choice.finish

@@ -10,8 +10,10 @@ settings differ cannot share a forward, so the groups take turns: the group that
 least worker time runs next, and a new group starts level with the least. A short request thus
 starts at the next step and gets its share of the worker from then on, instead of waiting for
 the running requests to finish (or for many steps of a costly group). A row leaves its group
-when it ends (eos, its ``max_tokens``, a stop string) and, before the next step, when its job is
-cancelled (the client went away). A step that fails answers an error to its group's jobs only.
+when it ends (eos, its ``max_tokens``, a stop string: checked here, once per step, on a bounded
+tail of its text; its job's last event says which, and where the stop string starts) and,
+before the next step, when its job is cancelled (the client went away). A step that fails
+answers an error to its group's jobs only.
 """
 
 import logging
@@ -43,8 +45,10 @@ class Job:
     prompt_ids: list[int]
     max_tokens: int
     index: int
-    # thread-safe: ("token", index, (id, logprobs or None)) / ("end", index, None) /
-    # ("error" or "invalid", index, message)
+    # thread-safe: ("token", index, (id, logprobs or None)) for a token of a row that goes on;
+    # ("end", index, (id, logprobs or None, finish, cut)) for its last token and why it ended:
+    # "eos" (the token is the eos), "stop" (``cut``: where the first stop string starts in the
+    # decoded text), "length"; ("error" or "invalid", index, message)
     emit: Callable[[tuple], None]
     top_logprobs: int | None = None
     cancelled: bool = False
@@ -232,10 +236,14 @@ class Worker:
         for row, token, logprobs_V in zip(step.rows, step.tokens_R.tolist(), step.logprobs_RV, strict=True):
             _, job = group.jobs[id(row)]
             job.steps += 1
-            job.emit(("token", job.index, (token, _logprob_info(job, token, logprobs_V))))
-        for row in [row for row, _ in group.jobs.values() if row.finish]:
-            _, job = group.jobs.pop(id(row))
-            job.emit(("end", job.index, None))
+            value = (token, _logprob_info(job, token, logprobs_V))
+            # NOTE: the finish travels with the last token: the request never streams that token's
+            # text before it knows where a stop string cuts it.
+            if row.finish:
+                del group.jobs[id(row)]
+                job.emit(("end", job.index, (*value, row.finish, row.progress.cut)))
+            else:
+                job.emit(("token", job.index, value))
         if not group.decoding.rows:
             self._retire(group)
 
