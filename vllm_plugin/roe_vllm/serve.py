@@ -131,11 +131,14 @@ class ServerRoE:
             roster = self.engine.roster(xargs, self.moe_layers) if self.moe_layers is not None else None
         except (ValueError, TypeError) as err:
             raise FieldError(None, str(err)) from None
-        # NOTE: vLLM's n > 1 copies one request's extra_args to every choice, so all would share one
-        # RoE seed; roe serve gives choice i the seed + i. Refused rather than silently different.
-        if roster is not None and max(body.get("n") or 1, body.get("best_of") or 1) > 1:
-            raise FieldError("n", "n > 1 is not supported with RoE on vLLM: send one request per choice "
-                                  "(roe serve's choice i has seed + i)")
+        # NOTE: n > 1 gives choice i the RoE seed + i, as roe serve does (the plugin, roe_vllm/plugin.py).
+        # best_of is not vLLM's any more (0.32 ignores it) and roe serve refuses it: refused with RoE.
+        best_of = body.get("best_of")
+        if roster is not None and best_of is not None and best_of != 1:
+            raise FieldError("best_of", "best_of is not supported with RoE (nor by roe serve); use n")
+        n = body.get("n") if isinstance(body.get("n"), int) else 1
+        if roster is not None and roster.seed + n - 1 >= MAX_SEED:
+            raise FieldError("seed", "choice i of n runs with the RoE seed + i, which must stay below 2**63")
 
 
 def moved(body: dict, server: ServerRoE) -> dict | None:

@@ -190,6 +190,20 @@ def test_in_process_engine_gives_roe_engines_tokens(in_process_server, expected,
     _assert_roe_engines(_complete(in_process_server, **fields), expected, name)
 
 
+@pytest.mark.parametrize("which", ["server", "in_process_server"])
+def test_choice_i_of_n_runs_with_seed_plus_i(request, expected, which):
+    """As in roe serve: choice 1 of a request with seed 2 is roe's engine at seed 3 (the "uniform" case)."""
+    fields = {**CASES[0][1], "seed": CASES[0][1]["seed"] - 1}
+    # top_k=1: argmax tokens with n > 1 (vLLM refuses n > 1 with temperature 0)
+    response = _complete(request.getfixturevalue(which), n=2, temperature=1.0, top_k=1, **fields)
+    assert response.status_code == 200, response.text
+    choices = sorted(response.json()["choices"], key=lambda c: c["index"])
+    assert [c["index"] for c in choices] == [0, 1]
+    assert choices[1]["token_ids"] == expected["uniform"]["tokens"]
+    assert _gap(choices[1]["logprobs"]["token_logprobs"], expected["uniform"]["logprobs"]) <= LOGPROB_TOL
+    assert _gap(choices[0]["logprobs"]["token_logprobs"], expected["uniform"]["logprobs"]) > 100 * LOGPROB_TOL
+
+
 def test_cases_differ_from_the_untouched_model(expected):
     """Each case's settings move the log-probs far beyond the tolerance, and one the tokens too,
     so the equalities above see whether the settings arrived (greedy tokens alone mostly do not)."""
@@ -242,7 +256,7 @@ INVALID = [
     # checked by the plugin at admission (they need the model's 6 MoE layers)
     {"roster_size": 4, "skip_first": 4, "skip_last": 4}, {"roster_size": 4, "tau": [0.1, 0.2, 0.3]},
     {"roster_size": 4, "tau": 0.2, "schedule": "calib"}, {"roster_size": 4, "tau": 0.2, "prompt_logprobs": 1},
-    {"roster_size": 4, "tau": 0.2, "n": 2},
+    {"roster_size": 4, "tau": 0.2, "best_of": 2}, {"roster_size": 4, "seed": (1 << 63) - 1, "n": 2},
 ]
 
 
