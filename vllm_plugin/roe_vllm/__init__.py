@@ -26,6 +26,7 @@ JSON dict or list of taus>}, "kernels": <bool, default true>}}`` (reaches every 
 When it sets defaults (any key but ``schedules`` and ``kernels``), requests without extra_args run RoE
 with them; otherwise they run the untouched model. Invalid settings are refused per request at admission
 (ValueError offline, HTTP 400 in the server). Requests with RoE may not ask for prompt_logprobs.
+With ``n > 1``, choice i runs with the RoE seed ``seed + i``, as in ``roe serve``.
 
 Supported: OLMoE, Mixtral, Qwen3-MoE (``roe_vllm.architectures``); eager mode, tensor parallel.
 Refused with the reason: DeepSeek-V2/V3 (MLA), GPT-OSS (sinks, MXFP4), speculative decoding,
