@@ -172,18 +172,40 @@ def test_stop_strings_cut_the_text(server):
     assert got.text == full[: full.find(stop)] and got.finish_reason == "stop"
 
 
-def test_concurrent_requests_match_sequential_answers(server):
+def test_concurrent_requests_share_forwards_and_match_sequential_answers(server, monkeypatch):
+    """Requests queued together are decoded in shared forwards, each getting its solo answer.
+
+    To make them overlap whatever the timing of the HTTP requests, the worker's ``submit`` (run on
+    the event loop by each request) is wrapped: the first requests' jobs are held and the last
+    request submits all of them in one call, so the worker takes them from its queue at once.
+    With ``max_batch`` 4, six single-job requests of the same settings make exactly two groups
+    (2 ``batches``), each decoding its rows together; run one by one they make six.
+    """
     prompts = ["To be", "In the beginning was", "The lazy dog", "or not to be, that", "quick", "brown fox jumps"]
+    max_tokens, worker = 6, server.app.state.service.worker
 
     def ask(prompt):
-        return server.client.completions.create(model="tiny", prompt=prompt, max_tokens=6, seed=1).choices[0].text
+        return server.client.with_options(timeout=60).completions.create(
+            model="tiny", prompt=prompt, max_tokens=max_tokens, seed=1).choices[0].text
 
     alone = [ask(p) for p in prompts]
-    batches_before = server.app.state.service.worker.batches
+    held, lock, submit = [], threading.Lock(), worker.submit
+
+    def submit_together(jobs):
+        with lock:
+            held.extend(jobs)
+            if len(held) == len(prompts):
+                submit(list(held))
+
+    monkeypatch.setattr(worker, "submit", submit_together)
+    batches, steps = worker.batches, worker.steps
     with ThreadPoolExecutor(len(prompts)) as pool:
         together = list(pool.map(ask, prompts))
     assert together == alone
-    assert server.app.state.service.worker.batches - batches_before <= len(prompts)
+    groups = -(-len(prompts) // server.app.state.service.cfg.max_batch)
+    assert worker.batches - batches == groups
+    # a group's rows share each step: at most max_tokens steps per group (one by one: up to 6 x 6)
+    assert worker.steps - steps <= groups * max_tokens
 
 
 BAD = [
