@@ -6,8 +6,9 @@ read with its size capped, parsed and tokenised off the event loop (protocol.py:
 when full). The worker schedules by decode step:
 jobs join a running group of the same roster settings (up to ``max_batch`` rows sharing each
 forward, whatever their seeds and sampling) between steps, the groups take turns one step each,
-and each step's token goes back to the waiting request, which turns tokens into text (eos, stop
-strings, its own ``max_tokens``). The engine gives a prompt the same tokens in a batch as alone,
+and each step's token goes back to the waiting request. The worker checks eos, stop strings and
+``max_tokens`` incrementally (roe/stopping.py) and sends a job's finish with its last token; the
+request turns tokens into text once each (text.py). The engine gives a prompt the same tokens in a batch as alone,
 so a response never depends on its batch-mates or on when it joined.
 
 RoE settings are extra request fields (``roster_size``, ``tau``, ``schedule``: a name the
