@@ -116,10 +116,10 @@ class RouterTap(TorchFunctionMode):
 
 
 def is_selection(func, args, kwargs) -> bool:
-    """topk, or max / min over a dim (a pick returning values and indices)."""
+    """topk, or max over a dim (a pick returning values and indices; not the elementwise max)."""
     if func in (torch.topk, torch.Tensor.topk):
         return True
-    with_dim = len(args) > 1 or "dim" in kwargs
+    with_dim = (len(args) > 1 and isinstance(args[1], int)) or "dim" in kwargs
     return func in (torch.max, torch.Tensor.max) and with_dim
 
 
