@@ -15,7 +15,7 @@ Ernie's ``moe_statics``; ``expert_bias``; Zaya's ``balancing_biases``) gets N(0,
 bias path of each rule is really exercised (they initialise to zeros).
 ``EXCLUDED`` lists the MoE families found in the scan but not included, with the reason.
 
-Run ``python tests/families.py`` to build every family, check the router count, run a forward on
+Run ``python -m roe.families`` to build every family, check the router count, run a forward on
 (2, 7) input ids and ``generate(max_new_tokens=3, do_sample=False)``.
 
 The configs are built lazily (inside the lambdas), so importing this module is cheap.
