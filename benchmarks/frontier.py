@@ -89,8 +89,11 @@ SEQUENCE_SAMPLING_TODO = {
     "status": "TODO: not measured",
     "what": "best-of-N by likelihood and majority vote over N sampled continuations on roe's built-in tasks "
             "(roe tasks), N matched to the measured cost of the RoE cell compared with",
-    "note": "with the roster's cost ratios below 2x for K <= 16, a cost-matched N is 1 or 2 sequential samples; "
-            "N samples decoded as N batch rows would need their own measured cost",
+    "note": "not run for lack of time on the shared 2 cores. Cost matching: sequential samples cost N x (k=4, K=1), "
+            "and the roster's ratios here are mostly below 2x for K <= 16, so a cost-matched N would be 1 or 2; "
+            "N samples decoded as N batch rows (each with its own cache) cost what roe.bench's batched-own-cache "
+            "method measures at tau=0, to be timed in the same rounds. Only last-word generates; next-line is "
+            "scored by likelihood and has no samples to vote over.",
 }
 
 
