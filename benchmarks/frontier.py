@@ -19,10 +19,11 @@ cost of a cell is the median over rounds of its ratio to k = 4 K = 1 *within the
 95% distribution-free CI from 6 rounds (``roe.bench.combine_rounds``). Rounds are interleaved
 with the NLL work, so they sample the machine's load over the whole run.
 
-Equal-cost comparisons (in the JSON's ``equal_cost``): each RoE cell (K > 1) against "more
-experts", the K = 1 curve over k interpolated linearly in cost at the RoE cell's cost; the
-difference is paired per window (RoE minus the interpolated pair), its SE ignores the
-uncertainty of the cost ratios themselves.
+Equal-cost comparisons (in the JSON's ``equal_cost``): each RoE cell (k, K > 1) against every
+K = 1 cell with more experts (k' > k, "more experts"), and the best of those, and the best K = 1
+cell of any k, measured no dearer than the RoE cell; each difference is paired per window (RoE
+minus it; positive: the K = 1 cell is better), its SE ignores the uncertainty of the cost ratios.
+``pareto`` lists the cells no other cell beats on both cost and NLL (point estimates).
 
 Resumable: every finished NLL cell and every finished cost round is written to the JSON at
 once and skipped when the same command runs again (the windows, seed and settings must match;
@@ -79,6 +80,7 @@ def save_doc(doc: dict, path: Path) -> None:
     """Summary rows recomputed from the raw per-window NLLs and rounds, written atomically."""
     doc["rows"] = summary_rows(doc)
     doc["equal_cost"] = equal_cost(doc)
+    doc["pareto"] = [cell_name(r["k"], r["K"]) for r in pareto(doc["rows"])]
     doc["sequence_sampling"] = SEQUENCE_SAMPLING_TODO
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(doc, indent=1) + "\n")
@@ -210,29 +212,34 @@ def summary_rows(doc) -> list[dict]:
 
 
 def equal_cost(doc) -> list[dict]:
-    """Each RoE cell against the K = 1 curve over k (more experts) interpolated at its measured cost."""
+    """Each RoE cell (k, K > 1) against the K = 1 cells: those with more experts (k' > k), and the
+    best K = 1 cell of any k measured no dearer; every difference paired per window."""
     rows = {(r["k"], r["K"]): r for r in doc.get("rows", [])}
-    curve = sorted((r["cost_ratio"], r["k"]) for r in rows.values()
-                   if r["K"] == 1 and r["cost_ratio"] is not None and r["nll"] is not None)
+    single = [r for r in rows.values() if r["K"] == 1 and r["nll"] is not None and r["cost_ratio"] is not None]
     out = []
     for (k, K), r in rows.items():
         if K == 1 or r["nll"] is None or r["cost_ratio"] is None:
             continue
-        bracket = next(((a, b) for a, b in zip(curve, curve[1:]) if a[0] <= r["cost_ratio"] <= b[0]), None)
-        if bracket is None:
-            out.append({"k": k, "K": K, "cost_ratio": r["cost_ratio"], "more_experts": None,
-                        "why": "cost outside the K=1 curve's measured range"})
-            continue
-        (ca, ka), (cb, kb) = bracket
-        w = (r["cost_ratio"] - ca) / (cb - ca) if cb > ca else 0.0
-        a_N, b_N = (doc["cells"][cell_name(x, 1)]["window_nll"] for x in (ka, kb))
-        interp_N = [(1 - w) * a + w * b for a, b in zip(a_N, b_N, strict=True)]
-        diff, se = paired_change(doc["cells"][cell_name(k, K)]["window_nll"], interp_N)
-        out.append({"k": k, "K": K, "cost_ratio": r["cost_ratio"],
-                    "more_experts": {"between_k": [ka, kb], "weight_of_second": w,
-                                     "change": statistics.fmean(interp_N) - statistics.fmean(doc["base_window_nll"])},
-                    "roe_minus_more_experts": diff, "se": se, "z": diff / se if se else None})
+        versus = [{"k": s["k"], "cost_ratio": s["cost_ratio"], **against(doc, r, s)} for s in single]
+        more = [v for v in versus if v["k"] > k]
+        affordable = [v for v in versus if v["cost_ratio"] <= r["cost_ratio"]]
+        out.append({"k": k, "K": K, "cost_ratio": r["cost_ratio"], "more_experts": more,
+                    "best_affordable_more_experts": _best([v for v in more if v in affordable]),
+                    "best_affordable_k1": _best(affordable)})
     return out
+
+
+def against(doc, r: dict, other: dict) -> dict:
+    """Cell ``r`` minus cell ``other``: paired mean per-window NLL difference, SE and z."""
+    cells = doc["cells"]
+    diff, se = paired_change(cells[cell_name(r["k"], r["K"])]["window_nll"],
+                             cells[cell_name(other["k"], other["K"])]["window_nll"])
+    return {"roe_minus_it": diff, "se": se, "z": diff / se if se else None}
+
+
+def _best(versus: list[dict]) -> dict | None:
+    """The comparison whose K = 1 cell has the lowest NLL (the largest RoE-minus-it)."""
+    return max(versus, key=lambda v: v["roe_minus_it"]) if versus else None
 
 
 def pareto(rows: list[dict]) -> list[dict]:
@@ -252,7 +259,8 @@ def pareto(rows: list[dict]) -> list[dict]:
 
 
 def plot(doc, path: Path) -> None:
-    """NLL change against cost ratio: one marker per k, a line per k across K, the Pareto front."""
+    """NLL change against cost ratio: one marker per k, a line per k across K, the Pareto front
+    (on point estimates). Error bars: +-1 paired SE of the change; the cost ratio's 95% CI."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -264,14 +272,18 @@ def plot(doc, path: Path) -> None:
         line = sorted((r for r in rows if r["k"] == k), key=lambda r: r["K"])
         if not line:
             continue
-        ax.errorbar([r["cost_ratio"] for r in line], [r["change"] * 1e3 for r in line],
-                    yerr=[r["se"] * 1e3 for r in line], marker=marker, capsize=2, lw=1, label=f"k={k}")
+        ci = [r.get("cost_ratio_ci95") or (r["cost_ratio"], r["cost_ratio"]) for r in line]
+        xerr = [[r["cost_ratio"] - lo for r, (lo, _) in zip(line, ci, strict=True)],
+                [hi - r["cost_ratio"] for r, (_, hi) in zip(line, ci, strict=True)]]
+        ax.errorbar([r["cost_ratio"] for r in line], [r["change"] * 1e3 for r in line], xerr=xerr,
+                    yerr=[r["se"] * 1e3 for r in line], marker=marker, capsize=2, lw=1, elinewidth=0.5,
+                    label=f"k={k}")
         for r in line:
             ax.annotate(f"K{r['K']}", (r["cost_ratio"], r["change"] * 1e3), fontsize=6, xytext=(3, 2),
                         textcoords="offset points")
     front = pareto(rows)
     ax.step([r["cost_ratio"] for r in front], [r["change"] * 1e3 for r in front], where="post", color="black",
-            lw=2, alpha=0.35, label="Pareto frontier")
+            lw=2, alpha=0.35, label="Pareto frontier (point estimates)")
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_yscale("symlog", linthresh=2)
     ax.set_xlabel("decode-step cost, x (k=4, K=1) within a round (median over rounds)")
