@@ -49,6 +49,17 @@ def generate(llm, prompts: list[list[int]], extra_args: list[dict | None] | dict
     return [o.outputs[0] for o in outs]
 
 
+def assert_each_as_alone(llm, prompts: list[list[int]], extras: list[dict | None]) -> None:
+    """One batch of requests with mixed settings gives each the tokens and top-20 log-probs it gets alone."""
+    together = generate(llm, prompts, extras, logprobs=20)
+    for prompt, extra, out in zip(prompts, extras, together):
+        alone = generate(llm, [prompt], extra, logprobs=20)[0]
+        assert list(out.token_ids) == list(alone.token_ids)
+        for x, y in zip(out.logprobs, alone.logprobs):
+            assert x.keys() == y.keys()
+            assert max(abs(x[t].logprob - y[t].logprob) for t in x) < 1e-4
+
+
 def dense_logprobs(output, vocab: int) -> torch.Tensor:
     """[steps, V] log-probs of a completion requested with logprobs=V (NaN where none was returned)."""
     out = torch.full((len(output.logprobs), vocab), float("nan"))

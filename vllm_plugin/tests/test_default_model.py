@@ -7,7 +7,7 @@ Engines: stock vLLM on a copy of the model that stores its tied head (``plain``)
 
 import pytest
 import torch
-from conftest import dense_logprobs, generate, roe_reference, tied_copy
+from conftest import assert_each_as_alone, dense_logprobs, generate, roe_reference, tied_copy
 
 V = 8192
 STEPS = 32
@@ -90,13 +90,7 @@ def test_mixed_batch_gives_each_its_own(roe_llm):
     extras = [{"roster_size": 4, "tau": 0.3, "seed": 0}, None, {"roster_size": 8, "tau": SCHEDULE, "seed": 1},
               {"roster_size": 2, "tau": 0.5, "skip_first": 0, "seed": 7}]
     prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[2]]
-    together = generate(roe_llm, prompts, extras, logprobs=20)
-    for prompt, extra, out in zip(prompts, extras, together):
-        alone = generate(roe_llm, [prompt], extra, logprobs=20)[0]
-        assert list(out.token_ids) == list(alone.token_ids)
-        for x, y in zip(out.logprobs, alone.logprobs):
-            assert x.keys() == y.keys()
-            assert max(abs(x[t].logprob - y[t].logprob) for t in x) < 1e-4
+    assert_each_as_alone(roe_llm, prompts, extras)
 
 
 def test_sampling_acts_on_the_average(roe_llm):

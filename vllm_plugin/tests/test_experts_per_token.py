@@ -14,7 +14,7 @@ import json
 
 import pytest
 import torch
-from conftest import dense_logprobs, generate, roe_reference, tied_copy
+from conftest import assert_each_as_alone, dense_logprobs, generate, roe_reference, tied_copy
 from test_families import FAMILIES, save_tiny
 
 V = 8192
@@ -115,13 +115,7 @@ def test_mixed_batch_gives_each_its_own(roe_llm):
     extras = [K1_2, None, DIALLED["k4_6"], {"roster_size": 2, "tau": 0.5, "seed": 7},
               {"roster_size": 4, "tau": 0.3, "seed": 0, "experts_per_token": 1}]
     prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[1], PROMPTS[0], PROMPTS[1]]
-    together = generate(roe_llm, prompts, extras, logprobs=20)
-    for prompt, extra, out in zip(prompts, extras, together):
-        alone = generate(roe_llm, [prompt], extra, logprobs=20)[0]
-        assert list(out.token_ids) == list(alone.token_ids)
-        for x, y in zip(out.logprobs, alone.logprobs):
-            assert x.keys() == y.keys()
-            assert max(abs(x[t].logprob - y[t].logprob) for t in x) < 1e-4
+    assert_each_as_alone(roe_llm, prompts, extras)
 
 
 def test_prefix_cache_never_mixes_ks(roe_llm, plain_k2):
