@@ -23,6 +23,7 @@ the RoE seed ``seed + i``: at admission the request's seed is pinned (the engine
 
 from __future__ import annotations
 
+import json
 import weakref
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -73,8 +74,7 @@ class RoERequests(LogitsProcessor):
     def validate_params(cls, sampling_params) -> None:
         vllm_config = ADMITTING.get() or get_current_vllm_config_or_none()
         model_config = getattr(vllm_config, "model_config", None)
-        engine = EngineSettings.parse(vllm_config.additional_config if vllm_config is not None else None,
-                                      model_config.model if model_config is not None else None)
+        engine = engine_settings(vllm_config)
         num_layers = experts = None
         if model_config is not None:
             from roe_vllm.architectures import moe_experts, num_moe_layers
@@ -135,6 +135,23 @@ class RoERequests(LogitsProcessor):
         return k_T
 
 
+_ENGINES: dict[tuple[str, str | None], EngineSettings] = {}
+
+
+def engine_settings(vllm_config) -> EngineSettings:
+    """The engine's RoE settings (None config: none), parsed once per (additional_config, model).
+
+    Admission asks for them several times per request (validation, dial salt, choice seeds); parsing
+    reads the checkpoint's schedule.json and checks every registered schedule.
+    """
+    model_config = getattr(vllm_config, "model_config", None)
+    additional = vllm_config.additional_config if vllm_config is not None else None
+    key = (json.dumps(additional, sort_keys=True, default=str), getattr(model_config, "model", None))
+    if key not in _ENGINES:
+        _ENGINES[key] = EngineSettings.parse(additional, key[1])
+    return _ENGINES[key]
+
+
 def dial_salt(vllm_config, params) -> str | None:
     """The prefix-cache salt of a request that dials another k than the model's own (None: no salt).
 
@@ -145,7 +162,7 @@ def dial_salt(vllm_config, params) -> str | None:
     model_config = getattr(vllm_config, "model_config", None)
     if model_config is None:
         return None
-    engine = EngineSettings.parse(vllm_config.additional_config, model_config.model)
+    engine = engine_settings(vllm_config)
     k = engine.experts_per_token(getattr(params, "extra_args", None))
     experts = moe_experts(model_config.hf_config)
     if k is None or (experts is not None and k == experts[1]):
@@ -170,7 +187,7 @@ def choice_seeds(vllm_config, params) -> ChoiceSeeds | None:
     model_config = getattr(vllm_config, "model_config", None)
     if (getattr(params, "n", 1) or 1) <= 1 or not getattr(model_config, "architecture", "").startswith(PREFIX):
         return None
-    cfg = EngineSettings.parse(vllm_config.additional_config, model_config.model).config(params.extra_args)
+    cfg = engine_settings(vllm_config).config(params.extra_args)
     return None if cfg is None else ChoiceSeeds({**(params.extra_args or {}), "seed": cfg.seed})
 
 
