@@ -5,8 +5,8 @@
 #
 #   bash benchmarks/default_model.sh runs/cont [runs/cont/history.json]
 #
-# Needs data/corpus and data/tokens (python -m roe.data.corpus / roe.data.tokenizer --encode) and
-# writes data/unseen.txt (python -m roe.data.unseen). About 6 hours on 2 quiet cores.
+# Needs data/corpus and data/tokens (python -m tools.corpus / tools.tokenizer --encode) and
+# writes data/unseen.txt (python -m tools.unseen). About 6 hours on 2 quiet cores.
 set -euo pipefail
 RUN=${1:?usage: default_model.sh RUN_DIR [HISTORY_JSON]}
 HISTORY=${2:-}
@@ -18,7 +18,7 @@ history_args=()
 [ -n "$HISTORY" ] && history_args=(--history "$HISTORY")
 
 step ship weights
-"$BIN/python" -m roe.data.ship --run "$RUN" "${history_args[@]}"
+"$BIN/python" -m tools.ship --run "$RUN" "${history_args[@]}"
 
 step "calibrate: the paper's protocol over every MoE layer (about 65 minutes)"
 # the App. B grid (one tau on all six MoE layers), then TPE per layer seeded with the grid's best
@@ -39,7 +39,7 @@ step eval test
     --against-schedule "$R/schedule_uniform_all.json" --json | tail -n1 > "$R/eval_test_every_layer_tpe.json"
 
 step eval unseen
-[ -f data/unseen.txt ] || "$BIN/python" -m roe.data.unseen --out data/unseen.txt
+[ -f data/unseen.txt ] || "$BIN/python" -m tools.unseen --out data/unseen.txt
 "$BIN/roe" eval --text data/unseen.txt --ks 1,8,16 --max-windows 400 --plot "$R/eval_unseen.png" --json \
     | tail -n1 > "$R/eval_unseen.json"
 "$BIN/roe" eval --text data/unseen.txt --schedule "$R/schedule_all_layers_tpe.json" --ks 1,8 --max-windows 400 \
@@ -92,7 +92,7 @@ step serve load
 "$BIN/python" benchmarks/serve_load.py --clients 4 --requests 5 --max-tokens 16 --max-time 90 | tail -n1 > "$R/serve_load.json"
 
 step model card and README
-"$BIN/python" -m roe.data.ship --run "$RUN" --card-only "${history_args[@]}" --eval-json "$R/eval_test.json" \
+"$BIN/python" -m tools.ship --run "$RUN" --card-only "${history_args[@]}" --eval-json "$R/eval_test.json" \
     --unseen-json "$R/eval_unseen.json"
 "$BIN/python" benchmarks/update_readme.py
 step done

@@ -11,9 +11,9 @@ MoE sizes scale: hidden size in steps of one 64-wide attention head, expert widt
 expert parameters (4 of 32). ``d256`` is the default model's exact shape. Every member uses the
 same data (``data/tokens``, encoded with the shipped tokenizer ``roe/assets/default``), the same
 recipe and the same token budget (``TOTAL_STEPS`` x 16 x 256 tokens, cosine over steps: see
-``roe.data.train --total-steps``), so sizes differ in parameters only.
+``tools.train --total-steps``), so sizes differ in parameters only.
 
-``train`` runs the members one after another (``python -m roe.data.train --resume`` in a child
+``train`` runs the members one after another (``python -m tools.train --resume`` in a child
 process, output appended to ``runs/family/<member>/train.log``); a member that is finished is
 skipped, one that was interrupted continues from its checkpoint, and an interrupted-and-resumed
 run takes exactly the steps of an uninterrupted one. SIGTERM to the driver is passed to the
@@ -38,6 +38,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # NOTE: tools/ (the training pipeline) runs from the repository; it is not installed
+    sys.path.insert(0, str(ROOT))
 DATA = ROOT / "data" / "tokens"
 TOKENIZER = ROOT / "roe" / "assets" / "default"
 RUNS = ROOT / "runs" / "family"
@@ -68,7 +70,7 @@ class Member:
         return self.hidden_size * 3 // 8
 
     def config(self, total_steps: int = TOTAL_STEPS):
-        from roe.data.train import TrainConfig
+        from tools.train import TrainConfig
 
         return TrainConfig(**RECIPE, hidden_size=self.hidden_size, num_heads=self.num_heads,
                            intermediate_size=self.intermediate_size, total_steps=total_steps)
@@ -83,7 +85,7 @@ def parameter_counts(member: Member) -> dict:
     """Total, active (top-k of the experts) and embedding parameters of a member, counted on the model."""
     import torch
 
-    from roe.data.train import build_model
+    from tools.train import build_model
 
     cfg = member.config()
     with torch.device("meta"):
@@ -101,14 +103,14 @@ def parameter_counts(member: Member) -> dict:
 # -- speed ----------------------------------------------------------------------------------------
 
 def step_seconds(member: Member, seconds: float, warmup: int = 2) -> tuple[list[float], list[float]]:
-    """Wall and CPU time of training steps exactly as roe.data.train takes them, for ``seconds`` after warm-up.
+    """Wall and CPU time of training steps exactly as tools.train takes them, for ``seconds`` after warm-up.
 
     NOTE: the budget is set from CPU time: with one thread it is the wall time the step takes on
     a core of its own, and it barely moves when other jobs share the machine (wall time does).
     """
     import numpy as np
 
-    from roe.data import train
+    from tools import train
 
     cfg = member.config()
     tokens = np.fromfile(DATA / "train.bin", dtype=np.uint16)
@@ -181,8 +183,8 @@ def conditions(threads: int) -> dict:
 # -- train ----------------------------------------------------------------------------------------
 
 def train_args(member: Member, threads: int) -> list[str]:
-    """The roe.data.train command line of a member (always --resume: a re-run continues)."""
-    args = [sys.executable, "-m", "roe.data.train", "--data", str(DATA), "--tokenizer", str(TOKENIZER),
+    """The tools.train command line of a member (always --resume: a re-run continues)."""
+    args = [sys.executable, "-m", "tools.train", "--data", str(DATA), "--tokenizer", str(TOKENIZER),
             "--out", str(RUNS / member.name), "--resume", "--threads", str(threads)]
     for field, value in asdict(member.config()).items():
         args += [f"--{field.replace('_', '-')}", str(value)]
@@ -270,8 +272,8 @@ def train_member(member: Member, threads: int, deadline: float | None) -> int:
 
 def train_family(threads: int, deadline: float | None = None) -> int:
     if not (DATA / "train.bin").exists():
-        raise SystemExit(f"no {DATA}/train.bin: python -m roe.data.corpus --out data/corpus && python -m "
-                         "roe.data.tokenizer --corpus data/corpus --existing roe/assets/default --out data/tokenizer "
+        raise SystemExit(f"no {DATA}/train.bin: python -m tools.corpus --out data/corpus && python -m "
+                         "tools.tokenizer --corpus data/corpus --existing roe/assets/default --out data/tokenizer "
                          "--encode --tokens data/tokens")
     for member in FAMILY:
         if finished(member):

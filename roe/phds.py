@@ -17,11 +17,11 @@ k chosen experts). The loss is that model's own objective:
 c is ``router_aux_loss_coef`` when the model's own loss has that Switch balance term, else 0
 (self-tested on a probe forward, ``Dial._aux_coefficient``).
 
-Everything a step uses is a pure function of (settings, step): the windows (``roe.data.train.batch_at``),
+Everything a step uses is a pure function of (settings, step): the windows (``roe.tokens.batch_at``),
 k_t and the learning rate (linear warm-up, cosine over all steps). So a checkpoint (weights,
 AdamW state, step, log) resumed gives the parameters of an uninterrupted run bit for bit.
 
-This module knows the dial (roe.roster) and the training data layout (roe.data); it knows
+This module knows the dial (roe.roster) and the token files (roe.tokens); it knows
 nothing of evaluation beyond a validation NLL per level for the log.
 """
 
@@ -44,9 +44,9 @@ import torch
 PHDS_FORMAT = "roe.phds/1"
 STATE_FILE = "phds-state.pt"  # the training checkpoint inside --out; removed once the run is done
 LOG_FILE = "phds.json"
-DEFAULT_TOKENS = Path("data/tokens")  # where roe.data.tokenizer --encode writes the default model's windows
+DEFAULT_TOKENS = Path("data/tokens")  # where `python -m tools.tokenizer --encode` writes the default model's windows
 K_STREAM = 1  # keys the k draws apart from the window draws of the same (seed, step)
-PRODUCE_TOKENS = ("python -m roe.data.corpus --out data/corpus && python -m roe.data.tokenizer --corpus data/corpus "
+PRODUCE_TOKENS = ("python -m tools.corpus --out data/corpus && python -m tools.tokenizer --corpus data/corpus "
                   "--existing roe/assets/default --out data/tokenizer --encode --tokens data/tokens")
 
 
@@ -59,7 +59,7 @@ class PhdsConfig:
     steps / curriculum_steps: optimiser steps of each phase.
     lr: peak learning rate (linear warm-up over ``warmup_steps``, cosine to ``min_lr_ratio * lr``
         over both phases); AdamW (0.9, 0.95) with ``weight_decay`` on matrices, as the default
-        model was trained (roe/data/train.py), gradients clipped at norm 1.
+        model was trained (tools/train.py), gradients clipped at norm 1.
     batch_size x seq_len: the token windows of one step. eval_windows: validation windows per
         level for the log (0: none).
     """
@@ -127,7 +127,7 @@ def k_at(cfg: PhdsConfig, step: int) -> int:
 def lr_at(cfg: PhdsConfig, step: int) -> float:
     """Linear warm-up, then cosine down to ``min_lr_ratio * lr`` at the last step (both phases).
 
-    NOTE: over steps, not wall-clock time as roe/data/train.py does: a resumed run must see the
+    NOTE: over steps, not wall-clock time as tools/train.py does: a resumed run must see the
     same rates as an uninterrupted one.
     """
     if step < cfg.warmup_steps:
@@ -243,7 +243,7 @@ class Dial:
 
 
 def make_optimizer(model, cfg: PhdsConfig) -> torch.optim.AdamW:
-    """AdamW as roe/data/train.py: weight decay on matrices except the embeddings."""
+    """AdamW as tools/train.py: weight decay on matrices except the embeddings."""
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -254,10 +254,10 @@ def load_tokens(data: Path | None, vocab_size: int, seq_len: int) -> tuple[np.nd
     """(train tokens, validation tokens or None) from ``data``.
 
     None: the default model's training windows (``data/tokens/train.bin``, written by
-    roe.data.tokenizer --encode). A directory: its ``train.bin`` (and ``validation.bin``), flat
-    uint16 as roe.data writes them. A file: token ids, ``.npy`` (any integer dtype) or flat uint16.
+    ``python -m tools.tokenizer --encode``). A directory: its ``train.bin`` (and ``validation.bin``),
+    flat uint16 (``roe.tokens``). A file: token ids, ``.npy`` (any integer dtype) or flat uint16.
     """
-    from roe.data.train import load_split
+    from roe.tokens import load_split
 
     path = DEFAULT_TOKENS if data is None else Path(data)
     if path.is_dir() and (path / "train.bin").is_file():
@@ -288,7 +288,7 @@ def load_tokens(data: Path | None, vocab_size: int, seq_len: int) -> tuple[np.nd
 
 def step_once(dial: Dial, optimizer, tokens: np.ndarray, cfg: PhdsConfig, step: int) -> dict[str, Any]:
     """One optimiser step at k_t on the windows of step ``step``; returns its log record."""
-    from roe.data.train import batch_at
+    from roe.tokens import batch_at
 
     start = time.perf_counter()
     k = k_at(cfg, step)

@@ -19,7 +19,7 @@ from transformers.models.olmoe import modeling_olmoe
 
 import roe
 from roe import cli, families, phds
-from roe.data.train import batch_at
+from roe.tokens import batch_at
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,7 +29,7 @@ SETTINGS = ["--ks", "1,2,3", "--steps", "8", "--curriculum-steps", "3", "--batch
 
 @pytest.fixture(scope="module")
 def tokens_dir(tmp_path_factory, saved_model):
-    """train.bin and validation.bin of random token ids, laid out as roe.data writes them."""
+    """train.bin and validation.bin of random token ids, laid out as tools/tokenizer.py writes them."""
     vocab = json.loads((saved_model / "config.json").read_text())["vocab_size"]
     path = tmp_path_factory.mktemp("tokens")
     rng = np.random.default_rng(0)
@@ -225,7 +225,7 @@ def test_missing_training_data_says_how_to_make_it(saved_model, tmp_path, monkey
     monkeypatch.setattr(phds, "DEFAULT_TOKENS", tmp_path / "no-tokens")
     err = refused(["phds", "--model", str(saved_model), "--out", str(tmp_path / "out"), "--ks", "1,2"], capsys)
     assert "tokenised training data of the default model is missing" in err
-    assert "python -m roe.data.tokenizer" in err and "--encode" in err and "--data FILE" in err
+    assert "python -m tools.tokenizer" in err and "--encode" in err and "--data FILE" in err
 
 
 def test_a_token_file_out_of_the_vocabulary_is_refused(saved_model, tmp_path, capsys):

@@ -1,11 +1,16 @@
-"""Smoke test of the default model's training script: a tiny config, a few steps, resume."""
+"""The default model's training script (tools/train.py): a tiny config, a few steps, resume; and
+tools/ stays out of the installed package."""
 
+import ast
 import json
+import tomllib
+from pathlib import Path
 
 import numpy as np
+import setuptools
 
-from roe.data import train
 from tests.conftest import tiny_tokenizer
+from tools import train
 
 
 def test_tiny_training_learns_checkpoints_and_resumes(tmp_path):
@@ -36,3 +41,22 @@ def test_tiny_training_learns_checkpoints_and_resumes(tmp_path):
     first = {run: json.loads((run / "log.jsonl").read_text().splitlines()[0])["val_loss"] for run in (fresh, cont)}
     assert first[cont] < first[fresh] - 1.0, first
     assert abs(first[cont] - vals[-1]) < 0.5, (first, vals[-1])
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_research_pipeline_is_not_installed():
+    """tools/ runs from the repository: package discovery leaves it out, and no installed module imports it."""
+    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    packages = setuptools.find_packages(ROOT, include=find["include"], exclude=find.get("exclude", ()))
+    assert "roe" in packages
+    assert not [p for p in packages if not p.startswith("roe")], packages
+    assert not [p for p in packages if p == "roe.data" or p.startswith("roe.data.")], packages
+    importers = []
+    for path in (ROOT / "roe").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            importers += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] == "tools"]
+    assert not importers

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from roe.data import train
 from tests.conftest import tiny_tokenizer
+from tools import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

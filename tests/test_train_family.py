@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from roe.data import train
+from tools import train
 
 SPEC = importlib.util.spec_from_file_location(
     "equivalent_size", Path(__file__).resolve().parents[1] / "benchmarks" / "equivalent_size.py")
@@ -28,11 +28,21 @@ def test_driver_command_line_gives_train_the_members_config(member, monkeypatch)
         cfg=cfg, data=data, tok=tok, out=out, resume=resume, init=init) or True)
     monkeypatch.setattr(train.torch, "set_num_threads", lambda n: seen.update(threads=n))
     command = es.train_args(member, threads=1)
-    assert command[1:3] == ["-m", "roe.data.train"]
+    assert command[1:3] == ["-m", "tools.train"]
     train.main(command[3:])
     assert seen["cfg"] == member.config()
     assert seen["cfg"].total_steps == es.TOTAL_STEPS and seen["resume"] and seen["init"] is None
     assert seen["out"] == es.RUNS / member.name and seen["tok"] == es.TOKENIZER and seen["threads"] == 1
+
+
+def test_driver_command_runs_from_the_repository_root():
+    """The child is launched as train_member launches it (cwd = the repository root): tools/ is not installed."""
+    import subprocess
+
+    command = es.train_args(es.FAMILY[0], threads=1)
+    done = subprocess.run([*command[:3], "--help"], cwd=es.ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "--total-steps" in done.stdout
 
 
 def test_family_spans_half_to_twice_the_default_at_one_active_expert_fraction():

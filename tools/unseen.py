@@ -1,6 +1,6 @@
 """English text the default model never saw, for measuring RoE out of distribution.
 
-    python -m roe.data.unseen --out data/unseen.txt
+    python -m tools.unseen --out data/unseen.txt
 
 Sources (Debian packages, not in the training corpus; extracted without installing):
 
@@ -21,7 +21,7 @@ import gzip
 import re
 from pathlib import Path
 
-from roe.data.corpus import _debian_package, _tidy
+from tools.corpus import _debian_package, _tidy
 
 LICENCES = {"debian-reference-en": "GPL-2+", "doc-debian": "GPL-2+ / Open Publication License v1.0"}
 DOC_DEBIAN_FILES = ("constitution.txt.gz", "social-contract.txt.gz", "debian-manifesto.gz")

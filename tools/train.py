@@ -1,7 +1,7 @@
 """Train the embedded default model: a small fine-grained OLMoE on the offline corpus.
 
-    python -m roe.data.train --preset e64k8 --minutes 95 --out runs/default
-    python -m roe.data.train --preset e32k4 --total-steps 1200 --out runs/x --resume
+    python -m tools.train --preset e64k8 --minutes 95 --out runs/default
+    python -m tools.train --preset e32k4 --total-steps 1200 --out runs/x --resume
 
 Runs on CPU in fp32 for a wall-clock budget, or for a token budget (``--total-steps``). The
 learning rate follows a linear warm-up then a cosine decay over the *time* budget (so a run
@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from roe.tokens import batch_at, load_split
 
 PRESETS = {
     # Same active expert parameters per token (A * I) and the same total expert parameters
@@ -112,17 +114,6 @@ def budget_spent(cfg: TrainConfig, step: int, elapsed_s: float) -> bool:
     return elapsed_s >= cfg.minutes * 60
 
 
-def batch_at(tokens: np.ndarray, cfg: TrainConfig, step: int) -> torch.Tensor:
-    """Random windows of seq_len tokens, a pure function of (seed, step).
-
-    NOTE: transformers shifts ``labels`` inside the loss, so a window is both input and labels.
-    """
-    rng = np.random.default_rng([cfg.seed, step])
-    starts = rng.integers(0, len(tokens) - cfg.seq_len, size=cfg.batch_size)
-    rows = np.stack([tokens[s : s + cfg.seq_len] for s in starts]).astype(np.int64)
-    return torch.from_numpy(rows)
-
-
 @torch.no_grad()
 def validation_loss(model, tokens: np.ndarray, cfg: TrainConfig) -> float:
     """Mean next-token NLL over fixed, evenly spaced windows of the validation split."""
@@ -156,17 +147,6 @@ def save_final(model, tokenizer, out: Path) -> None:
     tokenizer.save_pretrained(final)
 
 
-def load_checkpoint_model(out: Path, tokenizer_dir: Path):
-    """The fp32 model stored in out/ckpt.pt (for evaluating a run while it trains)."""
-    from transformers import AutoTokenizer
-
-    state = torch.load(out / "ckpt.pt", weights_only=False)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    model = build_model(TrainConfig(**state["config"]), len(tokenizer), tokenizer.eos_token_id)
-    model.load_state_dict(state["model"])
-    return model.eval(), state
-
-
 def load_init_weights(model, init: Path) -> None:
     """Copy saved weights (a save_pretrained directory, fp16 allowed) into ``model``; shapes must match."""
     from transformers import AutoModelForCausalLM
@@ -180,10 +160,6 @@ def load_init_weights(model, init: Path) -> None:
         raise SystemExit(f"--init {init}: weights do not fit this config (first mismatches: {bad[:3]})")
     model.load_state_dict(saved)
     print(f"initialised from {Path(init).name} ({len(saved)} tensors)", flush=True)
-
-
-def load_split(data: Path, split: str) -> np.ndarray:
-    return np.fromfile(data / f"{split}.bin", dtype=np.uint16)
 
 
 def make_optimizer(model, cfg: TrainConfig) -> torch.optim.AdamW:

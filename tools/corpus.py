@@ -13,7 +13,7 @@ validation / test by a stable hash of their name (sha1 mod 100: <90 train,
 90-94 validation, 95-99 test), with a fallback that guarantees every split at
 least 2% of the bytes of every source.
 
-Output (``python -m roe.data.corpus --out data/corpus``)::
+Output (``python -m tools.corpus --out data/corpus``)::
 
     OUT/{train,validation,test}.txt          all sources, documents interleaved
     OUT/<source>/{train,validation,test}.txt one source

@@ -1,6 +1,6 @@
 """Ship a trained run as the embedded default model (roe/assets/default) and write its model card.
 
-    python -m roe.data.ship --run runs/default --corpus data/corpus --tokens data/tokens \
+    python -m tools.ship --run runs/default --corpus data/corpus --tokens data/tokens \
         --eval-json runs/eval_test.json
 
 Copies the fp16 weights and tokenizer of ``RUN/final``, the gzipped validation and test splits
@@ -25,7 +25,7 @@ from roe.loading import DEFAULT_MODEL
 def copy_model(run: Path, out: Path) -> None:
     final = run / "final"
     if not (final / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{final} has no model.safetensors: train first (python -m roe.data.train)")
+        raise FileNotFoundError(f"{final} has no model.safetensors: train first (python -m tools.train)")
     out.mkdir(parents=True, exist_ok=True)
     for item in final.iterdir():
         shutil.copy2(item, out / item.name)
@@ -143,7 +143,7 @@ def model_card(run: Path, corpus: Path, tokens: Path, out: Path, eval_json: Path
         f"![training curve](training_curve.png){' (this launch)' if history else ''}\n",
     ]
     for title, path in (("Validation split", val_json), ("Test split", eval_json),
-                        ("English the model never saw (`python -m roe.data.unseen`)", unseen_json)):
+                        ("English the model never saw (`python -m tools.unseen`)", unseen_json)):
         if path is not None and Path(path).is_file():
             result = json.loads(Path(path).read_text().strip().splitlines()[-1])
             c = result["conditions"]
@@ -152,16 +152,16 @@ def model_card(run: Path, corpus: Path, tokens: Path, out: Path, eval_json: Path
                          f"schedule {c['schedule']}, seed {c['seed']}. Negative changes are improvements; SE is the "
                          "standard error of the paired per-window difference.\n",
                          _row_table(result["rows"]) + "\n", _verdict(result["rows"])]
-    launch = (f"python -m roe.data.train --preset {cfg['preset']} --minutes {cfg['minutes']:g} --lr {cfg['lr']:g} "
+    launch = (f"python -m tools.train --preset {cfg['preset']} --minutes {cfg['minutes']:g} --lr {cfg['lr']:g} "
               f"--warmup-steps {cfg['warmup_steps']} --seed {cfg['seed']} --out {run.as_posix()}"
               + (" --init roe/assets/default" if history else ""))
     earlier = "".join(f"{h['command']}\n" for h in history or [])
     if history:
-        earlier += "python -m roe.data.ship --run runs/default   # the earlier launch becomes the --init weights\n"
+        earlier += "python -m tools.ship --run runs/default   # the earlier launch becomes the --init weights\n"
     sections += [
         "## Reproduce\n",
-        "```\npython -m roe.data.corpus --out data/corpus\n"
-        "python -m roe.data.tokenizer --corpus data/corpus --vocab-size 8192 --out data/tokenizer --encode\n"
+        "```\npython -m tools.corpus --out data/corpus\n"
+        "python -m tools.tokenizer --corpus data/corpus --vocab-size 8192 --out data/tokenizer --encode\n"
         f"{earlier}"
         f"{launch}\n"
         f"bash benchmarks/default_model.sh {run.as_posix()}{' HISTORY.json' if history else ''}\n```\n",

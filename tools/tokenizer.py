@@ -1,7 +1,7 @@
 """Train the roe byte-level BPE tokenizer on the corpus and encode the corpus splits.
 
-    python -m roe.data.tokenizer --corpus data/corpus --vocab-size 8192 --out data/tokenizer
-    python -m roe.data.tokenizer --corpus data/corpus --out data/tokenizer --encode [--tokens data/tokens]
+    python -m tools.tokenizer --corpus data/corpus --vocab-size 8192 --out data/tokenizer
+    python -m tools.tokenizer --corpus data/corpus --out data/tokenizer --encode [--tokens data/tokens]
 
 The tokenizer is a GPT-2 style byte-level BPE trained on ``CORPUS/train.txt`` only, with one
 special token ``<|endoftext|>`` (id 0) used as eos, bos and pad; it is saved as a
@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from roe.data.corpus import DOC_SEP, SPLITS
+from roe.tokens import TOKEN_DTYPE
+from tools.corpus import DOC_SEP, SPLITS
 
 EOS = "<|endoftext|>"
 
@@ -77,7 +78,7 @@ def encode_corpus(tokenizer, corpus: Path, out: Path) -> dict:
     for split in SPLITS:
         t0 = time.time()
         ids = encode_file(tokenizer, corpus / f"{split}.txt")
-        ids.astype(np.uint16).tofile(out / f"{split}.bin")
+        ids.astype(TOKEN_DTYPE).tofile(out / f"{split}.bin")
         nbytes = sum(len(d.encode()) for d in read_docs(corpus / f"{split}.txt"))
         meta["splits"][split] = {"tokens": int(ids.size), "bytes": nbytes, "bytes_per_token": nbytes / max(1, ids.size)}
         print(f"{split:10s} {ids.size:>10,d} tokens  {nbytes:>11,d} bytes  {nbytes / max(1, ids.size):.3f} bytes/token"

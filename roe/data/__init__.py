@@ -1,1 +1,0 @@
-"""Data pipeline: corpus assembly from offline package sources and tokenizer training."""
