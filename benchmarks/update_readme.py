@@ -1,11 +1,14 @@
-"""Copy the README's generated tables from the JSON results in benchmarks/results (never retyped).
+"""Copy the generated tables of README.md and docs/*.md from the JSON results in benchmarks/results
+(never retyped).
 
     python benchmarks/update_readme.py
 
-Each table sits between `<!-- begin NAME -->` and `<!-- end NAME -->` markers in README.md;
-NAME is the stem of its JSON file: models (roe models --json), eval_* (roe eval --json),
-bench_* (roe bench --json), tasks (roe tasks --json), calibrate_* (roe calibrate --json),
-serve_load (benchmarks/serve_load.py), profile (benchmarks/profile_step.py), vllm_cost (benchmarks/vllm_cost.py).
+Each table sits between `<!-- begin NAME -->` and `<!-- end NAME -->` markers in README.md or in a
+page of docs/ (a table may appear in several); NAME is the stem of its JSON file: models (roe models
+--json), eval_* (roe eval --json), bench_* (roe bench --json), tasks (roe tasks --json), calibrate_*
+(roe calibrate --json), serve_load (benchmarks/serve_load.py), profile (benchmarks/profile_step.py),
+vllm_cost (benchmarks/vllm_cost.py). A marker with no JSON result, or of no known kind, is an error:
+a table between markers is never hand-typed.
 """
 
 from __future__ import annotations
@@ -165,20 +168,45 @@ RENDER = {"models": lambda d: markdown_table(d["rows"]), "eval": eval_table, "be
           "vllm_cost": vllm_cost_table}
 
 
+def pages() -> list[Path]:
+    """The pages that may hold generated tables: the README and the docs."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def render(name: str) -> str | None:
+    """The table of the result NAME, from the last line of benchmarks/results/NAME.json; None while
+    that file is empty (its command failed or has not finished: the page keeps the table it has)."""
+    kind = next((k for k in RENDER if name.startswith(k)), None)
+    path = RESULTS / f"{name}.json"
+    if kind is None or not path.exists():
+        raise SystemExit(f"update_readme: no JSON result renders the table {name!r} ({path.name})")
+    lines = path.read_text().strip().splitlines()
+    if not lines:
+        print(f"skipped {path.name}: empty (its command failed or has not finished)")
+        return None
+    return RENDER[kind](json.loads(lines[-1]))
+
+
+BLOCK = re.compile(r"^(<!-- begin (\S+) -->\n).*?^(<!-- end \2 -->)$", re.S | re.M)
+
+
+def regenerate(text: str) -> str:
+    """TEXT with every marked table replaced by its rendering from the JSON results."""
+
+    def table(m: re.Match) -> str:
+        new = render(m.group(2))
+        return m.group(0) if new is None else m.group(1) + new + "\n" + m.group(3)
+
+    return BLOCK.sub(table, text)
+
+
 def main() -> None:
-    readme = (ROOT / "README.md").read_text()
-    for path in sorted(RESULTS.glob("*.json")):
-        kind = next((k for k in RENDER if path.stem.startswith(k)), None)
-        pattern = re.compile(rf"(<!-- begin {path.stem} -->\n).*?(<!-- end {path.stem} -->)", re.S)
-        if kind is None or not pattern.search(readme):
-            continue
-        lines = path.read_text().strip().splitlines()
-        if not lines:
-            print(f"skipped {path.name}: empty (its command failed or has not finished)")
-            continue
-        doc = json.loads(lines[-1])
-        readme = pattern.sub(lambda m, d=doc, k=kind: m.group(1) + RENDER[k](d) + "\n" + m.group(2), readme)
-    (ROOT / "README.md").write_text(readme)
+    for page in pages():
+        text = page.read_text()
+        new = regenerate(text)
+        if new != text:
+            page.write_text(new)
+            print(f"updated {page.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

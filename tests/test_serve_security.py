@@ -1,6 +1,6 @@
 """roe serve as a stranger meets it: named schedules only, an API key, JSON only, the Host header,
 bounded bodies, prompts and cost, input that once gave 500s, abandoned requests, readiness, and
-the README's serving examples run verbatim.
+the serving examples of the README and docs/ run verbatim.
 
 Each test here failed on the server before issue 17 (a path opened as the server's user, no key,
 OverflowError / ValueError / UnicodeEncodeError 500s, 429 for a request that can never fit,
@@ -27,7 +27,8 @@ from roe.serve import ServeConfig, create_app
 
 KEY = "sk-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def moe_layers(model) -> int:
@@ -359,18 +360,18 @@ def test_warm_up_failure_keeps_health_503(saved_model, monkeypatch):
         assert failed.status_code == 503 and "no kernel" in failed.json()["detail"]
 
 
-# ---------------------------------------------------------------- item 9: the README, verbatim
+# ---------------------------------------------------------------- item 9: the README and docs, verbatim
 
 
-def readme_serving_blocks() -> list[str]:
-    """Every python code block of the README that talks to a server through the OpenAI client."""
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+def serving_blocks(page: Path) -> list[str]:
+    """Every python code block of PAGE that talks to a server through the OpenAI client."""
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
     return [b for b in blocks if "OpenAI(" in b and "base_url=" in b]
 
 
 def test_the_readme_serving_examples_run_verbatim(saved_model):
-    blocks = readme_serving_blocks()
-    assert blocks, "the README shows no OpenAI client example"
+    assert serving_blocks(ROOT / "README.md"), "the README shows no OpenAI client example"
+    blocks = [b for page in PAGES for b in serving_blocks(page)]
     model, tokenizer = roe.load(saved_model)
     app = create_app(model, tokenizer, ServeConfig(threads=1, max_tokens_limit=64))
     with running(app) as (_, url):
