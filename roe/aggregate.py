@@ -5,7 +5,7 @@ chunk by chunk without holding K x S x V log-probs: ``partial`` reduces a block 
 along ``dim``, ``merge`` combines two partial states, ``finish`` turns the state of ``count``
 members into log-probabilities over V.
 
-- ``mean-prob`` (the paper, DESIGN §1): p = mean_k softmax(logits_k); returns log p.
+- ``mean-prob`` (the paper): p = mean_k softmax(logits_k); returns log p.
 - ``mean-logprob``: the normalised geometric mean, softmax(mean_k log p_k).
 - ``vote``: each member votes for its argmax; returns the log of the vote shares.
 """

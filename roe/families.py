@@ -13,7 +13,6 @@ Router weights that ``_init_weights`` leaves at exactly zero (AfMoE) are re-draw
 routing is not decided by ties. Every routing-bias tensor (``e_score_correction_bias``, also
 Ernie's ``moe_statics``; ``expert_bias``; Zaya's ``balancing_biases``) gets N(0, 0.1) added, so the
 bias path of each rule is really exercised (they initialise to zeros).
-``EXCLUDED`` lists the MoE families found in the scan but not included, with the reason.
 
 Run ``python -m roe.families`` to build every family, check the router count, run a forward on
 (2, 7) input ids and ``generate(max_new_tokens=3, do_sample=False)``.
@@ -390,102 +389,6 @@ DIRECT_CLASS: dict[str, tuple[str, str]] = {
 }
 
 
-EXCLUDED: dict[str, str] = {
-    # encoder-decoder MoE
-    "nllb_moe": "encoder-decoder (NllbMoeForConditionalGeneration); old-style NllbMoeTop2Router, recorder index 2",
-    "switch_transformers": "encoder-decoder (SwitchTransformersForConditionalGeneration);"
-                           " SwitchTransformersTop1Router, recorder index 2",
-    # multimodal / omni without a standalone text *ForCausalLM
-    "qwen3_vl_moe": "VLM only (Qwen3VLMoeForConditionalGeneration);"
-                    " text router Qwen3VLMoeTextTopKRouter = Qwen3.5 rule",
-    "qwen3_omni_moe": "omni only (thinker/talker ForConditionalGeneration); routers = Qwen2-MoE / Qwen3.5 rules",
-    "glm4v_moe": "VLM only (Glm4vMoeForConditionalGeneration); Glm4vMoeTextTopkRouter = DeepSeek-V3 rule",
-    "glm5_next": "VLM only (Glm5NextForConditionalGeneration); Glm5NextTextTopkRouter = DeepSeek-V3 rule",
-    "ernie4_5_vl_moe": "VLM only (Ernie4_5_VLMoeForConditionalGeneration); recorder points at the MoE block (index 1);"
-                       " Ernie-4.5 rule",
-    "deepseek_ocr2": "OCR VLM only (DeepseekOcr2ForConditionalGeneration); DeepSeek-V2 rule",
-    "unlimited_ocr": "OCR VLM only (UnlimitedOcrForConditionalGeneration); DeepSeek-V2 rule",
-    "mistral_large4": "VLM only (MistralLarge4ForConditionalGeneration);"
-                      " Mistral4 rule with fp32 logits and renorm always on",
-    "muse_spark": "multimodal only (MuseSparkForConditionalGeneration);"
-                  " MiniMax-M2-like sigmoid+bias router with output_multiplier",
-    "step3p7": "VLM only (Step3p7ForConditionalGeneration); MiniMax-M3 rule (sigmoid + bias, renorm)",
-    "diffusion_gemma": "diffusion encoder/decoder LM, no *ForCausalLM; Gemma4 router rule",
-    # not a causal LM / not a token router
-    "openai_privacy_filter": "token classifier only (OpenAIPrivacyFilterForTokenClassification);"
-                             " GPT-OSS rule, fp32, weights / top_k",
-    "granite_docling": "GraniteDoclingDensityRouter is a per-image vision-path gate, not an expert router",
-    "doge": "DogeCDMoE: product-key retrieval of embedding experts inside the block (router_gate nn.Linear, "
-            "no router module; recorder targets the block, index 1); is_moe=False by default",
-    "bamba": "mentions experts but hard-codes num_experts = 1 (dense)",
-}
-
-
-# Routing-rule class of each family (the survey ids; the rules themselves live in roe/adapters):
-#   S1 softmax->topk (+renorm flag/always/never)  S1g Gemma4  S1d DBRX (routing in DbrxFFN)
-#   T1 topk(logits)->softmax over k  T1l Llama4 dense sigmoid  T1o JetMoe old-style dispatch tuple
-#   G DeepSeek-V3 sigmoid+bias+groups  B score+bias without groups  S2 softmax+bias choice
-#   S3 softmax+group limit (no bias)  P PhiMoE sparsemixer  I Inkling  Z Zaya
-RULE: dict[str, str] = {
-    "olmoe": "S1",
-    "flex_olmo": "S1",
-    "mixtral": "S1",
-    "minimax": "S1",
-    "qwen2_moe": "S1",
-    "qwen3_moe": "S1",
-    "qwen3_next": "S1",
-    "qwen3_5_moe": "S1",
-    "qwen4_exp": "S1",
-    "mellum": "S1",
-    "hunyuan_v1_moe": "S1",
-    "jamba": "S1",
-    "gemma4": "S1g",
-    "dbrx": "S1d",
-    "gpt_oss": "T1",
-    "granitemoe": "T1",
-    "granitemoeshared": "T1",
-    "granitemoe_swa": "T1",
-    "granitemoehybrid": "T1",
-    "aria": "T1",
-    "cohere2_moe": "T1",
-    "llama4": "T1l",
-    "jetmoe": "T1o",
-    "deepseek_v3": "G",
-    "deepseek_v32": "G",
-    "glm_moe_dsa": "G",
-    "axk1": "G",
-    "axk2": "G",
-    "glm4_moe": "G",
-    "glm4_moe_lite": "G",
-    "dots1": "G",
-    "dots3_note": "G",
-    "exaone_moe": "G",
-    "hy_v4": "G",
-    "kimi_linear": "G",
-    "bailing_hybrid": "G",
-    "mimo_v2_flash": "G",
-    "nemotron_h": "G",
-    "solar_open": "G",
-    "beam": "G",
-    "minimax_m2": "B",
-    "minimax_m3_vl": "B",
-    "hy_v3": "B",
-    "afmoe": "B",
-    "lfm2_moe": "B",
-    "laguna": "B",
-    "deepseek_v4": "B",
-    "inkling2": "B",
-    "flint": "B",
-    "kolibri1": "B",
-    "ernie4_5_moe": "S2",
-    "longcat_flash": "S2",
-    "deepseek_v2": "S3",
-    "mistral4": "S3",
-    "phimoe": "P",
-    "inkling": "I",
-    "zaya": "Z",
-}
-
 def causal_lm_class(name: str):
     if name in DIRECT_CLASS:
         cls, module = DIRECT_CLASS[name]
@@ -562,7 +465,7 @@ def _smoke(names=None) -> int:
 
     warnings.filterwarnings("ignore")
     transformers.logging.set_verbosity_error()
-    # Tiny matmuls: with 2 intra-op threads on a busy 2-core box a 14x64 linear takes ~16 ms instead of ~16 us.
+    # NOTE: one thread: on matmuls this tiny, intra-op threads on a busy machine cost far more than they save.
     torch.set_num_threads(1)
     failures = 0
     total = time.perf_counter()

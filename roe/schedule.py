@@ -1,6 +1,6 @@
 """Per-layer temperature schedules: one tau per MoE layer, JSON-serialisable with provenance.
 
-A schedule is the vector tau_L of DESIGN §1: entry l is the Gumbel temperature of the l-th
+A schedule is the vector tau_L of the noisy forward: entry l is the Gumbel temperature of the l-th
 *MoE* layer (dense layers have no entry). ``Schedule.uniform`` builds the paper's shape: the
 first ``skip_first`` and last ``skip_last`` MoE layers at 0, one value in between. Calibrated
 schedules (``roe calibrate``) are stored as JSON with where they came from.

@@ -3,11 +3,11 @@ tools/ stays out of the installed package."""
 
 import ast
 import json
-import tomllib
 from pathlib import Path
 
 import numpy as np
 import setuptools
+from setuptools.config.pyprojecttoml import read_configuration
 
 from tests.conftest import tiny_tokenizer
 from tools import train
@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_the_research_pipeline_is_not_installed():
     """tools/ runs from the repository: package discovery leaves it out, and no installed module imports it."""
-    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    find = read_configuration(ROOT / "pyproject.toml", expand=False)["tool"]["setuptools"]["packages"]["find"]
     packages = setuptools.find_packages(ROOT, include=find["include"], exclude=find.get("exclude", ()))
     assert "roe" in packages
     assert not [p for p in packages if not p.startswith("roe")], packages

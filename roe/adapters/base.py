@@ -42,7 +42,7 @@ import torch
 class Rule:
     """One routing rule; subclasses state only their difference.
 
-    ``name``/``summary`` appear in ``roe models``. ``candidates`` yields the parameter variants
+    ``name`` appears in ``roe models``. ``candidates`` yields the parameter variants
     worth self-testing for a router (an attribute such as ``norm_topk_prob`` pins one).
     ``top_k``: the experts per token to select (None: the model's own, ``model_k``).
     """
@@ -50,7 +50,6 @@ class Rule:
     top_k: int | None = field(default=None, kw_only=True)
 
     name: ClassVar[str] = "base"
-    summary: ClassVar[str] = ""
     logits_index: ClassVar[int] = 0
     fixed_k: ClassVar[str | None] = None  # why the model cannot run another k (None: it can)
 

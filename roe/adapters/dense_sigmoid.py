@@ -18,7 +18,6 @@ from roe.adapters.base import Rule
 @dataclass(frozen=True)
 class DenseSigmoid(Rule):
     name = "topk-dense-sigmoid"
-    summary = "top-k of the logits; dense [T, E] gate: sigmoid of the selected logits, 0 elsewhere"
     logits_index = 1
 
     def select(self, router, logits_TE):

@@ -15,7 +15,6 @@ from roe.adapters.sigmoid_bias import SigmoidBias, router_bias
 @dataclass(frozen=True)
 class LogitBias(SigmoidBias):
     name = "logit-bias"
-    summary = "top-k of logits + correction bias, clean sigmoid of the selected logits (renormalised)"
 
     @classmethod
     def applies(cls, router):

@@ -21,7 +21,6 @@ from roe.adapters.base import Rule
 @dataclass(frozen=True)
 class ProbsTopK(Rule):
     name = "probs-topk"
-    summary = "router returns softmax probabilities; top-k, renormalised, x per-expert scale"
 
     @classmethod
     def applies(cls, router):

@@ -24,7 +24,6 @@ class SharedGammas(SigmoidBias):
     shared_TS: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     name = "sigmoid-bias-shared"
-    summary = "sigmoid + correction bias, top-k; weights normalised jointly with the shared experts"
 
     @classmethod
     def applies(cls, router):

@@ -3,7 +3,7 @@
     s_TE = act(logits_TE)   (sigmoid, or the router's own ``score_fn``: DeepSeek-V4 sqrtsoftplus)
     idx_TA = topk(s_TE + bias_E, A);   w_TA = s_TE[idx_TA], renormalised (+ eps), x scale
 
-NOTE: the noise goes on the logits, before the activation and the bias (DESIGN §1): the choice
+NOTE: the noise goes on the logits, before the activation and the bias, as in every rule: the choice
 is act(logits + tau * G) + bias; the weights stay the clean scores. The bias is a tensor the
 block passes as a forward argument (MiniMax-M2, HY-V3 ``e_score_correction_bias``; AfMoE, LFM2
 ``expert_bias``, None when LFM2 has none), else the router's own buffer, else absent (Flint).
@@ -62,7 +62,6 @@ class SigmoidBias(Rule):
     bias_E: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     name = "sigmoid-bias"
-    summary = "sigmoid (or score_fn) scores + correction bias, top-k, clean scores renormalised x scaling"
 
     @classmethod
     def candidates(cls, router):

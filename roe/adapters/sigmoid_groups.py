@@ -25,7 +25,6 @@ from roe.adapters.sigmoid_bias import SigmoidBias
 @dataclass(frozen=True)
 class SigmoidGroups(SigmoidBias):
     name = "sigmoid-bias-groups"
-    summary = "sigmoid scores + correction bias, group-limited top-k, clean scores x scaling"
     fill: ClassVar[float] = float("-inf")  # the choice value of experts in dropped groups
 
     @classmethod

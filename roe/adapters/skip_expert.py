@@ -18,7 +18,6 @@ from roe.adapters.softmax_bias import SoftmaxBias
 @dataclass(frozen=True)
 class SkipExpert(SoftmaxBias):
     name = "softmax-bias-skip"
-    summary = "softmax + balancing bias over the experts and a skip class; a skip runs no expert"
     fixed_k = "its architecture supports one expert per token only (ZayaConfig refuses num_experts_per_tok != 1)"
 
     @classmethod

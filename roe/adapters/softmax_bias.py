@@ -18,7 +18,6 @@ from roe.adapters.sigmoid_bias import SigmoidBias, router_bias
 @dataclass(frozen=True)
 class SoftmaxBias(SigmoidBias):
     name = "softmax-bias"
-    summary = "softmax probabilities + correction bias, top-k, clean probabilities (renormalised) x scaling"
 
     @classmethod
     def applies(cls, router):

@@ -24,7 +24,6 @@ class SoftmaxGroups(SigmoidGroups):
     group_max: bool = False
 
     name = "softmax-groups"
-    summary = "softmax probabilities, group-limited top-k (no bias), clean probabilities x scaling"
     fill = 0.0
 
     @classmethod

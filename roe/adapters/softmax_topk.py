@@ -23,7 +23,6 @@ class SoftmaxTopK(Rule):
     renormalise: bool = False
 
     name = "softmax-topk"
-    summary = "softmax over all experts, top-k of the probabilities, optional renormalisation"
 
     @classmethod
     def candidates(cls, router):

@@ -19,7 +19,6 @@ from roe.adapters.topk_softmax import TopKSoftmax
 @dataclass(frozen=True)
 class SortedDispatch(TopKSoftmax):
     name = "topk-softmax-dispatch"
-    summary = "top-k of the logits, softmax over the k; dispatch tuple sorted by expert (JetMoe)"
     logits_index = 4
     fixed_k = ("its blocks read top_k outside the router (the MoA attention runs kv heads x top_k query heads and "
                "reshapes by top_k), so the number of experts per token is part of the architecture")

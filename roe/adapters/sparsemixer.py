@@ -31,7 +31,6 @@ def band_gate(scores_TE: torch.Tensor, pick_T1: torch.Tensor, jitter_eps: float)
 @dataclass(frozen=True)
 class SparseMixer(Rule):
     name = "sparsemixer"
-    summary = "PhiMoE: two sequential argmax picks, each weighted by a softmax over its jitter band"
     fixed_k = "its sparsemixer router always picks exactly 2 experts (it ignores num_experts_per_tok)"
 
     @classmethod

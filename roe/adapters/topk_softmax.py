@@ -18,7 +18,6 @@ from roe.adapters.base import Rule
 @dataclass(frozen=True)
 class TopKSoftmax(Rule):
     name = "topk-softmax"
-    summary = "top-k of the logits, softmax over the k selected logits"
 
     def select(self, router, logits_TE):
         return torch.topk(logits_TE, self.k(router), dim=-1).indices

@@ -19,13 +19,11 @@ from roe.config import RoEConfig
 from roe.roster import roster, target_logprob
 
 
-def make_windows(tokens: np.ndarray, length: int, max_windows: int | None = None) -> torch.Tensor:
+def make_windows(tokens: np.ndarray, length: int) -> torch.Tensor:
     """[N, length + 1] consecutive windows; raises if the text is shorter than one window."""
     n = (len(tokens) - 1) // length
     if n < 1:
         raise ValueError(f"the text has {len(tokens)} tokens, fewer than one window of {length + 1}")
-    if max_windows is not None:
-        n = min(n, max_windows)
     rows = [tokens[i * length : i * length + length + 1] for i in range(n)]
     return torch.from_numpy(np.stack(rows).astype(np.int64))
 
