@@ -11,7 +11,9 @@
 2. ``probe``: one short clean forward captures each router's real call and output.
 3. ``choose_rule``: every registered rule variant that applies to the router is run on that
    captured call and output with zero noise; the first to reproduce it bit for bit is used. A
-   router no rule reproduces is refused, naming the family and the rules tried.
+   router no rule reproduces is refused, naming the family and the rules tried, or, when its
+   output for a token changes with the other tokens of the forward (``locality``), saying so:
+   no per-token rule can exist for it.
 
 4. ``dial``: ``RoEConfig.experts_per_token`` (the MoE-PHDS sparsity dial) gives every rule the
    number of experts to select, checked against each router's experts; a rule whose model
@@ -29,6 +31,7 @@ import torch
 
 from roe.adapters.base import Rule, self_test
 from roe.adapters.dense_sigmoid import DenseSigmoid
+from roe.adapters.locality import refuse_token_mixing
 from roe.adapters.logit_bias import LogitBias
 from roe.adapters.probs_topk import ProbsTopK
 from roe.adapters.shared_gammas import SharedGammas
@@ -133,6 +136,7 @@ def choose_rule(slot: RouterSlot, output: Any, family: str, args: tuple = (), kw
             tried.append(rule.describe())
             if self_test(rule, slot.module, output, args, kwargs):
                 return rule
+    refuse_token_mixing(slot.module, slot.path, family, args, kwargs or {})
     raise ValueError(
         f"{family}: no roe routing rule reproduces router {type(slot.module).__name__} ({slot.path}) at tau = 0 "
         f"(tried {len(tried)} variants of: {', '.join(dict.fromkeys(t.split(' (')[0] for t in tried)) or 'none'}). "
