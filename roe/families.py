@@ -380,6 +380,11 @@ FAMILIES: dict[str, Callable[[], PretrainedConfig]] = {
         **_attn(), head_dim=HEAD_DIM, num_hidden_layers=2, moe_intermediate_size=MOE_INTER,
         num_experts=EXPERTS, num_experts_per_tok=1, router_hidden_size=16,
     ),  # ZayaConfig.validate_architecture: num_experts_per_tok must be 1
+    # ----------------------------------------------------------------- product keys, refused (roe/adapters/locality.py)
+    "doge": lambda: _cls("DogeConfig")(
+        **_attn(), num_hidden_layers=2, intermediate_size=INTER,
+        is_moe=True, num_experts=16, num_experts_per_tok=TOP_K,
+    ),  # 16 = 4 x 4 product keys (keys = floor(sqrt(experts)): with 8 only 2 x 2 experts are reachable)
 }
 
 

@@ -29,7 +29,7 @@ REFUSED = {
     "deepseek_v4": "hash-routed MoE layers",
 }
 # roe refuses these whatever k (tests/test_families.py), and k values the model itself cannot run.
-UNSUPPORTED = {"dbrx"}
+UNSUPPORTED = {"dbrx", "doge"}
 FAILS_IN_TRANSFORMERS = {"longcat_flash": 1}  # LongcatFlashExperts squeezes away the k axis at k = 1
 DIALLED = [n for n in families.FAMILIES if n not in REFUSED and n not in UNSUPPORTED]
 

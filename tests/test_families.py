@@ -51,7 +51,7 @@ RULE_NAMES = {
 RULE_EXCEPTIONS = {"kolibri1": "logit-bias"}  # B, but the bias is added to the logits
 
 # Families refused with a clear error, and the reason the message must give.
-REFUSED = {"dbrx": "returns only its logits"}
+REFUSED = {"dbrx": "returns only its logits", "doge": "routes each token by the other tokens of the forward"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
