@@ -7,29 +7,79 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import inspect
 import json
 import math
 import sys
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 
 SHORT = {"roster_size": "-K"}
 
 
-def _roe_config(roster_size: int, tau: float | None, schedule: str | None, seed: int, skip_first: int = 1,
-                skip_last: int = 1, experts_per_token: int | None = None):
-    """--schedule FILE, else --tau (uniform), else None: the model's default schedule (roe/schedule.py).
+@dataclass(frozen=True)
+class RoEOptions:
+    """The RoE options the commands share, resolved once: --tau or --schedule, --seed, --experts-per-token.
 
-    --experts-per-token k: every member selects k experts per token (None: the model's own).
+    Temperatures: --schedule FILE, else a uniform --tau on the middle MoE layers, else (neither)
+    the model's default schedule: the schedule.json shipped in its directory, else uniform 0.1
+    (roe/schedule.py). --experts-per-token k: every member selects k experts per token (None: the
+    model's own). ``config(K)`` is the roster's RoEConfig at roster size K.
     """
-    from roe import RoEConfig
 
-    if schedule and tau is not None:
-        raise ValueError("give --tau or --schedule, not both")
-    return RoEConfig(roster_size=roster_size, tau=schedule if schedule else tau, seed=seed,
-                     skip_first=skip_first, skip_last=skip_last, experts_per_token=experts_per_token)
+    tau: float | None = None
+    schedule: str | None = None
+    seed: int = 0
+    experts_per_token: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.schedule and self.tau is not None:
+            raise ValueError("give --tau or --schedule, not both")
+
+    def config(self, roster_size: int, skip_first: int = 1, skip_last: int = 1):
+        from roe import RoEConfig
+
+        return RoEConfig(roster_size=roster_size, tau=self.schedule if self.schedule else self.tau, seed=self.seed,
+                         skip_first=skip_first, skip_last=skip_last, experts_per_token=self.experts_per_token)
+
+    def check(self, lm) -> None:
+        """Refuse a schedule of another layer count or model now, before any scoring."""
+        from roe.roster import schedule_for
+
+        schedule_for(lm, self.config(1))
+
+    def shown(self, lm) -> str:
+        """The schedule as reported: its file, a uniform tau, or the model's default (its file, else uniform)."""
+        from roe.schedule import DEFAULT_TAU, SCHEDULE_FILE, model_default_schedule
+
+        if self.schedule:
+            return _shown_path(self.schedule)
+        if self.tau is not None:
+            return f"uniform tau={self.tau}"
+        if model_default_schedule(lm.name_or_path) is None:
+            return f"model default: uniform tau={DEFAULT_TAU}"
+        shipped = Path(lm.name_or_path) / SCHEDULE_FILE
+        return _shown_path(shipped) if shipped.is_file() else f"{lm.name_or_path}/{SCHEDULE_FILE}"
+
+
+def _held_out_text(text: str | None, model: str | None, split: str):
+    """--text FILE, else the embedded model's held-out split (which belongs to it: not with --model)."""
+    from roe.loading import default_split_path
+
+    if text is None and model is not None:
+        raise ValueError(f"--text FILE is required with --model (the built-in {split} split belongs to the "
+                         "default model)")
+    return text or default_split_path(split)
+
+
+def _windows(lm, tokenizer, source, window: int, max_windows: int):
+    """The scored windows of ``source`` (roe.loading.held_out_windows), refused if longer than the context."""
+    from roe.loading import held_out_windows
+
+    windows_NW = held_out_windows(tokenizer, source, window, max_windows)
+    _check_fits(lm, window, f"--window {window}")  # the model reads a window's first `window` tokens
+    return windows_NW
 
 
 def generate(prompt: str, *, model: str | None = None, roster_size: int = 8, tau: float | None = None,
@@ -48,7 +98,7 @@ def generate(prompt: str, *, model: str | None = None, roster_size: int = 8, tau
 
     import roe
 
-    cfg = _roe_config(roster_size, tau, schedule, seed, experts_per_token=experts_per_token)
+    options = RoEOptions(tau, schedule, seed, experts_per_token)
     lm, tokenizer = roe.load(model)
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     if ids.shape[1] == 0:
@@ -58,7 +108,7 @@ def generate(prompt: str, *, model: str | None = None, roster_size: int = 8, tau
     with torch.no_grad():
         base = lm.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
                            pad_token_id=tokenizer.pad_token_id)
-    with roe.roster(lm, cfg) as r:
+    with roe.roster(lm, options.config(roster_size)) as r:
         ours = r.generate(ids, max_new_tokens=max_new_tokens)
     texts = {name: tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
              for name, out in (("base", base), ("roe", ours))}
@@ -111,62 +161,55 @@ def evaluate(*, model: str | None = None, text: str | None = None, ks: str = "1,
     --experts-per-token k: every row, K = 1 included, runs k experts per token (the MoE-PHDS
     sparsity dial), so the deltas are paired at that k.
     """
-    import math as _math
-
-    import numpy as np
-
     import roe
-    from roe.eval.perplexity import make_windows, perplexity_sweep, text_tokens, window_bytes
-    from roe.loading import default_split_path
-    from roe.roster import schedule_for
+    from roe.eval.perplexity import perplexity_sweep, window_bytes
 
     grid = _parse_ks(ks)
-    if text is None and model is not None:
-        raise ValueError("--text FILE is required with --model (the built-in test split belongs to the default model)")
+    source = _held_out_text(text, model, "test")
+    options = RoEOptions(tau, schedule, seed, experts_per_token)
+    if against_tau is not None and against_schedule:
+        raise ValueError("give --against-tau or --against-schedule, not both")
+    against = None
+    if against_tau is not None or against_schedule:
+        against = RoEOptions(against_tau, against_schedule, seed, experts_per_token)
     if plot:
         _require("matplotlib", "--plot")
     lm, tokenizer = roe.load(model)
-    source = text or default_split_path("test")
-    # a schedule of another layer count or model is refused here, before any scoring
-    schedule_for(lm, _roe_config(roster_size=1, tau=tau, schedule=schedule, seed=seed,
-                                 experts_per_token=experts_per_token))
-    windows = make_windows(text_tokens(tokenizer, source), window)
-    _check_fits(lm, window, f"--window {window}")  # the model reads a window's first `window` tokens
-    if len(windows) > max_windows:
-        windows = windows[np.linspace(0, len(windows) - 1, max_windows).astype(int)]
-    against = None
-    if against_tau is not None and against_schedule:
-        raise ValueError("give --against-tau or --against-schedule, not both")
-    if against_tau is not None or against_schedule:
-        schedule_for(lm, _roe_config(roster_size=1, tau=against_tau, schedule=against_schedule, seed=seed))
-        against = functools.partial(_roe_config, tau=against_tau, schedule=against_schedule, seed=seed,
-                                    experts_per_token=experts_per_token)
-    rows = perplexity_sweep(lm, windows, grid,
-                            lambda K: _roe_config(K, tau, schedule, seed, experts_per_token=experts_per_token),
-                            batch_size,
-                            bytes_total=window_bytes(tokenizer, windows), against=against)
+    for checked in (options, against):
+        if checked is not None:
+            checked.check(lm)
+    windows = _windows(lm, tokenizer, source, window, max_windows)
+    rows = perplexity_sweep(lm, windows, grid, options.config, batch_size,
+                            bytes_total=window_bytes(tokenizer, windows), against=against and against.config)
     conditions = {"model": model or "embedded default", "text": _shown_path(source), "windows": len(windows),
                   "window_tokens": window, "tokens": int(windows[:, 1:].numel()), "seed": seed,
-                  "schedule": _shown_schedule(lm, schedule, tau), "against_tau": against_tau,
+                  "schedule": options.shown(lm), "against_tau": against_tau,
                   "against_schedule": _shown_path(against_schedule) if against_schedule else None,
-                  "experts_per_token": experts_per_token, "dtype": "float32",
-                  **_versions()}
+                  "experts_per_token": experts_per_token, "dtype": "float32", **_versions()}
+    _report_perplexity(rows, conditions, against_label=_against_label(against), json_out=json_out, plot=plot)
+
+
+def _against_label(against: RoEOptions | None) -> str | None:
+    if against is None:
+        return None
+    return f"schedule {Path(against.schedule).name}" if against.schedule else f"uniform tau {against.tau}"
+
+
+def _report_perplexity(rows, conditions: dict, against_label: str | None, json_out: bool, plot: str | None) -> None:
+    """roe eval's table, plot and JSON line (the against columns only when there is an against)."""
     columns = ["K", "nll", "ppl", "bpb", "delta_nll", "delta_se"]
-    if against is not None:
+    if against_label is not None:
         columns += ["against_nll", "against_delta_nll", "against_delta_se"]
     print(_table(columns, [[getattr(r, c) for c in columns] for r in rows]))
     if plot:
         from roe.plots import plot_nll_vs_k
 
-        label = None
-        if against is not None:
-            label = f"schedule {Path(against_schedule).name}" if against_schedule else f"uniform tau {against_tau}"
-        plot_nll_vs_k(rows, plot, title=f"{conditions['model']}: held-out NLL vs roster size", against_label=label)
+        plot_nll_vs_k(rows, plot, title=f"{conditions['model']}: held-out NLL vs roster size",
+                      against_label=against_label)
     if json_out:
-        print(json.dumps({"rows": [{k: v for k, v in r.__dict__.items() if k != "tau" and (against or not
-                                                                                         k.startswith("against"))}
-                                   for r in rows],
-                          "conditions": conditions}, default=lambda x: None if _math.isnan(x) else x))
+        shown = [{k: v for k, v in r.__dict__.items()
+                  if k != "tau" and (against_label is not None or not k.startswith("against"))} for r in rows]
+        print(json.dumps({"rows": shown, "conditions": conditions}, default=lambda x: None if math.isnan(x) else x))
 
 
 def bench(*, model: str | None = None, ks: str = "1,2,4,8,16,32,64", prompt_tokens: int = 128,
@@ -194,43 +237,52 @@ def bench(*, model: str | None = None, ks: str = "1,2,4,8,16,32,64", prompt_toke
     """
     import platform
 
-    import torch
-
     import roe
-    from roe.bench import METHODS, combine_rounds, measure
+    from roe.bench import METHODS, combine_rounds
     from roe.kernels import prepare as prepare_kernels
 
     grid, names = _parse_ks(ks), [m.strip() for m in methods.split(",") if m.strip()]
     unknown = sorted(set(names) - set(METHODS))
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
+    options = RoEOptions(tau, schedule, seed, experts_per_token)
     if plot:
         _require("matplotlib", "--plot")
-    if threads:
-        torch.set_num_threads(threads)
+    _set_threads(threads)
     lm, tokenizer = roe.load(model)
     _check_fits(lm, prompt_tokens + new_tokens, f"--prompt-tokens {prompt_tokens} plus --new-tokens {new_tokens}")
     prepare_kernels()  # built or loaded now: compiling must not land in a timed round
     prompt = _bench_prompt(lm, tokenizer, model, prompt_tokens)
-    rounds = []
-    for round_ in range(repeats):
-        rows = []
-        for name in names:
-            for K in grid:
-                with roe.roster(lm, _roe_config(K, tau, schedule, seed, experts_per_token=experts_per_token)) as r:
-                    # warm-up: the roster's one-time work (probing the layers, packing the head) is
-                    # not a request's time to first token
-                    measure(name, r, prompt, 2, time_box)
-                    rows.append(measure(name, r, prompt, new_tokens, time_box))
-                print(f"  round {round_ + 1}/{repeats} {name:18s} K={K:<3d} step {rows[-1].decode_step_ms:8.2f} ms",
-                      file=sys.stderr)
-        rounds.append(rows)
+    rounds = [_bench_round(lm, options, prompt, names, grid, new_tokens, time_box, f"{i + 1}/{repeats}")
+              for i in range(repeats)]
     rows = combine_rounds(rounds)
-    params = sum(p.numel() for p in lm.parameters())
-    conditions = {"model": model or "embedded default", "params": params, "prompt_tokens": len(prompt),
-                  "new_tokens": new_tokens, "schedule": _shown_schedule(lm, schedule, tau), "dtype": "float32",
-                  "cpu": platform.processor() or platform.machine(), "cores": _cores(), "time_box_s": time_box,
-                  "repeats": repeats, "experts_per_token": experts_per_token, **_versions()}
+    conditions = {"model": model or "embedded default", "params": sum(p.numel() for p in lm.parameters()),
+                  "prompt_tokens": len(prompt), "new_tokens": new_tokens, "schedule": options.shown(lm),
+                  "dtype": "float32", "cpu": platform.processor() or platform.machine(), "cores": _cores(),
+                  "time_box_s": time_box, "repeats": repeats, "experts_per_token": experts_per_token, **_versions()}
+    _report_cost(rows, conditions, json_out=json_out, plot=plot)
+
+
+def _bench_round(lm, options: RoEOptions, prompt, names: list[str], grid: list[int], new_tokens: int,
+                 time_box: float, label: str) -> list:
+    """One sweep of every method and K, each on a fresh roster after a 2-token warm-up."""
+    import roe
+    from roe.bench import measure
+
+    rows = []
+    for name in names:
+        for K in grid:
+            with roe.roster(lm, options.config(K)) as r:
+                # warm-up: the roster's one-time work (probing the layers, packing the head) is
+                # not a request's time to first token
+                measure(name, r, prompt, 2, time_box)
+                rows.append(measure(name, r, prompt, new_tokens, time_box))
+            print(f"  round {label} {name:18s} K={K:<3d} step {rows[-1].decode_step_ms:8.2f} ms", file=sys.stderr)
+    return rows
+
+
+def _report_cost(rows: list[dict], conditions: dict, json_out: bool, plot: str | None) -> None:
+    """roe bench's conditions line, table, plot and JSON line."""
     print("  ".join(f"{k}={v}" for k, v in conditions.items()))
     print(_table(["method", "K", "step_ms", "x K=1", "95% CI", "ttft_ms", "tok/s", "peak_rss_mb", "x K=1", "kv_bytes",
                   "steps"],
@@ -264,48 +316,23 @@ def calibrate(*, model: str | None = None, text: str | None = None, roster_size:
     it with another schedule on held-out text by roe eval --against-schedule). Writes the schedule with its
     provenance to --out (use it with --schedule in generate/eval/bench).
     """
-    import datetime
-
-    import numpy as np
-
     import roe
     from roe.calibrate import SearchSpace, num_moe_layers, search_schedule
-    from roe.eval.perplexity import make_windows, text_tokens
-    from roe.loading import default_split_path
-    from roe.schedule import Schedule, model_fingerprint
+    from roe.schedule import Schedule
 
-    if text is None and model is not None:
-        raise ValueError("--text FILE is required with --model (the built-in validation split belongs to the "
-                         "default model)")
+    source = _held_out_text(text, model, "validation")
     points = _parse_grid(grid) if uniform else []
     _require("optuna", "roe calibrate")
     if plot:
         _require("matplotlib", "--plot")
     lm, tokenizer = roe.load(model)
     space = SearchSpace(num_layers=num_moe_layers(lm), tau_max=tau_max, skip_first=skip_first, skip_last=skip_last)
-    source = text or default_split_path("validation")
-    windows = make_windows(text_tokens(tokenizer, source), window)
-    _check_fits(lm, window, f"--window {window}")  # the model reads a window's first `window` tokens
-    if len(windows) > max_windows:
-        windows = windows[np.linspace(0, len(windows) - 1, max_windows).astype(int)]
+    windows = _windows(lm, tokenizer, source, window, max_windows)
     result = search_schedule(lm, windows, space, K=roster_size, trials=trials, seed=seed, grid=points,
                              batch_size=batch_size)
-    import optuna
-
-    best_uniform = result.best_uniform
-    provenance = {"model": model or "embedded default", "data": str(text) if text else "embedded validation split",
-                  "windows": len(windows),
-                  "window_tokens": window, "tokens": int(windows[:, 1:].numel()), "K": roster_size,
-                  "objective": "validation_nll", "trials": trials, "tau_max": tau_max, "skip_first": skip_first,
-                  "skip_last": skip_last, "best_value": result.best_value, "base_value": result.base_value,
-                  "best_delta_se": result.best_delta_se,
-                  "best_uniform_tau": best_uniform[0] if best_uniform else None,
-                  "best_uniform_value": best_uniform[1] if best_uniform else None,
-                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  "versions": {**_versions(), "optuna": optuna.__version__}, "seed": seed,
-                  "fingerprint": model_fingerprint(lm)}
-    schedule = Schedule(tau=tuple(result.tau), provenance=provenance)
-    schedule.save(out)
+    provenance = _calibration_provenance(lm, result, space, windows, model=model, text=text, roster_size=roster_size,
+                                         trials=trials, seed=seed)
+    Schedule(tau=tuple(result.tau), provenance=provenance).save(out)
     rows = [["base (K=1)", "-", result.base_value, 0.0]]
     rows += [[f"uniform K={roster_size}", tau, value, value - result.base_value] for tau, value in result.uniform]
     rows.append([f"TPE K={roster_size}", "per-layer", result.best_value, result.best_value - result.base_value])
@@ -320,6 +347,28 @@ def calibrate(*, model: str | None = None, text: str | None = None, roster_size:
         print(json.dumps({"tau": list(result.tau), "trial_values": result.trial_values,
                           "uniform": [{"tau": t, "nll": v} for t, v in result.uniform], "schedule_path": str(out),
                           "provenance": provenance}))
+
+
+def _calibration_provenance(lm, result, space, windows, *, model, text, roster_size: int, trials: int,
+                            seed: int) -> dict:
+    """Where a calibrated schedule came from: model, data, windows, search, result, date, versions."""
+    import datetime
+
+    import optuna
+
+    from roe.schedule import model_fingerprint
+
+    best_uniform = result.best_uniform
+    return {"model": model or "embedded default", "data": str(text) if text else "embedded validation split",
+            "windows": len(windows), "window_tokens": windows.shape[1] - 1, "tokens": int(windows[:, 1:].numel()),
+            "K": roster_size, "objective": "validation_nll", "trials": trials, "tau_max": space.tau_max,
+            "skip_first": space.skip_first, "skip_last": space.skip_last, "best_value": result.best_value,
+            "base_value": result.base_value, "best_delta_se": result.best_delta_se,
+            "best_uniform_tau": best_uniform[0] if best_uniform else None,
+            "best_uniform_value": best_uniform[1] if best_uniform else None,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "versions": {**_versions(), "optuna": optuna.__version__}, "seed": seed,
+            "fingerprint": model_fingerprint(lm)}
 
 
 def _parse_grid(grid: str) -> list[float]:
@@ -355,41 +404,23 @@ def tasks(*, model: str | None = None, text: str | None = None, roster_size: int
 
     import roe
     from roe.eval import tasks as builtin
-    from roe.loading import default_split_path
 
     names = [t.strip() for t in task.split(",") if t.strip()]
     if not names or set(names) - {"next-line", "last-word"}:
         raise ValueError(f"--task must be a comma-separated subset of next-line,last-word, got {task!r}")
-    if text is None and model is not None:
-        raise ValueError("--text FILE is required with --model (the built-in test split belongs to the default model)")
-    cfg = _roe_config(roster_size, tau, schedule, seed, experts_per_token=experts_per_token)
+    source = _held_out_text(text, model, "test")
+    options = RoEOptions(tau, schedule, seed, experts_per_token)
     lm, tokenizer = roe.load(model)
-    source = text or default_split_path("test")
-    docs = builtin.read_documents(source)
-    made = {"next-line": builtin.next_line_items(docs, tokenizer, items, seed, context_tokens) if "next-line" in names
-            else [], "last-word": builtin.last_word_items(docs, tokenizer, items, seed, context_tokens)
-            if "last-word" in names else []}
-    for name in names:
-        if not made[name]:
-            raise ValueError(f"{source} yields no {name} items (it needs documents of several distinct lines of "
-                             ">= 20 characters; last-word also needs lines ending in a word of >= 4 letters)")
-    longest = max(_task_tokens(tokenizer, item) for name in names for item in made[name])
-    _check_fits(lm, longest, f"the longest item (--context-tokens {context_tokens} plus its answer)")
+    made = _task_items(lm, tokenizer, source, names, items, seed, context_tokens)
     if export:
-        for path in builtin.export_lm_eval(export, made["next-line"], made["last-word"]):
+        for path in builtin.export_lm_eval(export, made.get("next-line", []), made.get("last-word", [])):
             print(f"wrote {path}", file=sys.stderr)
     bar = tqdm(total=2 * sum(len(made[n]) for n in names), desc="items", unit="item")
     rows = []
     for name in names:
-        base_cfg = _roe_config(1, tau, schedule, seed, experts_per_token=experts_per_token)
-        base = builtin.correct(lm, tokenizer, name, made[name], base_cfg, batch_size, bar)
-        ours = builtin.correct(lm, tokenizer, name, made[name], cfg, batch_size, bar)
-        n = len(base)
-        for label, right in (("base", base), (f"roe K={roster_size}", ours)):
-            low, high = builtin.wilson(sum(right), n)
-            rows.append({"task": name, "model": label, "items": n, "accuracy": sum(right) / n, "ci_low": low,
-                         "ci_high": high})
-        rows[-1].update({"delta": (sum(ours) - sum(base)) / n, **builtin.mcnemar(base, ours)})
+        base = builtin.correct(lm, tokenizer, name, made[name], options.config(1), batch_size, bar)
+        ours = builtin.correct(lm, tokenizer, name, made[name], options.config(roster_size), batch_size, bar)
+        rows += _task_rows(name, base, ours, roster_size)
     bar.close()
     print(_table(["task", "model", "items", "accuracy", "ci_low", "ci_high", "delta", "base_only", "roe_only",
                   "p_value"],
@@ -397,9 +428,38 @@ def tasks(*, model: str | None = None, text: str | None = None, roster_size: int
                    r.get("base_only", ""), r.get("roe_only", ""), r.get("p_value", "")] for r in rows]))
     if json_out:
         conditions = {"model": model or "embedded default", "text": _shown_path(source), "roster_size": roster_size,
-                      "schedule": _shown_schedule(lm, schedule, tau), "seed": seed, "context_tokens": context_tokens,
+                      "schedule": options.shown(lm), "seed": seed, "context_tokens": context_tokens,
                       "experts_per_token": experts_per_token, **_versions()}
         print(json.dumps({"rows": rows, "conditions": conditions}))
+
+
+def _task_items(lm, tokenizer, source, names: list[str], items: int, seed: int, context_tokens: int) -> dict:
+    """The items of each named task from ``source``; refused if a task yields none or one does not fit."""
+    from roe.eval import tasks as builtin
+
+    docs = builtin.read_documents(source)
+    makers = {"next-line": builtin.next_line_items, "last-word": builtin.last_word_items}
+    made = {name: makers[name](docs, tokenizer, items, seed, context_tokens) for name in names}
+    for name in names:
+        if not made[name]:
+            raise ValueError(f"{source} yields no {name} items (it needs documents of several distinct lines of "
+                             ">= 20 characters; last-word also needs lines ending in a word of >= 4 letters)")
+    longest = max(_task_tokens(tokenizer, item) for name in names for item in made[name])
+    _check_fits(lm, longest, f"the longest item (--context-tokens {context_tokens} plus its answer)")
+    return made
+
+
+def _task_rows(name: str, base: list[bool], ours: list[bool], roster_size: int) -> list[dict]:
+    """Accuracy with its Wilson interval for the base and RoE, and the paired comparison on RoE's row."""
+    from roe.eval import tasks as builtin
+
+    rows, n = [], len(base)
+    for label, right in (("base", base), (f"roe K={roster_size}", ours)):
+        low, high = builtin.wilson(sum(right), n)
+        rows.append({"task": name, "model": label, "items": n, "accuracy": sum(right) / n, "ci_low": low,
+                     "ci_high": high})
+    rows[-1].update({"delta": (sum(ours) - sum(base)) / n, **builtin.mcnemar(base, ours)})
+    return rows
 
 
 def serve(*, model: str | None = None, host: str = "127.0.0.1", port: int = 8000, roster_size: int = 8,
@@ -451,16 +511,15 @@ def phds(*, model: str | None = None, ks: str | None = None, steps: int = 400, c
     step runs the model at a k drawn uniformly from them (through roe's runtime dial, exactly the
     model built with that k), then --curriculum-steps at min(ks), the sparsest (arXiv 2509.23012).
     A single level is the single-k ("oracle") fine-tune with the same budget. Data: the default
-    model's training windows (data/tokens, from roe.data.tokenizer --encode), or --data: a directory
-    with train.bin (and validation.bin), or a file of token ids (.npy, or flat uint16). --out DIR
-    receives a checkpoint every --ckpt-minutes (and at each phase end); re-running the same command
-    resumes from it, with the same result as an uninterrupted run. At the end DIR is a loadable
-    checkpoint (config, weights in the input's dtype, tokenizer, schedule.json if the input has one)
-    plus phds.json (settings, per-step log, validation NLL at every level before and after each phase).
+    model's training windows (data/tokens, from python -m tools.tokenizer --encode in the repository),
+    or --data: a directory with train.bin (and validation.bin), or a file of token ids (.npy, or
+    flat uint16). --out DIR receives a checkpoint every --ckpt-minutes (and at each phase end);
+    re-running the same command resumes from it, with the same result as an uninterrupted run. At
+    the end DIR is a loadable checkpoint (config, weights in the input's dtype, tokenizer,
+    schedule.json if the input has one) plus phds.json (settings, per-step log, validation NLL at
+    every level before and after each phase).
     --threads N sets torch's intra-op threads (0: torch's default).
     """
-    import torch
-
     from roe import phds as fine_tune
 
     if out is None:
@@ -471,8 +530,7 @@ def phds(*, model: str | None = None, ks: str | None = None, steps: int = 400, c
         raise ValueError(f"--ckpt-minutes must be finite and >= 0, got {ckpt_minutes}")
     cfg = fine_tune.PhdsConfig(ks=fine_tune.parse_levels(ks), steps=steps, curriculum_steps=curriculum_steps, lr=lr,
                                batch_size=batch_size, seq_len=seq_len, seed=seed, eval_windows=eval_windows)
-    if threads:
-        torch.set_num_threads(threads)
+    _set_threads(threads)
     fine_tune.run(model, cfg, Path(out), data=None if data is None else Path(data), ckpt_minutes=ckpt_minutes)
 
 
@@ -503,27 +561,19 @@ def _require(module: str, what: str) -> None:
         raise ValueError(f"{what} needs {module}: pip install 'roe[{extra}]'") from None
 
 
-def _shown_schedule(lm, schedule, tau) -> str:
-    """The schedule as reported: its file, a uniform tau, or the model's default (its file, else uniform)."""
-    from roe.schedule import DEFAULT_TAU, SCHEDULE_FILE, model_default_schedule
-
-    if schedule:
-        return _shown_path(schedule)
-    if tau is not None:
-        return f"uniform tau={tau}"
-    if model_default_schedule(lm.name_or_path) is None:
-        return f"model default: uniform tau={DEFAULT_TAU}"
-    shipped = Path(lm.name_or_path) / SCHEDULE_FILE
-    return _shown_path(shipped) if shipped.is_file() else f"{lm.name_or_path}/{SCHEDULE_FILE}"
-
-
 def _shown_path(path) -> str:
     """A path as reported in results: relative to the package for embedded files (no machine paths)."""
-    from pathlib import Path as _Path
-
-    package = _Path(__file__).resolve().parent.parent
-    resolved = _Path(path).resolve()
+    package = Path(__file__).resolve().parent.parent
+    resolved = Path(path).resolve()
     return str(resolved.relative_to(package)) if resolved.is_relative_to(package) else str(path)
+
+
+def _set_threads(threads: int) -> None:
+    """--threads N: torch's intra-op threads (0: torch's default)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def _cores() -> int:

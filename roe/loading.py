@@ -72,3 +72,19 @@ def default_split_path(split: str) -> Path:
 def default_schedule_path() -> Path:
     """The calibrated temperature schedule shipped with the embedded model."""
     return DEFAULT_MODEL / "schedule.json"
+
+
+def held_out_windows(tokenizer, path: str | Path, window: int, max_windows: int) -> torch.Tensor:
+    """[N, window + 1] consecutive token windows of a text file, at most ``max_windows`` spread evenly.
+
+    `roe eval` and `roe calibrate` cut their text this way, so the same options score the same
+    windows in both. Raises if the file is missing, empty, or shorter than one window.
+    """
+    import numpy as np
+
+    from roe.eval.perplexity import make_windows, text_tokens
+
+    windows_NW = make_windows(text_tokens(tokenizer, path), window)
+    if len(windows_NW) > max_windows:
+        windows_NW = windows_NW[np.linspace(0, len(windows_NW) - 1, max_windows).astype(int)]
+    return windows_NW

@@ -270,6 +270,23 @@ def test_the_default_schedule_of_a_checkpoint_directory(capsys, saved_model, tmp
         main([*common, "--tau", "0.4", "--schedule", str(model_dir / "schedule.json")])
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "To be", "--tau", "0.1", "--schedule", "s.json"], "give --tau or --schedule, not both"),
+    (["eval", "--tau", "0.1", "--schedule", "s.json"], "give --tau or --schedule, not both"),
+    (["eval", "--against-tau", "0.1", "--against-schedule", "s.json"], "not both"),
+    (["bench", "--tau", "0.1", "--schedule", "s.json"], "give --tau or --schedule, not both"),
+    (["tasks", "--tau", "0.1", "--schedule", "s.json"], "give --tau or --schedule, not both"),
+])
+def test_conflicting_temperatures_are_refused_before_the_model_is_loaded(capsys, tmp_path, argv, message):
+    """Every command resolves --tau/--schedule the same way, before any work: a conflict is named even
+    when the model cannot be loaded (eval and bench used to load the model first and report that)."""
+    text = tmp_path / "t.txt"
+    text.write_text("short text " * 30)
+    err = usage_error(capsys, [*argv, "--model", str(tmp_path / "no-such-model"),
+                               *(["--text", str(text)] if argv[0] in ("eval", "tasks") else [])])
+    assert message in err and "no-such-model" not in err
+
+
 def usage_error(capsys, argv) -> str:
     """Run the command; it must stop with exit status 2 and one error line, no traceback, no output."""
     with pytest.raises(SystemExit) as exit_:
