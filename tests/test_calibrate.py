@@ -30,6 +30,8 @@ def test_calibrate_writes_a_schedule_no_worse_than_uniform(capsys, saved_model, 
         assert key in prov, key
     assert prov["K"] == 3 and prov["objective"] == "validation_nll" and prov["windows"] == 4
     assert "optuna" in prov["versions"]
+    # no worse than uniform because the best uniform point is TPE's first trial (best <= it then holds)
+    assert result["trial_values"][0] == prov["best_uniform_value"]
     assert prov["best_value"] <= prov["best_uniform_value"]
     assert result["tau"] == list(schedule.tau) and len(result["trial_values"]) == 4
     assert [u["tau"] for u in result["uniform"]] == [0.0, 0.4, 0.8]

@@ -165,8 +165,8 @@ def test_seed_determinism_and_n_choices(server):
 
 def test_stop_strings_cut_the_text(server):
     full = server.client.completions.create(model="tiny", prompt="To be", max_tokens=12).choices[0].text
-    if len(full) < 4:
-        pytest.skip("the tiny model stopped too early to test a stop string")
+    # the seeded tiny model's greedy text is fixed: a short one is a server bug, not a reason to skip
+    assert len(full) >= 4, f"greedy text {full!r} is too short to cut at a stop string"
     stop = full[2:4]
     got = server.client.completions.create(model="tiny", prompt="To be", max_tokens=12, stop=[stop]).choices[0]
     assert got.text == full[: full.find(stop)] and got.finish_reason == "stop"
