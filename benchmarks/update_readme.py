@@ -7,7 +7,8 @@ Each table sits between `<!-- begin NAME -->` and `<!-- end NAME -->` markers in
 page of docs/ (a table may appear in several); NAME is the stem of its JSON file: models (roe models
 --json), eval_* (roe eval --json), bench_* (roe bench --json), tasks (roe tasks --json), calibrate_*
 (roe calibrate --json), serve_load (benchmarks/serve_load.py), profile (benchmarks/profile_step.py),
-vllm_cost (benchmarks/vllm_cost.py). A marker with no JSON result, or of no known kind, is an error:
+vllm_cost (benchmarks/vllm_cost.py); `NAME.summary` is a one-sentence summary of the same JSON
+(vllm_cost only). A marker with no JSON result, or of no known kind, is an error:
 a table between markers is never hand-typed.
 """
 
@@ -163,9 +164,24 @@ def vllm_cost_table(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def vllm_cost_summary(doc: dict) -> str:
+    """One sentence for the README: K=8 against plain vLLM at each batch, and whether KV bytes move with K."""
+    c, at = doc["conditions"], doc["targets"]
+    ratios = " and ".join(f"{t['cpu_ratio']:.2f}x at batch {b.removeprefix('B=')} (target {t['target']}x)"
+                          for b, t in at.items())
+    kv = {r["B"]: set() for r in doc["rows"]}
+    for r in doc["rows"]:
+        kv[r["B"]].add(tuple(r["kv_bytes"]))
+    same = "the same at every K" if all(len(v) == 1 for v in kv.values()) else "NOT the same at every K"
+    return (f"Cost inside vLLM (`benchmarks/vllm_cost.py`, {c['prompt_tokens']}-token prompt, "
+            f"{c['threads']} thread(s), {c['rounds']} rounds): K=8 takes {ratios} plain vLLM's decode step "
+            f"(CPU time, median of within-round ratios); KV bytes {same}.")
+
+
 RENDER = {"models": lambda d: markdown_table(d["rows"]), "eval": eval_table, "bench": bench_table,
           "tasks": tasks_table, "calibrate": calibrate_table, "serve": serve_table, "profile": profile_table,
           "vllm_cost": vllm_cost_table}
+SUMMARY = {"vllm_cost": vllm_cost_summary}
 
 
 def pages() -> list[Path]:
@@ -174,17 +190,20 @@ def pages() -> list[Path]:
 
 
 def render(name: str) -> str | None:
-    """The table of the result NAME, from the last line of benchmarks/results/NAME.json; None while
-    that file is empty (its command failed or has not finished: the page keeps the table it has)."""
-    kind = next((k for k in RENDER if name.startswith(k)), None)
-    path = RESULTS / f"{name}.json"
-    if kind is None or not path.exists():
+    """The table of the result NAME (or, for NAME.summary, its one-sentence summary), from the last line
+    of benchmarks/results/NAME.json; None while that file is empty (its command failed or has not
+    finished: the page keeps the text it has)."""
+    stem, _, part = name.partition(".")
+    kind = next((k for k in RENDER if stem.startswith(k)), None)
+    renderers = {"": RENDER, "summary": SUMMARY}.get(part, {})
+    path = RESULTS / f"{stem}.json"
+    if kind not in renderers or not path.exists():
         raise SystemExit(f"update_readme: no JSON result renders the table {name!r} ({path.name})")
     lines = path.read_text().strip().splitlines()
     if not lines:
         print(f"skipped {path.name}: empty (its command failed or has not finished)")
         return None
-    return RENDER[kind](json.loads(lines[-1]))
+    return renderers[kind](json.loads(lines[-1]))
 
 
 BLOCK = re.compile(r"^(<!-- begin (\S+) -->\n).*?^(<!-- end \2 -->)$", re.S | re.M)

@@ -89,3 +89,14 @@ def test_update_readme_regenerates_a_table_in_any_page_and_refuses_a_hand_typed_
     assert "| 1 | 9.9 |" not in fresh and "| 8 | " in fresh and fresh.endswith("<!-- end eval_test -->\nafter\n")
     with pytest.raises(SystemExit, match="no_such_result"):
         update_readme.regenerate("<!-- begin no_such_result -->\n| x |\n<!-- end no_such_result -->\n")
+    with pytest.raises(SystemExit, match="eval_test.nothing"):
+        update_readme.regenerate("<!-- begin eval_test.nothing -->\nx\n<!-- end eval_test.nothing -->\n")
+
+
+def test_the_vllm_cost_summary_is_the_json_s_k8_ratios():
+    doc = update_readme.json.loads((update_readme.RESULTS / "vllm_cost.json").read_text().strip().splitlines()[-1])
+    text = update_readme.regenerate("<!-- begin vllm_cost.summary -->\nstale\n<!-- end vllm_cost.summary -->\n")
+    for batch, target in doc["targets"].items():
+        assert f"{target['cpu_ratio']:.2f}x at batch {batch.removeprefix('B=')}" in text
+    doc["rows"][1]["kv_bytes"] = [1]  # a K whose KV bytes differ from plain's must not read "the same"
+    assert "NOT the same" in update_readme.vllm_cost_summary(doc)
