@@ -10,7 +10,7 @@ K > 1 only: it rounds differently from MKL, so K=1 (the untouched model, bit for
 Prints per-product times (F.linear against the kernel, 1 and 8 rows), then a paired step A/B on
 the default model: one roster, two decoders stepping alternately, one with the decoder linears
 through the kernel and one without. At K=1 the kernel is forced on, which measures what it would
-save the baseline (the "same-kernel" ratio of the README). The last line is one JSON document.
+save the baseline (the "same-kernel" ratio of docs/performance.md). The last line is one JSON document.
 """
 
 from __future__ import annotations
