@@ -2,6 +2,7 @@
 
     python benchmarks/frontier.py --windows 32 --threads 1            # run or resume
     python benchmarks/frontier.py --plot-only                         # redraw from the JSON
+    python benchmarks/frontier.py --sequence --items 200 --threads 1  # sequence sampling, run or resume
 
 Grid: experts per token k in {1, 2, 3, 4, 6, 8} (the MoE-PHDS dial, ``RoEConfig.experts_per_token``)
 x roster size K in {1, 2, 4, 8, 16}, the shipped schedule and seed 0 in every cell.
@@ -25,11 +26,27 @@ cell of any k, measured no dearer than the RoE cell; each difference is paired p
 minus it; positive: the K = 1 cell is better), its SE ignores the uncertainty of the cost ratios.
 ``pareto`` lists the cells no other cell beats on both cost and NLL (point estimates).
 
+Sequence-level sampling (``--sequence``, the JSON's ``sequence_sampling``; the full definitions are
+``SEQUENCE_DEFINITION``, copied into the JSON): the other way to spend compute, on the last-word
+task of ``roe tasks`` (the first generated word must equal the true last word of a line).
+Greedy decoding at k = 4 with K in {1, 2, 4, 8} (K = 1 the untouched model, K > 1 RoE) against N
+temperature samples (``--temperature``, seeded: sample n with seed + n) of the untouched model:
+best-of-N keeps the sample of highest total log-likelihood under the model (untempered log-probs
+summed over its ``--max-new-tokens`` tokens), majority vote the most frequent non-empty first
+word (ties: the word seen first). N = 1, 2, 4, 8 are nested prefixes of the same 8 samples.
+next-line is left out: it is scored by likelihood over 4 given lines, generates nothing, and
+already is a best-of-4 by likelihood. Cost, measured in one run (its own rounds, interleaved):
+every point timed the same way by ``roster.generate`` (median interval between step callbacks),
+N samples as N rows of one batched decode; sequential samples cost N x (derived). Accuracy is
+reported with its per-item SE and its change against K = 1 greedy paired per item; each RoE K is
+compared with best-of-N and majority vote at the largest N measured no dearer (batched) and the
+largest N <= its cost ratio (sequential).
+
 Resumable: every finished NLL cell and every finished cost round is written to the JSON at
 once and skipped when the same command runs again (the windows, seed and settings must match;
-a mismatch is refused rather than mixed). Sequence-level sampling (best-of-N, majority vote on
-``roe tasks`` at a cost-matched N) is not measured yet: the JSON says so under
-``sequence_sampling``.
+a mismatch is refused rather than mixed). The sequence phase likewise saves every chunk of
+``--batch-size`` items of every cell and every cost round; a larger ``--items`` continues (the
+items are a seeded prefix-stable list), other sampling settings are refused.
 """
 
 from __future__ import annotations
@@ -65,12 +82,12 @@ def grid() -> list[tuple[int, int]]:
 # the JSON document: written after every cell and every round
 
 
-def load_doc(path: Path, settings: dict) -> dict:
-    """The results so far, or a fresh document; refuses to resume with other settings."""
+def load_doc(path: Path, settings: dict | None) -> dict:
+    """The results so far, or a fresh document; refuses to resume with other settings (None: any)."""
     if not path.is_file():
         return {"settings": settings, "conditions": {}, "base_window_nll": None, "cells": {}, "cost_rounds": []}
     doc = json.loads(path.read_text())
-    if doc["settings"] != settings:
+    if settings is not None and doc["settings"] != settings:
         raise SystemExit(f"{path} was made with other settings:\n  {doc['settings']}\nnot\n  {settings}\n"
                          "use the same options to resume, or another --out")
     return doc
@@ -81,22 +98,10 @@ def save_doc(doc: dict, path: Path) -> None:
     doc["rows"] = summary_rows(doc)
     doc["equal_cost"] = equal_cost(doc)
     doc["pareto"] = [cell_name(r["k"], r["K"]) for r in pareto(doc["rows"])]
-    doc["sequence_sampling"] = SEQUENCE_SAMPLING_TODO
+    doc["sequence_sampling"] = sequence_summary(doc.get("sequence"))
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(doc, indent=1) + "\n")
     tmp.replace(path)
-
-
-SEQUENCE_SAMPLING_TODO = {
-    "status": "TODO: not measured",
-    "what": "best-of-N by likelihood and majority vote over N sampled continuations on roe's built-in tasks "
-            "(roe tasks), N matched to the measured cost of the RoE cell compared with",
-    "note": "not run for lack of time on the shared 2 cores. Cost matching: sequential samples cost N x (k=4, K=1), "
-            "and the roster's ratios here are mostly below 2x for K <= 16, so a cost-matched N would be 1 or 2; "
-            "N samples decoded as N batch rows (each with its own cache) cost what roe.bench's batched-own-cache "
-            "method measures at tau=0, to be timed in the same rounds. Only last-word generates; next-line is "
-            "scored by likelihood and has no samples to vote over.",
-}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,6 +260,262 @@ def pareto(rows: list[dict]) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------
+# sequence-level sampling on the last-word task: the same model spending its compute on N samples
+
+
+SEQUENCE_ROSTERS = (1, 2, 4, 8)  # greedy rows at the model's own k; K = 1 is the untouched model
+SEQUENCE_DEFINITION = {
+    "task": "last-word (roe tasks' items from the test split; correct when the first generated word, "
+            "stripped of punctuation, equals the true word)",
+    "greedy": "greedy decoding at k = 4 with K in {1, 2, 4, 8} (K = 1: the untouched model; K > 1: RoE with the "
+              "shipped schedule, seed 0), exactly as roe tasks scores last-word",
+    "samples": "N continuations per item from the untouched model (k = 4, K = 1) by temperature sampling; "
+               "sample n is drawn with RoEConfig(roster_size=1, seed=seed + n), whose seed keys only the sampling "
+               "uniform; max_new_tokens tokens each (stopping at the model's eos); the first N of the same samples "
+               "serve every N (nested)",
+    "best_of_n": "the sample with the highest total log-likelihood of its sampled tokens under the model "
+                 "(untempered log-probs, summed over the whole continuation); ties: the earliest sample",
+    "majority_vote": "the most frequent non-empty first word among the N samples (an empty word is a vote only "
+                     "when all are empty); ties: the tied word that appears first in sample order",
+    "single_sample": "N = 1: sample 0's word (the cost of sampling without selection)",
+    "not_applicable": "next-line is scored by likelihood (argmax of the summed log-likelihood over the 4 given "
+                      "lines): it generates nothing, so there are no samples to rank or vote over, and ranking "
+                      "candidates by likelihood is already what it does",
+    "cost": "decode-step cost measured in one run (sequence cost rounds): every point is timed the same way, "
+            "roster.generate on the --prompt-tokens prompt, step = interval between consecutive step callbacks "
+            "(prefill and first step left out), median over --new-tokens steps; N samples are N rows of one "
+            "batched decode (measured), sequential samples cost N x by construction (derived, "
+            "sequential_cost_ratio); ratio to k=4 K=1 greedy within each round, median over rounds with a 95% "
+            "distribution-free CI. Prefill is not counted (roe prefills each row alone, so N samples also pay N "
+            "prefills)",
+    "statistics": "accuracy with its per-item SE sqrt(p (1 - p) / n); change against K = 1 greedy and the "
+                  "equal-cost differences paired per item: mean(d_i) and sd(d_i) / sqrt(n), d_i in {-1, 0, 1}",
+}
+
+
+def best_of_n(samples: list[dict]) -> str:
+    """The word of the sample whose summed log-likelihood is highest (the earliest on ties)."""
+    return max(samples, key=lambda s: sum(s["logprobs"]))["word"]  # max keeps the first of equals
+
+
+def majority_vote(samples: list[dict]) -> str:
+    """The most frequent non-empty word; ties go to the word seen first."""
+    words = [s["word"] for s in samples if s["word"]] or [""]
+    counts = {w: words.count(w) for w in dict.fromkeys(words)}  # insertion order = first appearance
+    return max(counts, key=counts.__getitem__)
+
+
+def sampled_words(r, tokenizer, items, max_new_tokens: int, temperature: float) -> list[dict]:
+    """One temperature sample per item from roster ``r``: its first word and the model's
+    (untempered) log-prob of every sampled token, up to and including eos."""
+    import torch
+
+    from roe.eval.tasks import first_word
+
+    rows = [tokenizer(it.context, add_special_tokens=False).input_ids for it in items]
+    pad = tokenizer.pad_token_id or 0
+    width = max(map(len, rows))
+    ids_BS = torch.tensor([[pad] * (width - len(ro)) + ro for ro in rows])
+    mask_BS = torch.tensor([[0] * (width - len(ro)) + [1] * len(ro) for ro in rows])
+    logprobs = [[] for _ in items]
+
+    def keep(chosen_B, logprobs_BV):
+        for b, lp in enumerate(logprobs_BV.gather(-1, chosen_B[:, None])[:, 0].tolist()):
+            if not math.isnan(lp):  # NaN: the row had already finished
+                logprobs[b].append(lp)
+
+    out_BS = r.generate(ids_BS, mask_BS, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
+                        pad_token_id=pad, on_step=keep)
+    texts = tokenizer.batch_decode(out_BS[:, width:], skip_special_tokens=True)
+    return [{"word": first_word(t), "logprobs": lp, "tokens": out_BS[b, width : width + len(lp)].tolist()}
+            for b, (t, lp) in enumerate(zip(texts, logprobs, strict=True))]
+
+
+def sequence_cells(samples: int) -> list[str]:
+    return [f"greedy_K{K}" for K in SEQUENCE_ROSTERS] + [f"sample_{n}" for n in range(samples)]
+
+
+def sequence_chunk(lm, tokenizer, cell: str, items, s: dict) -> list:
+    """Per-item records of one cell on ``items``: greedy words, or sample dicts."""
+    import roe
+    from roe.eval.tasks import generated_words
+
+    if cell.startswith("greedy_K"):
+        with roe.roster(lm, roe.RoEConfig(roster_size=int(cell[len("greedy_K"):]), seed=s["seed"])) as r:
+            return generated_words(r, tokenizer, items, s["max_new_tokens"])
+    with roe.roster(lm, roe.RoEConfig(roster_size=1, seed=s["seed"] + int(cell[len("sample_"):]))) as r:
+        return sampled_words(r, tokenizer, items, s["max_new_tokens"], s["temperature"])
+
+
+def sequence_step_ms(r, prompt_P, rows: int, new_tokens: int, temperature: float | None) -> float:
+    """Median decode step (ms) of ``rows`` copies of the prompt decoded together by ``r.generate``
+    (greedy when ``temperature`` is None): intervals between step callbacks, the first left out."""
+    ticks = []
+    sample = {} if temperature is None else {"do_sample": True, "temperature": temperature}
+    ids_BS = prompt_P[None].expand(rows, -1)
+    r.generate(ids_BS, max_new_tokens=2, eos_token_id=[], **sample)  # warm-up
+    r.generate(ids_BS, max_new_tokens=new_tokens, eos_token_id=[], callback=lambda _: ticks.append(time.perf_counter()),
+               **sample)
+    return statistics.median(b - a for a, b in zip(ticks, ticks[1:])) * 1e3
+
+
+def sequence_cost_round(lm, prompt_P, s: dict, index: int) -> dict[str, float]:
+    """Step ms of every sequence point: k=4 K=1 greedy first, then RoE K and N-sample rows shuffled."""
+    import roe
+
+    points = [f"greedy_K{K}" for K in SEQUENCE_ROSTERS[1:]] + [f"samples_N{n}" for n in sequence_ns(s["samples"])]
+    random.Random(s["seed"] * 1000 + 500 + index).shuffle(points)
+    out = {}
+    for name in ["greedy_K1", *points]:
+        if name.startswith("greedy_K"):
+            cfg, rows, temperature = roe.RoEConfig(roster_size=int(name[len("greedy_K"):]), seed=s["seed"]), 1, None
+        else:
+            cfg, rows, temperature = roe.RoEConfig(roster_size=1, seed=s["seed"]), int(name[len("samples_N"):]), \
+                s["temperature"]
+        with roe.roster(lm, cfg) as r:
+            out[name] = sequence_step_ms(r, prompt_P, rows, s["new_tokens"], temperature)
+    return out
+
+
+def sequence_ns(samples: int) -> list[int]:
+    """The N reported: powers of two up to the samples drawn (and that number itself)."""
+    return sorted({2**i for i in range(samples.bit_length()) if 2**i <= samples} | {samples})
+
+
+def run_sequence(lm, tokenizer, docs, args, path: Path, command: str, prompt_P) -> dict:
+    """The --sequence phase: items in chunks of --batch-size, every cell on a chunk before the
+    next chunk (so an interrupted run holds whole items), a cost round before each chunk until
+    --sequence-rounds; each chunk and round saved at once and skipped on a rerun."""
+    from roe.eval.tasks import last_word_items
+
+    s = {"task": "last-word", "k": BASE[0], "seed": args.seed, "samples": args.samples,
+         "temperature": args.temperature, "max_new_tokens": args.max_new_tokens,
+         "context_tokens": args.context_tokens, "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens,
+         "threads": args.threads}
+    doc = load_doc(path, None)  # the NLL grid's settings are not this phase's
+    seq = doc.get("sequence") or {"settings": s, "items": [], "cells": {c: [] for c in sequence_cells(args.samples)},
+                                  "cost_rounds": []}
+    if seq["settings"] != s:
+        raise SystemExit(f"{path} holds sequence results made with other settings:\n  {seq['settings']}\nnot\n  {s}")
+    doc["sequence"] = seq
+    items = last_word_items(docs, tokenizer, args.items, seed=args.seed, context_tokens=args.context_tokens)
+    for i, it in enumerate(items[: len(seq["items"])]):
+        if seq["items"][i] != {"context": it.context, "answer": it.answer}:
+            raise SystemExit(f"item {i} differs from the one in {path}: other text or tokenizer")
+    seq["items"] += [{"context": it.context, "answer": it.answer} for it in items[len(seq["items"]):]]
+    for start in range(0, len(items), args.batch_size):
+        if len(seq["cost_rounds"]) < args.sequence_rounds:
+            _sequence_round(lm, prompt_P, seq, doc, path, command)
+        chunk = items[start : start + args.batch_size]
+        for cell in sequence_cells(args.samples):
+            done = seq["cells"][cell]
+            if len(done) >= start + len(chunk):
+                continue
+            t0 = time.perf_counter()
+            done += sequence_chunk(lm, tokenizer, cell, chunk[len(done) - start :], s)
+            save_doc(doc, path)
+            print(f"{_now()} sequence {cell}: items {len(done)}/{len(items)} ({time.perf_counter() - t0:.1f} s)",
+                  file=sys.stderr, flush=True)
+    while len(seq["cost_rounds"]) < args.sequence_rounds:
+        _sequence_round(lm, prompt_P, seq, doc, path, command)
+    save_doc(doc, path)
+    return doc
+
+
+def _sequence_round(lm, prompt_P, seq, doc, path: Path, command: str) -> None:
+    t0 = time.perf_counter()
+    step_ms = sequence_cost_round(lm, prompt_P, seq["settings"], len(seq["cost_rounds"]))
+    seq["cost_rounds"].append({"step_ms": step_ms, "finished": _now(), "seconds": round(time.perf_counter() - t0, 1),
+                               "command": command})
+    save_doc(doc, path)
+    base = step_ms["greedy_K1"]
+    print(f"{_now()} sequence cost round {len(seq['cost_rounds'])}: k4 K1 {base:.2f} ms, "
+          + ", ".join(f"{n} x{v / base:.2f}" for n, v in step_ms.items() if n != "greedy_K1"), file=sys.stderr,
+          flush=True)
+
+
+def sequence_summary(seq: dict | None) -> dict:
+    """The ``sequence_sampling`` section: the definitions, one row per point on the items every
+    cell has finished, the cost ratios, and the equal-cost comparisons."""
+    if not seq:
+        return {"status": "not run (python benchmarks/frontier.py --sequence)", "definition": SEQUENCE_DEFINITION}
+    cells, s = seq["cells"], seq["settings"]
+    n = min(len(v) for v in cells.values())
+    if n == 0:
+        return {"status": f"no item scored by every cell yet; {len(seq['cost_rounds'])} cost rounds",
+                "definition": SEQUENCE_DEFINITION, "settings": s, "items": 0, "cost": sequence_cost(seq)}
+    answers = [it["answer"] for it in seq["items"][:n]]
+    samples = [[cells[f"sample_{j}"][i] for j in range(s["samples"])] for i in range(n)]
+    picks = {f"greedy_K{K}": cells[f"greedy_K{K}"][:n] for K in SEQUENCE_ROSTERS}
+    for N in sequence_ns(s["samples"]):
+        if N == 1:
+            picks["sample_N1"] = [ss[0]["word"] for ss in samples]
+        else:
+            picks[f"best_of_N{N}"] = [best_of_n(ss[:N]) for ss in samples]
+            picks[f"majority_N{N}"] = [majority_vote(ss[:N]) for ss in samples]
+    right = {name: [w == a for w, a in zip(words, answers, strict=True)] for name, words in picks.items()}
+    cost = sequence_cost(seq)
+    rows = [sequence_row(name, right[name], right["greedy_K1"], cost) for name in right]
+    return {"status": f"{n} items scored by every cell; {len(seq['cost_rounds'])} cost rounds",
+            "definition": SEQUENCE_DEFINITION, "settings": s, "items": n, "rows": rows,
+            "equal_cost": sequence_equal_cost(rows, right)}
+
+
+def sequence_row(name: str, right: list[bool], greedy: list[bool], cost: dict) -> dict:
+    n = len(right)
+    p = sum(right) / n
+    change, se = paired_change([float(x) for x in right], [float(x) for x in greedy])
+    N = int(name.rsplit("N", 1)[1]) if "_N" in name else 1
+    K = int(name.rsplit("K", 1)[1]) if name.startswith("greedy_K") else 1
+    key = name if name.startswith("greedy_K") else f"samples_N{N}"
+    return {"point": name, "method": name.rsplit("_", 1)[0], "K": K, "N": N, "correct": sum(right),
+            "accuracy": p, "accuracy_se": math.sqrt(p * (1 - p) / n),
+            "change_vs_greedy_K1": change, "paired_se": se, **cost.get(key, {}),
+            "sequential_cost_ratio": float(N) if not name.startswith("greedy_K") else None}
+
+
+def sequence_cost(seq: dict) -> dict[str, dict]:
+    """Per timed point: median step ms, median within-round ratio to k=4 K=1 greedy, its 95% CI."""
+    from roe.bench import median_ci
+
+    rounds = [rd["step_ms"] for rd in seq["cost_rounds"]]
+    if not rounds:
+        return {}
+    out = {}
+    for name in rounds[0]:
+        ratios = [rd[name] / rd["greedy_K1"] for rd in rounds]
+        out[name] = {"step_ms": statistics.median(rd[name] for rd in rounds), "cost_ratio": statistics.median(ratios),
+                     "cost_ratio_ci95": median_ci(ratios), "cost_rounds": len(rounds)}
+    return out
+
+
+def sequence_equal_cost(rows: list[dict], right: dict[str, list[bool]]) -> list[dict]:
+    """Each RoE K > 1 against best-of-N and majority vote at the largest N measured no dearer
+    (batched samples) and at the largest N that sequential samples afford (N <= the RoE cost
+    ratio, derived); differences paired per item (RoE minus it)."""
+    by = {r["point"]: r for r in rows}
+    out = []
+    for r in rows:
+        if not r["point"].startswith("greedy_K") or r["K"] == 1 or r.get("cost_ratio") is None:
+            continue
+        entry = {"K": r["K"], "cost_ratio": r["cost_ratio"]}
+        for mode, price in (("batched", lambda q: q.get("cost_ratio")), ("sequential", lambda q: q["N"])):
+            affordable = [q["N"] for q in by.values() if not q["point"].startswith("greedy_K")
+                          and price(q) is not None and price(q) <= r["cost_ratio"]]
+            N = max(affordable, default=None)
+            entry[mode] = {"N": N, "versus": [] if N is None else [
+                {"point": p, **_paired(right[r["point"]], right[p])}
+                for p in (["sample_N1"] if N == 1 else [f"best_of_N{N}", f"majority_N{N}"])]}
+        out.append(entry)
+    return out
+
+
+def _paired(ours: list[bool], theirs: list[bool]) -> dict:
+    diff, se = paired_change([float(x) for x in ours], [float(x) for x in theirs])
+    return {"roe_minus_it": diff, "se": se}
+
+
+# ---------------------------------------------------------------------------------------------
 # plot
 
 
@@ -267,7 +528,9 @@ def plot(doc, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in doc["rows"] if r["change"] is not None and r["cost_ratio"] is not None]
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    sequence = [r for r in doc.get("sequence_sampling", {}).get("rows", []) if r.get("cost_ratio") is not None]
+    fig, axes = plt.subplots(1, 2 if sequence else 1, figsize=(14 if sequence else 7.5, 5), squeeze=False)
+    ax = axes[0, 0]
     for k, marker in zip(EXPERTS, "v^<os>", strict=True):
         line = sorted((r for r in rows if r["k"] == k), key=lambda r: r["K"])
         if not line:
@@ -292,9 +555,40 @@ def plot(doc, path: Path) -> None:
     ax.set_title(f"quality vs cost: {c.get('windows')} windows, {len(doc['cost_rounds'])} cost rounds, "
                  f"{c.get('threads')} thread", fontsize=9)
     ax.legend(fontsize=7)
+    if sequence:
+        plot_sequence(axes[0, 1], sequence, doc["sequence_sampling"])
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
+
+
+def plot_sequence(ax, rows: list[dict], section: dict) -> None:
+    """Last-word accuracy against measured cost: greedy RoE K at k = 4, best-of-N, majority vote
+    and one sample (N rows decoded together); error bars +-1 paired SE against K = 1 greedy."""
+    lines = {"greedy": ("o-", "greedy, RoE K (k=4)", "K"), "best_of": ("s--", "best-of-N (likelihood)", "N"),
+             "majority": ("^:", "majority vote", "N"), "sample": ("x", "one sample", "N")}
+    for method, (style, label, key) in lines.items():
+        line = sorted((r for r in rows if r["method"] == method), key=lambda r: r[key])
+        if not line:
+            continue
+        ax.errorbar([r["cost_ratio"] for r in line], [r["accuracy"] * 100 for r in line],
+                    yerr=[(r["paired_se"] or 0) * 100 for r in line], fmt=style, capsize=2, lw=1, label=label)
+        for r in line:
+            ax.annotate(f"{key}{r[key]}", (r["cost_ratio"], r["accuracy"] * 100), fontsize=6, xytext=(3, 2),
+                        textcoords="offset points")
+    best, front = -math.inf, []
+    for r in sorted(rows, key=lambda r: (r["cost_ratio"], -r["accuracy"])):
+        if r["accuracy"] > best:
+            front.append(r)
+            best = r["accuracy"]
+    ax.step([r["cost_ratio"] for r in front], [r["accuracy"] * 100 for r in front], where="post", color="black",
+            lw=2, alpha=0.35, label="Pareto frontier (point estimates)")
+    s = section["settings"]
+    ax.set_xlabel("decode-step cost, x (k=4, K=1 greedy) within a round; N samples as N batched rows")
+    ax.set_ylabel("last-word accuracy (%), error bar: paired SE vs K=1 greedy")
+    ax.set_title(f"sequence-level sampling: {section['items']} items, T={s['temperature']}, "
+                 f"{len([r for r in rows if r['method'] == 'greedy'])} RoE points", fontsize=9)
+    ax.legend(fontsize=7)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,6 +631,14 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=RESULTS / "frontier.json")
     p.add_argument("--plot", type=Path, default=RESULTS / "frontier.png")
     p.add_argument("--plot-only", action="store_true", help="redraw the plot (and summary) from --out")
+    p.add_argument("--sequence", action="store_true",
+                   help="the sequence-sampling phase on last-word (greedy RoE K vs best-of-N / majority vote)")
+    p.add_argument("--items", type=int, default=200, help="--sequence: last-word items (a larger number resumes)")
+    p.add_argument("--samples", type=int, default=8, help="--sequence: samples per item (N up to this)")
+    p.add_argument("--temperature", type=float, default=0.7, help="--sequence: sampling temperature")
+    p.add_argument("--max-new-tokens", type=int, default=6, help="--sequence: tokens per continuation (as roe tasks)")
+    p.add_argument("--context-tokens", type=int, default=200, help="--sequence: item context (as roe tasks)")
+    p.add_argument("--sequence-rounds", type=int, default=8, help="--sequence: cost rounds")
     return p.parse_args(argv)
 
 
@@ -359,9 +661,18 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(args.threads)
     command = "python benchmarks/frontier.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    doc = load_doc(args.out, settings)
+    doc = load_doc(args.out, None if args.sequence else settings)
     lm, tokenizer = roe.load()
     tokens = text_tokens(tokenizer, default_split_path("test"))
+    if args.sequence:
+        from roe.eval.tasks import read_documents
+
+        prepare_kernels()
+        doc = run_sequence(lm, tokenizer, read_documents(default_split_path("test")), args, args.out, command,
+                           torch.from_numpy(tokens[: args.prompt_tokens]))
+        plot(doc, args.plot)
+        print(json.dumps(doc["sequence_sampling"]))
+        return
     windows = make_windows(tokens, args.window)
     windows = windows[np.linspace(0, len(windows) - 1, args.windows).astype(int)]
     prompt_P = torch.from_numpy(tokens[: args.prompt_tokens])
