@@ -564,15 +564,20 @@ def plot(doc, path: Path) -> None:
 
 def plot_sequence(ax, rows: list[dict], section: dict) -> None:
     """Last-word accuracy against measured cost: greedy RoE K at k = 4, best-of-N, majority vote
-    and one sample (N rows decoded together); error bars +-1 paired SE against K = 1 greedy."""
+    and one sample (N rows decoded together); error bars +-1 paired SE against K = 1 greedy and
+    the cost ratio's 95% CI."""
     lines = {"greedy": ("o-", "greedy, RoE K (k=4)", "K"), "best_of": ("s--", "best-of-N (likelihood)", "N"),
              "majority": ("^:", "majority vote", "N"), "sample": ("x", "one sample", "N")}
     for method, (style, label, key) in lines.items():
         line = sorted((r for r in rows if r["method"] == method), key=lambda r: r[key])
         if not line:
             continue
-        ax.errorbar([r["cost_ratio"] for r in line], [r["accuracy"] * 100 for r in line],
-                    yerr=[(r["paired_se"] or 0) * 100 for r in line], fmt=style, capsize=2, lw=1, label=label)
+        ci = [r.get("cost_ratio_ci95") or (r["cost_ratio"], r["cost_ratio"]) for r in line]
+        xerr = [[r["cost_ratio"] - lo for r, (lo, _) in zip(line, ci, strict=True)],
+                [hi - r["cost_ratio"] for r, (_, hi) in zip(line, ci, strict=True)]]
+        ax.errorbar([r["cost_ratio"] for r in line], [r["accuracy"] * 100 for r in line], xerr=xerr,
+                    yerr=[(r["paired_se"] or 0) * 100 for r in line], fmt=style, capsize=2, lw=1, elinewidth=0.5,
+                    label=label)
         for r in line:
             ax.annotate(f"{key}{r[key]}", (r["cost_ratio"], r["accuracy"] * 100), fontsize=6, xytext=(3, 2),
                         textcoords="offset points")
