@@ -4,7 +4,8 @@
 //   out[m, h] = softmax([q . K_hist(slots visible at p) , q . k_m] * scale) @ [V_hist ; v_m]
 //
 // One task per (request, KV head): every query row of that request's members and of the KV head's G
-// query heads reads each history key and value once, straight from the cache blocks (no gather).
+// query heads reads each history key and value straight from the cache blocks (no gather): keys once per 8 query
+// rows, values once per 3 query rows and 32 dimensions (the rows' outputs stay in registers).
 // Member rows are contiguous per request: rows first[r] .. first[r + 1] - 1 belong to request r.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -87,17 +88,24 @@ static inline void scores_8(const float* const* q, const float* keys, int64_t BS
   for (int j = 0; j < NR; ++j) _mm256_storeu_ps(scores[j] + s, acc[j]);
 }
 
-// scores[i][0 .. n) = q_i . keys[:, s] for Q rows, keys dim-major ([D, BS] from slot 0): query rows in blocks of
-// 8, 4, 2 and 1, 8 slots per register.
+// scores[i][0 .. n) = q_i . keys[:, s] for Q rows, keys dim-major ([D, BS] from slot 0): query rows in blocks of up
+// to 8 (one pass over the keys for K <= 9 members of a request), 8 slots per register.
 static void scores_dim_major(const float* const* q, int64_t Q, const float* keys, int64_t BS, int64_t D, int64_t n,
                              float* const* scores) {
   int64_t s = 0;
   for (; s + 8 <= n; s += 8) {
-    int64_t i = 0;
-    for (; i + 8 <= Q; i += 8) scores_8<8>(q + i, keys, BS, D, s, scores + i);
-    for (; i + 4 <= Q; i += 4) scores_8<4>(q + i, keys, BS, D, s, scores + i);
-    for (; i + 2 <= Q; i += 2) scores_8<2>(q + i, keys, BS, D, s, scores + i);
-    for (; i < Q; ++i) scores_8<1>(q + i, keys, BS, D, s, scores + i);
+    for (int64_t i = 0; i < Q; i += 8) {
+      switch (std::min<int64_t>(8, Q - i)) {
+        case 8: scores_8<8>(q + i, keys, BS, D, s, scores + i); break;
+        case 7: scores_8<7>(q + i, keys, BS, D, s, scores + i); break;
+        case 6: scores_8<6>(q + i, keys, BS, D, s, scores + i); break;
+        case 5: scores_8<5>(q + i, keys, BS, D, s, scores + i); break;
+        case 4: scores_8<4>(q + i, keys, BS, D, s, scores + i); break;
+        case 3: scores_8<3>(q + i, keys, BS, D, s, scores + i); break;
+        case 2: scores_8<2>(q + i, keys, BS, D, s, scores + i); break;
+        default: scores_8<1>(q + i, keys, BS, D, s, scores + i);
+      }
+    }
   }
   for (; s < n; ++s)
     for (int64_t i = 0; i < Q; ++i) {
@@ -107,16 +115,42 @@ static void scores_dim_major(const float* const* q, int64_t Q, const float* keys
     }
 }
 
-// out[0 .. 64) += sum_s p[s] * values[s, 0 .. 64) for token-major values ([BS, D] from slot 0): the 64 outputs stay
-// in eight registers over all slots.
-static void weighted_values_64(const float* p, const float* values, int64_t D, int64_t n, float* out) {
-  __m256 acc[8];
-  for (int c = 0; c < 8; ++c) acc[c] = _mm256_loadu_ps(out + 8 * c);
+// out_i[0 .. 32) += sum_s p_i[s] * values[s, 0 .. 32) for NR rows, token-major values ([BS, D] from slot 0): each
+// value vector loaded feeds NR FMAs, the NR x 32 outputs stay in registers over all slots.
+template <int NR>
+static inline void weighted_values_32(const float* const* p, const float* values, int64_t D, int64_t n,
+                                      float* const* out) {
+  __m256 acc[NR][4];
+  for (int j = 0; j < NR; ++j)
+    for (int c = 0; c < 4; ++c) acc[j][c] = _mm256_loadu_ps(out[j] + 8 * c);
   for (int64_t s = 0; s < n; ++s) {
-    const __m256 w = _mm256_set1_ps(p[s]);
-    for (int c = 0; c < 8; ++c) acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(values + s * D + 8 * c), acc[c]);
+    const __m256 v0 = _mm256_loadu_ps(values + s * D), v1 = _mm256_loadu_ps(values + s * D + 8);
+    const __m256 v2 = _mm256_loadu_ps(values + s * D + 16), v3 = _mm256_loadu_ps(values + s * D + 24);
+    for (int j = 0; j < NR; ++j) {
+      const __m256 w = _mm256_set1_ps(p[j][s]);
+      acc[j][0] = _mm256_fmadd_ps(w, v0, acc[j][0]);
+      acc[j][1] = _mm256_fmadd_ps(w, v1, acc[j][1]);
+      acc[j][2] = _mm256_fmadd_ps(w, v2, acc[j][2]);
+      acc[j][3] = _mm256_fmadd_ps(w, v3, acc[j][3]);
+    }
   }
-  for (int c = 0; c < 8; ++c) _mm256_storeu_ps(out + 8 * c, acc[c]);
+  for (int j = 0; j < NR; ++j)
+    for (int c = 0; c < 4; ++c) _mm256_storeu_ps(out[j] + 8 * c, acc[j][c]);
+}
+
+// out_i += p_i @ values for Q rows (D a multiple of 32): rows in blocks of 3, 32 output columns at a time.
+static void weighted_values(const float* const* p, int64_t Q, const float* values, int64_t D, int64_t n,
+                            float* const* out) {
+  for (int64_t c = 0; c < D; c += 32) {
+    for (int64_t i = 0; i < Q; i += 3) {
+      const int64_t nr = std::min<int64_t>(3, Q - i);
+      float* rows[3];
+      for (int64_t j = 0; j < nr; ++j) rows[j] = out[i + j] + c;
+      if (nr == 3) weighted_values_32<3>(p + i, values + c, D, n, rows);
+      else if (nr == 2) weighted_values_32<2>(p + i, values + c, D, n, rows);
+      else weighted_values_32<1>(p + i, values + c, D, n, rows);
+    }
+  }
 }
 
 // A cache block's (key half, value half) of one KV head as floats: [BS, D] each, or [D, BS] when dim-major.
@@ -182,14 +216,20 @@ static void attend(const float* q, const float* k_own, const float* v_own, const
         const float* vi = v_own + own(i);
         for (int64_t d = 0; d < D; ++d) oi[d] = si[X - 1] * vi[d];
       }
+      std::vector<float*> out_rows(Q);
+      std::vector<const float*> prob_rows(Q);
+      for (int64_t i = 0; i < Q; ++i) out_rows[i] = out + row(i) * D;
       for_blocks([&](const float*, const float* values, int64_t s0, int64_t s1, int64_t x0) {
+        if (!values_major && D % 32 == 0) {
+          for (int64_t i = 0; i < Q; ++i) prob_rows[i] = scores.data() + i * X + x0;
+          weighted_values(prob_rows.data(), Q, values + s0 * D, D, s1 - s0, out_rows.data());
+          return;
+        }
         for (int64_t i = 0; i < Q; ++i) {
           const float* pi = scores.data() + i * X + x0;
-          float* oi = out + row(i) * D;
+          float* oi = out_rows[i];
           if (values_major)
             for (int64_t d = 0; d < D; ++d) oi[d] += dot(pi, values + d * BS + s0, s1 - s0);
-          else if (D % 64 == 0)
-            for (int64_t c = 0; c < D; c += 64) weighted_values_64(pi, values + s0 * D + c, D, s1 - s0, oi + c);
           else
             for (int64_t s = s0; s < s1; ++s) axpy(pi[s - s0], values + s * D, oi, D);
         }

@@ -145,10 +145,11 @@ def _rows_k(table, step, T: int, rows: int) -> torch.Tensor | None:
 def install(router, layer: int, step_of) -> None:
     """Wrap one router instance: member rows of the current step re-select with noise, dialled rows with k.
 
-    ``step_of()`` returns the current forward's ``Step`` (roe_vllm/members.py) or None. The router runs
-    once, on the logits with the member rows' noise added (the clean rows get none, so their result is
-    the router's own); then the member rows get the clean gate weights at their noisy choice, and rows
-    of requests that dial ``experts_per_token`` are re-selected with their k (``dial``).
+    ``step_of()`` returns the current forward's ``Step`` (roe_vllm/members.py) or None. The clean rows get
+    the router's own result. The member rows select on their logits with the noise added: through the
+    router itself where it limits groups (its exact group logic), by its plain top-k otherwise; then they
+    get the clean gate weights at their noisy choice, and rows of requests that dial
+    ``experts_per_token`` are re-selected with their k (``dial``).
     NOTE: called while vLLM builds the model, inside its ``set_current_vllm_config``: the engine's batch
     table (roe_vllm/requests.py, per-row k) is found through that config, as the model finds it.
     """
@@ -161,6 +162,9 @@ def install(router, layer: int, step_of) -> None:
     vllm_config = get_current_vllm_config()
     _check_experts(router, vllm_config)
     tested = []
+    # the router's selection is a plain top-k of the logits (CPURouter, ungrouped softmax; CleanWeights.of has refused
+    # custom functions and other scorings): member rows can be selected without running the router on them
+    plain = type(router).__name__ == "CPURouter" and not rule.grouped
 
     def select_experts(hidden_states, router_logits, topk_indices_dtype=None, *, input_ids=None):
         step = step_of()
@@ -176,15 +180,28 @@ def install(router, layer: int, step_of) -> None:
             if router_logits.shape[0] != T + step.num_members:
                 raise RuntimeError(f"RoE: MoE layer {layer} routed {router_logits.shape[0]} rows, expected {T} + "
                                    f"{step.num_members} (rows gathered or split before routing are not supported)")
-            noisy_TE = router_logits.clone()
-            noisy_TE[T:] += noise_ME.to(dtype=noisy_TE.dtype, device=noisy_TE.device)
-            weights_TA, ids_TA = original(hidden_states, noisy_TE, topk_indices_dtype, input_ids=input_ids)
-            weights_TA[T:] = rule(router_logits[T:], ids_TA[T:]).to(weights_TA.dtype)
+            noisy_ME = router_logits[T:] + noise_ME.to(dtype=router_logits.dtype, device=router_logits.device)
+            if plain:
+                # NOTE: the router's own top-k restated (CPURouter._softmax_topk): the clean rows alone through the
+                # router, the member rows' choice by the same torch.topk, with no full-batch clone and no gating of
+                # the noisy logits that the clean weights below replace.
+                weights_TA, ids_TA = original(hidden_states[:T], router_logits[:T], topk_indices_dtype,
+                                              input_ids=input_ids)
+                ids_MA = rule.select(noisy_ME, ids_TA.shape[1]).to(ids_TA.dtype)
+                weights_MA = rule(router_logits[T:], ids_MA).to(weights_TA.dtype)
+                weights_TA, ids_TA = torch.cat([weights_TA, weights_MA]), torch.cat([ids_TA, ids_MA])
+                noisy_TE = None
+            else:
+                noisy_TE = torch.cat([router_logits[:T], noisy_ME])
+                weights_TA, ids_TA = original(hidden_states, noisy_TE, topk_indices_dtype, input_ids=input_ids)
+                weights_TA[T:] = rule(router_logits[T:], ids_TA[T:]).to(weights_TA.dtype)
         if not tested:
             self_test(rule, router, router_logits[:T], weights_TA[:T], ids_TA[:T])
             tested.append(True)
         k_R = _rows_k(table_for(vllm_config), step, T, router_logits.shape[0])
         if k_R is not None:
+            if noisy_TE is None:
+                noisy_TE = torch.cat([router_logits[:T], noisy_ME])
             return dial(rule, router_logits, noisy_TE, weights_TA, ids_TA, k_R)
         return weights_TA, ids_TA
 
