@@ -11,10 +11,10 @@ history and itself, never another member:
                     keep   if j is query q's own new slot
                     block  otherwise
 
-``CleanCache`` stores only the first ``commit`` new positions of a forward (member 0 comes
-first, so ``commit=1`` keeps the clean member's keys/values) and returns the stored history plus
-all new positions to the attention. KV memory is therefore one sequence per prompt whatever K
-is. Scoring uses ``commit=0``: the clean history was stored by the clean forward.
+``CleanCache.storing(commit)`` stores only the first ``commit`` new positions of a forward
+(member 0 comes first, so ``commit=1`` keeps the clean member's keys/values) and returns the
+stored history plus all new positions to the attention. KV memory is therefore one sequence per
+prompt whatever K is. Scoring uses ``commit=0``: the clean history was stored by the clean forward.
 """
 
 from __future__ import annotations
@@ -99,18 +99,32 @@ class BufferLayer(DynamicLayer):
 class CleanCache(Cache):
     """A cache whose ``update`` keeps the clean history only.
 
-    ``commit=None`` stores everything (a clean prefill); ``commit=n`` stores the first n new
-    positions of each forward; ``commit=0`` stores nothing.
+    A cache made with ``CleanCache()`` stores every position of a forward (a clean prefill).
+    ``cache.storing(n)`` is the same stored history for a forward that keeps only its first n
+    new positions (``n=1``: the clean member of a decode step; ``n=0``: nothing, scoring). The
+    commit is thus an argument of each forward (the ``past_key_values`` it is given), never a
+    mode set on the shared cache.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, commit: int | None = None, layers: list[BufferLayer] | None = None) -> None:
         super().__init__(layer_class_to_replicate=BufferLayer)
-        self.commit: int | None = None
+        self._commit = commit
+        if layers is not None:
+            self.layers = layers  # shared: a view of another cache's history
+
+    @property
+    def commit(self) -> int | None:
+        """New positions each forward stores (None: all)."""
+        return self._commit
+
+    def storing(self, commit: int | None) -> CleanCache:
+        """This cache's history (shared, not copied), for a forward that stores its first ``commit`` new positions."""
+        return CleanCache(commit=commit, layers=self.layers)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         while len(self.layers) <= layer_idx:
             self.layers.append(BufferLayer())
-        return self.layers[layer_idx].append(key_states, value_states, self.commit)
+        return self.layers[layer_idx].append(key_states, value_states, self._commit)
 
     def kv_bytes(self) -> int:
         """Bytes of the stored keys and values (the clean history; buffers keep spare capacity)."""

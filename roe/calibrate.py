@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from roe import adapters
+from roe.analysis import num_moe_layers  # noqa: F401  (the CLI's name for the one MoE layer count)
 from roe.config import RoEConfig
 from roe.eval.perplexity import clean_score_fn, paired, roster_nll, window_nll
 
@@ -70,10 +70,6 @@ class Calibration:
     @property
     def best_uniform(self) -> tuple[float, float] | None:
         return min(self.uniform, key=lambda tv: tv[1]) if self.uniform else None
-
-
-def num_moe_layers(model) -> int:
-    return len(adapters.find_routers(model))
 
 
 def _optuna():

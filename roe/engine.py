@@ -19,9 +19,10 @@ Shapes: B prompts, K members, P stored positions, R live rows of a step, V vocab
    ``steps()`` generator yields each step's tokens and log-probs. ``generate`` consumes it; so
    does the server's worker (roe/serve/worker.py), which admits requests into running batches.
 
-This module knows nothing about routers; the roster's ``forward`` carries the noise plan.
-It runs its own loop instead of ``model.generate`` (DESIGN §5: keep the grouped_mm experts
-path, one forward per step).
+This module knows nothing about routers: it drives the member forwards of roe/members.py, which
+carry each row's noise to the routers. roe/roster.py builds on it, never the reverse. It runs
+its own loop instead of ``model.generate`` (keep the grouped_mm experts path, one forward per
+step).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from roe.cache import CleanCache, first_member, member_masks
-from roe.roster import Roster, check_inputs
+from roe.members import Members, check_inputs
 from roe.routing import NoiseBank, sampling_uniform
 from roe.stopping import StopConditions, StopState
 
@@ -48,7 +49,7 @@ class FoldedDecoder:
     seed, so prompts of requests with different seeds share the forward.
     """
 
-    def __init__(self, roster: Roster, rows: Sequence[torch.Tensor] = (), fan_out: bool = True,
+    def __init__(self, roster: Members, rows: Sequence[torch.Tensor] = (), fan_out: bool = True,
                  seeds: Sequence[int] | None = None) -> None:
         self.roster, self.fan_out = roster, fan_out
         self.bank = roster.noise_bank()
@@ -107,18 +108,18 @@ class FoldedDecoder:
         roster, K, B = self.roster, self.roster.members, tokens_B.shape[0]
         pos_BK = pos_B[:, None].expand(B, K)
         masks = member_masks(roster.windows, self.pos_BP, self.valid_BP, pos_BK, roster.mask_dtype)
-        self.cache.commit = 1
+        cache = self.cache.storing(1)  # the clean member's keys/values; the other members' are scratch
         with roster.decode_kernels():
             if K > 1 and self.fan_out and roster.can_fan_out:
                 masks_1 = first_member(masks, self.pos_BP.shape[1])
                 logits_BKV = roster.fan_out_forward(
                     member_BK=torch.arange(K).expand(B, K), position_B=pos_B, input_ids_B=tokens_B,
-                    masks_1=masks_1, masks_K=masks, cache=self.cache, bank=self.bank, seed_B=self.seed_B,
+                    masks_1=masks_1, masks_K=masks, cache=cache, bank=self.bank, seed_B=self.seed_B,
                 ).logits
             else:
                 logits_BKV = roster.forward(
                     member_BQ=torch.arange(K).expand(B, K), position_BQ=pos_BK,
-                    input_ids=tokens_B[:, None].expand(B, K), attention_mask=masks, past_key_values=self.cache,
+                    input_ids=tokens_B[:, None].expand(B, K), attention_mask=masks, past_key_values=cache,
                     bank=self.bank, seed_BQ=self.seed_B[:, None],
                 ).logits
         self.pos_BP = torch.cat([self.pos_BP, pos_B[:, None]], dim=1)
@@ -151,7 +152,7 @@ class ExpandedDecoder:
     forward per prompt. Prompts join (``admit``) and leave (``keep``) between steps.
     """
 
-    def __init__(self, roster: Roster, rows: Sequence[torch.Tensor] = (), seeds: Sequence[int] | None = None) -> None:
+    def __init__(self, roster: Members, rows: Sequence[torch.Tensor] = (), seeds: Sequence[int] | None = None) -> None:
         self.roster, self.caches, self.banks, self.seeds = roster, [], [], []
         self.admit(rows, seeds)
 
@@ -197,7 +198,7 @@ DECODERS = {"fold": FoldedDecoder, "expand": ExpandedDecoder}
 
 
 @torch.no_grad()
-def score_stepwise(roster: Roster, input_ids: torch.Tensor, mask_BS: torch.Tensor) -> torch.Tensor:
+def score_stepwise(roster: Members, input_ids: torch.Tensor, mask_BS: torch.Tensor) -> torch.Tensor:
     """Teacher-forced log-probs [B, S, V] one position at a time (models that cannot fold).
 
     Positions under padding hold the uniform distribution.
@@ -318,7 +319,7 @@ class Decoding:
     seed, member, position), and padding is masked out. ``generate`` and the server consume it.
     """
 
-    def __init__(self, roster: Roster, *, fan_out: bool = True) -> None:
+    def __init__(self, roster: Members, *, fan_out: bool = True) -> None:
         self.roster = roster
         self.decoder = FoldedDecoder(roster, fan_out=fan_out) if roster.strategy == "fold" else ExpandedDecoder(roster)
         self.rows: list[Row] = []
@@ -370,7 +371,7 @@ class Decoding:
 
 @torch.no_grad()
 def generate(
-    roster: Roster,
+    roster: Members,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     max_new_tokens: int = 64,

@@ -19,11 +19,11 @@ import copy
 import torch
 
 from roe.aggregate import aggregate
-from roe.roster import Roster
+from roe.members import Members
 
 
 @torch.no_grad()
-def step_logprobs(roster: Roster, tokens: torch.Tensor) -> torch.Tensor:
+def step_logprobs(roster: Members, tokens: torch.Tensor) -> torch.Tensor:
     """Aggregated log-probs [V] of the token after ``tokens`` (1-D, no padding)."""
     model = roster.model
     t = len(tokens) - 1
@@ -40,13 +40,13 @@ def step_logprobs(roster: Roster, tokens: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score(roster: Roster, tokens: torch.Tensor) -> torch.Tensor:
+def score(roster: Members, tokens: torch.Tensor) -> torch.Tensor:
     """Log-probs [S, V] at every position of one unpadded sequence."""
     return torch.stack([step_logprobs(roster, tokens[: t + 1]) for t in range(len(tokens))])
 
 
 @torch.no_grad()
-def generate_greedy(roster: Roster, tokens: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+def generate_greedy(roster: Members, tokens: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
     """Greedy RoE continuation of one unpadded prompt; returns prompt + new tokens."""
     for _ in range(max_new_tokens):
         tokens = torch.cat([tokens, step_logprobs(roster, tokens).argmax()[None]])
