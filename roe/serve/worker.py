@@ -28,7 +28,6 @@ import torch
 import roe
 from roe.config import RoEConfig
 from roe.engine import Decoding, Row, model_eos
-from roe.roster import Roster
 from roe.serve.protocol import ApiError, Sampling, ServeConfig
 from roe.stopping import StopConditions
 
@@ -55,45 +54,19 @@ class Job:
     steps: int = 0  # decode steps computed for this job (it stops growing once the job is cancelled)
 
 
-class Rosters:
-    """The worker's rosters, one per roster setting in use, kept a while after their last group.
+class Group:
+    """Jobs decoded together: one ``Decoding`` on a roster of their shared settings.
 
-    NOTE: none is opened with ``with``: a roster used outside its block installs its router
-    wrappers for each call (each prefill, each step) and removes them after, so the groups'
-    rosters are never installed on the model together, and a roster that dials
-    ``experts_per_token`` cannot touch another group's forwards. Construction (finding and
-    self-testing the routers, packing the head, probing the fan-out point) is paid once per
-    setting while it stays in use or among the ``idle`` most recently released.
+    NOTE: the roster is built for the group and never opened with ``with``: a roster used outside
+    its block installs its router wrappers for each call (each prefill, each step) and removes
+    them after, so the groups' rosters are never installed on the model together, and a roster
+    that dials ``experts_per_token`` cannot touch another group's forwards. Building one is cheap:
+    the model's analysis (routers and their self-tests, fan-out point, kernels; roe/analysis.py)
+    is done once per model, not per group.
     """
 
-    idle = 8
-
-    def __init__(self, model) -> None:
-        self.model = model
-        self.rosters: dict[RoEConfig, Roster] = {}  # in insertion order: the oldest idle first
-        self.users: dict[RoEConfig, int] = {}
-
-    def acquire(self, settings: RoEConfig) -> Roster:
-        if settings not in self.rosters:
-            self.rosters[settings] = roe.roster(self.model, settings)
-        self.users[settings] = self.users.get(settings, 0) + 1
-        return self.rosters[settings]
-
-    def release(self, settings: RoEConfig) -> None:
-        self.users[settings] -= 1
-        if self.users[settings] == 0:
-            del self.users[settings]
-            self.rosters[settings] = self.rosters.pop(settings)  # the most recently released last
-        idle = [cfg for cfg in self.rosters if cfg not in self.users]
-        for cfg in idle[: max(0, len(idle) - self.idle)]:
-            self.rosters.pop(cfg).close()
-
-
-class Group:
-    """Jobs decoded together: one ``Decoding`` on the roster of their shared settings."""
-
-    def __init__(self, settings: RoEConfig, roster: Roster, busy: float) -> None:
-        self.settings, self.decoding = settings, Decoding(roster)
+    def __init__(self, model, settings: RoEConfig, busy: float) -> None:
+        self.settings, self.decoding = settings, Decoding(roe.roster(model, settings))
         self.jobs: dict[int, tuple[Row, Job]] = {}  # id(row) -> (row, job)
         self.busy, self.steps = busy, 0  # worker seconds spent on this group (from its start level), steps run
 
@@ -129,7 +102,6 @@ class Worker:
         self.closing = False
         self.batches = self.submitted = self.steps = 0
         self.groups: list[Group] = []
-        self.rosters = Rosters(model)
         self.thread = threading.Thread(target=self._run, name="roe-serve-worker", daemon=True)
 
     def start(self) -> None:
@@ -206,7 +178,7 @@ class Worker:
             try:
                 if group is None:
                     level = min((g.busy for g in self.groups), default=0.0)
-                    group = Group(settings, self.rosters.acquire(settings), level)
+                    group = Group(self.model, settings, level)
                     self.groups.append(group)
                     self.batches += 1
                 group.admit(jobs, self.eos, self.tokenizer)
@@ -256,7 +228,6 @@ class Worker:
 
     def _retire(self, group: Group) -> None:
         self.groups.remove(group)
-        self.rosters.release(group.settings)
 
 
 def _logprob_info(job: Job, token: int, logprobs_V: torch.Tensor):
