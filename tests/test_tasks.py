@@ -91,14 +91,76 @@ def _schedule(directory):
     return path
 
 
+def _offline_task_manager(export, tmp_path, monkeypatch):
+    """lm-eval's task manager on the exported directory only, offline, with a fresh datasets cache."""
+    import datasets.config
+    import huggingface_hub.constants
+    from lm_eval.tasks import TaskManager
+
+    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        monkeypatch.setenv(var, "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return TaskManager(include_path=str(export), include_defaults=False)
+
+
+def test_lm_eval_asks_the_exported_items_as_roe_does(saved_model, text_file, tmp_path, monkeypatch):
+    """The exported YAMLs, run by the real lm-eval with a scripted LM (no model): it asks exactly roe's
+    (context, candidate) pairs and last-word prompts (stop at a newline, 6 tokens), and its first-word
+    filter and metrics turn the scripted answers into what ``tasks.first_word`` and argmax give."""
+    import lm_eval
+    from lm_eval.api.model import LM
+
+    _, tokenizer = roe.load(saved_model)
+    docs = tasks.read_documents(text_file)
+    mc_items = tasks.next_line_items(docs, tokenizer, 6, seed=1)
+    word_items = tasks.last_word_items(docs, tokenizer, 6, seed=1)
+    export = tmp_path / "lm_eval"
+    tasks.export_lm_eval(export, mc_items, word_items)
+    # per item in turn: a wrong word, the right word after a tab, no word
+    replies = [(f" {w.answer}s, then", f"\t{w.answer} and", "\n")[i % 3] for i, w in enumerate(word_items)]
+
+    class Scripted(LM):
+        def __init__(self):
+            super().__init__()
+            self.asked = {"loglikelihood": [], "generate_until": []}
+
+        def loglikelihood(self, requests):  # the longest candidate wins
+            self.asked["loglikelihood"] += [r.args for r in requests]
+            return [(float(len(r.args[1])), False) for r in requests]
+
+        def generate_until(self, requests):
+            self.asked["generate_until"] += [r.args for r in requests]
+            return [replies[[w.context for w in word_items].index(r.args[0])] for r in requests]
+
+        def loglikelihood_rolling(self, requests):
+            raise NotImplementedError
+
+    lm = Scripted()
+    out = lm_eval.simple_evaluate(model=lm, tasks=["roe_next_line", "roe_last_word"], log_samples=False,
+                                  task_manager=_offline_task_manager(export, tmp_path, monkeypatch))
+    assert sorted(lm.asked["loglikelihood"]) == sorted((it.context, c) for it in mc_items for c in it.choices)
+    assert sorted(a[0] for a in lm.asked["generate_until"]) == sorted(w.context for w in word_items)
+    assert all(a[1]["until"] == ["\n"] and a[1]["max_gen_toks"] == 6 for a in lm.asked["generate_until"])
+    longest = [max(range(len(it.choices)), key=lambda j, it=it: len(it.choices[j])) == it.answer for it in mc_items]
+    assert out["results"]["roe_next_line"]["acc,none"] == pytest.approx(sum(longest) / len(mc_items))
+    words = [tasks.first_word(reply) == w.answer for reply, w in zip(replies, word_items, strict=True)]
+    assert sum(words) == 2 and out["results"]["roe_last_word"]["exact_match,first-word"] == pytest.approx(2 / 6)
+
+
+# Slow (about 3 minutes on the shared 2-core machine: `roe tasks` plus two lm-eval runs of the real model).
+# The default suite covers its parts faster: test_lm_eval_asks_the_exported_items_as_roe_does (lm-eval runs
+# the export: roe's requests, filter and metrics), tests/test_lm_eval.py::test_noisy_loglikelihoods_are_roster_scores
+# and ::test_noisy_generation_is_roster_generate (the ``roe`` lm-eval model answers what the roster computes),
+# ::test_k1_is_exactly_lm_evals_hf (K = 1), and test_k1_accuracy_equals_the_plain_model.
+@pytest.mark.slow
 def test_lm_eval_reproduces_the_builtin_tasks(capsys, saved_model, text_file, tmp_path, monkeypatch):
     """The exported tasks, run by the real lm-eval with the ``roe`` model, give `roe tasks`' numbers:
     the same accuracies and, item for item, the same candidate log-likelihoods and generated words,
     for the untouched model (roster_size=1) and for RoE."""
-    import datasets.config
-    import huggingface_hub.constants
     import lm_eval  # the dev install has it: missing is a failure, not a skip
-    from lm_eval.tasks import TaskManager
 
     from roe.lm_eval import RoELM
 
@@ -109,13 +171,7 @@ def test_lm_eval_reproduces_the_builtin_tasks(capsys, saved_model, text_file, tm
             json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]}
     mc_items = [tasks.ChoiceItem(**json.loads(line)) for line in (export / "roe_next_line.jsonl").open()]
     word_items = [tasks.WordItem(**json.loads(line)) for line in (export / "roe_last_word.jsonl").open()]
-    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
-        monkeypatch.setenv(var, "1")
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    manager = TaskManager(include_path=str(export), include_defaults=False)
+    manager = _offline_task_manager(export, tmp_path, monkeypatch)
     model, tokenizer = roe.load(saved_model)
     for label, settings in (("base", dict(roster_size=1, tau=0.0)), ("roe K=3", dict(roster_size=3, tau=0.5))):
         lm = RoELM(pretrained=saved_model, batch_size=4, **settings)
