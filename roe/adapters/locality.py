@@ -4,7 +4,7 @@ Shapes: B batch, S positions, T = B * S rows, D hidden.
 
 Every roe rule maps one row's logits to that row's experts. RoE relies on it: the K members of
 a token are rows of one forward, and a scored position must equal the generation step that
-predicts it (DESIGN §1). A router whose output for a token changes with the *other* tokens of
+predicts it. A router whose output for a token changes with the *other* tokens of
 the forward breaks both: the members would choose one another's experts, and the untouched
 model's full forward already disagrees with its own token-by-token generation, so K = 1 cannot
 reproduce "the model" in scoring and generation at once. No per-row rule reproduces such a
@@ -59,11 +59,11 @@ def token_mixing(router: torch.nn.Module, args: tuple, kwargs: dict) -> float | 
         hidden, call = kwargs.get("hidden_states"), lambda h: router(*args, **{**kwargs, "hidden_states": h})
     if not isinstance(hidden, torch.Tensor) or hidden.dim() not in (2, 3):
         return None
-    lead, one = _first_token(hidden)
+    lead, first = _first_token(hidden)
     if lead.numel() < 2:
         return None
     try:
-        full, alone = _token_rows(call(hidden), lead), _token_rows(call(one), one.shape[:len(lead)])
+        full, alone = _token_rows(call(hidden), lead), _token_rows(call(first), first.shape[:len(lead)])
     except (RuntimeError, ValueError, IndexError, TypeError):
         return None
     if not full or [t.shape for t in full] != [t.shape for t in alone]:
