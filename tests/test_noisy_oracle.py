@@ -15,7 +15,7 @@ router would not have chosen. Here, per router of every family roe supports (roe
 2. *forced clean run*: the same forward on clean logits, with every selection op (``topk``,
    and ``max`` over a dim: PhiMoE's sequential picks, DeepSeek-V2's group scores) returning the
    indices the noisy run's same op returned, and the clean input's values at them. This is the
-   model's own gating evaluated on clean logits at the noisy choice: what DESIGN §1 says the
+   model's own gating evaluated on clean logits at the noisy choice: what roe/adapters/base.py says the
    weights must be ("noise changes selection only"). Group limits are forced too, so a
    group-limited router keeps the groups the noisy selection kept.
 3. roe's rule: ``reroute(router, clean output, noise)`` must equal the forced clean run (ids and

@@ -9,7 +9,7 @@ slots (whole blocks), Y = X + 1 (the member's own key), D head dim.
 The clean rows go through vLLM's own attention first, which writes their keys/values (so a
 member of a prefill's last chunk also sees that chunk's earlier tokens); the member rows then
 read the paged cache through the request's block table and write nothing: the KV cache holds
-the clean sequence only, whatever K is (roe's clean cache, DESIGN §1).
+the clean sequence only, whatever K is (roe's clean cache, roe/cache.py).
 
 Two implementations: ``member_attention`` (PyTorch, the reference) and a compiled kernel
 (``member_attention.cpp``, built once per environment like roe's decode kernel, roe/kernels.py), which

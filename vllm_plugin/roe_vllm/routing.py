@@ -9,8 +9,9 @@ member rows, the clean rows keep the router's own result; the member rows are ro
     ids_MA = the router's own selection on logits_ME + tau_l * G_ME      (roe/routing.py keyed noise)
     w_MA   = the router's gating of the CLEAN logits at ids_MA           (``CleanWeights``)
 
-NOTE: selection only, as in roe (DESIGN §1): running the router's own ``_select_experts`` on the
-noisy logits keeps its bias and group limiting exactly; the weights are the clean values the
+NOTE: selection only, as in roe (roe/adapters/base.py): a router that limits groups selects the member rows
+itself, on their noisy logits, which keeps its bias and group limiting exactly; a plain top-k router's
+choice is the same ``torch.topk`` restated (``CleanWeights.select``). The weights are the clean values the
 router would give those experts (renormalised exactly when it renormalises). ``CleanWeights``
 restates each router's gating formula; the first call of every router (vLLM's start-up warm-up
 forward) checks that it reproduces the router's own weights at its own ids, bit for bit, and
