@@ -144,8 +144,20 @@ def test_chunked_prefill_and_prefix_cache_change_nothing(roe_llm, chunked):
     assert again.num_cached_tokens >= 64  # the second run read its first blocks from the prefix cache
     for got in (first, again.outputs[0]):
         assert list(got.token_ids) == list(want.token_ids)
-        for x, y in zip(got.logprobs, want.logprobs):
-            assert max(abs(x[t].logprob - y[t].logprob) for t in x if t in y) < 1e-4
+        for x, y in zip(got.logprobs, want.logprobs, strict=True):
+            assert_same_top(x, y, 1e-4)
+
+
+def assert_same_top(x: dict, y: dict, atol: float) -> None:
+    """Two steps' top-n log-probs agree: equal within ``atol`` where both list a token, and a token only one
+    side lists sits at the other side's boundary (a near-tie swapped at rank n), not inside its list."""
+    for a, b in ((x, y), (y, x)):
+        floor = min(lp.logprob for lp in b.values())
+        for t, lp in a.items():
+            if t in b:
+                assert abs(lp.logprob - b[t].logprob) < atol, (t, lp.logprob, b[t].logprob)
+            else:
+                assert lp.logprob <= floor + atol, (t, lp.logprob, floor)
 
 
 def _tokens(prompt, extra):
