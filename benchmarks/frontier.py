@@ -404,13 +404,12 @@ def run_sequence(lm, tokenizer, docs, args, path: Path, command: str, prompt_P) 
             raise SystemExit(f"item {i} differs from the one in {path}: other text or tokenizer")
     seq["items"] += [{"context": it.context, "answer": it.answer} for it in items[len(seq["items"]):]]
     for start in range(0, len(items), args.batch_size):
-        if len(seq["cost_rounds"]) < args.sequence_rounds:
-            _sequence_round(lm, prompt_P, seq, doc, path, command)
         chunk = items[start : start + args.batch_size]
-        for cell in sequence_cells(args.samples):
+        pending = [c for c in sequence_cells(args.samples) if len(seq["cells"][c]) < start + len(chunk)]
+        if pending and len(seq["cost_rounds"]) < args.sequence_rounds:  # rounds interleaved with the work
+            _sequence_round(lm, prompt_P, seq, doc, path, command)
+        for cell in pending:
             done = seq["cells"][cell]
-            if len(done) >= start + len(chunk):
-                continue
             t0 = time.perf_counter()
             done += sequence_chunk(lm, tokenizer, cell, chunk[len(done) - start :], s)
             save_doc(doc, path)
