@@ -34,6 +34,9 @@ class RoEConfig:
         MoE-PHDS (arXiv 2509.23012): gate weights are the model's own computed over the k chosen,
         as in the model built with ``num_experts_per_tok = k``. Checked against the model's
         experts when the roster is built (roe/adapters).
+    kernels: decode steps with K > 1 may use the CPU kernels of roe/kernels.py (the packed LM head,
+        the small-M linear), which equal ``F.linear`` up to float rounding; False keeps every
+        product the model's own. K = 1 never uses them: it is the untouched model either way.
     """
 
     roster_size: int = 8
@@ -44,6 +47,7 @@ class RoEConfig:
     aggregator: str = "mean-prob"
     noisy_weights: bool = False
     experts_per_token: int | None = None
+    kernels: bool = True
 
     def __post_init__(self) -> None:
         _check_int("roster_size", self.roster_size, minimum=1)
@@ -56,6 +60,8 @@ class RoEConfig:
             raise ValueError(f"unknown aggregator {self.aggregator!r}; choose from {sorted(AGGREGATORS)}")
         if not isinstance(self.noisy_weights, bool):
             raise TypeError(f"noisy_weights must be a bool, got {self.noisy_weights!r}")
+        if not isinstance(self.kernels, bool):
+            raise TypeError(f"kernels must be a bool, got {self.kernels!r}")
         if self.experts_per_token is not None:
             _check_int("experts_per_token", self.experts_per_token, minimum=1)
         tau = self.tau

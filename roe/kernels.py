@@ -26,11 +26,18 @@ between them never rebuilds. A built kernel is imported directly, without ninja 
 ``prepare()`` builds (saying so on stderr) or loads it: ``make install`` runs it
 (``python -m roe.kernels``), ``roe bench`` calls it before timing and ``roe serve`` before it
 reports ready, so no timed or serving path compiles. Without a compiler or AVX2, or if the build
-fails, decode steps keep ``F.linear``. ``roe.roster(model, cfg, kernels=False)`` turns both
-kernels off.
+fails, decode steps keep ``F.linear``. ``RoEConfig(kernels=False)`` (``--no-kernels``) turns both
+off: every product is then the model's own.
 
 Both are installed the same way (``_replace_forward``) and checked the same way before use
-(``_agrees``: a product on random rows against ``F.linear``).
+(``_agrees``: products of 1 to ``MAX_ROWS`` random rows against ``F.linear``).
+
+NOTE: the packed head rests on private torch ops (``torch.ops.mkldnn._reorder_linear_weight``,
+``_linear_pointwise``), the small-M kernel on our own build; neither may change a result
+silently. An op missing or disagreeing when the kernel is chosen means no kernel; an exception
+while decoding, or a weight whose dtype or device changed, means ``F.linear`` from then on, with
+a ``RuntimeWarning``; a head weight changed in place or replaced (``.data``, a new Parameter) is
+packed again before the next product.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -46,45 +54,65 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+MAX_ROWS = 8  # rows of a decode step's product the kernels are built and checked for
+
 
 class PackedHead:
     """The LM head's product through oneDNN with a pre-packed weight; see the module docstring."""
 
     def __init__(self, linear: torch.nn.Linear) -> None:
         self.linear = linear
+        self.broken = False  # set once a product raised: F.linear from then on
         self._pack()
 
     def _pack(self) -> None:
         weight = self.linear.weight
-        self.version = weight._version
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 8)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), MAX_ROWS)
+        self.packed_from = _stamp(weight)
 
     @classmethod
     def for_model(cls, model) -> PackedHead | None:
         """A packed head for ``model``, or None where it does not apply or does not agree.
 
-        Applies to an ``nn.Linear`` head with fp32 weights on CPU when oneDNN is available; a
-        product on random rows must match ``F.linear`` before it is used.
+        Applies to an ``nn.Linear`` head with fp32 weights on CPU when oneDNN is available; its
+        products of 1 to ``MAX_ROWS`` random rows must match ``F.linear`` before it is used.
         """
         head = model.get_output_embeddings()
-        if (type(head) is not torch.nn.Linear or head.weight.device.type != "cpu"
-                or head.weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available()):
+        if type(head) is not torch.nn.Linear or not _fp32_cpu(head.weight) or not torch.backends.mkldnn.is_available():
             return None
         try:
             packed = cls(head)
-            x = torch.randn(3, head.in_features, generator=torch.Generator().manual_seed(0))
-            with torch.no_grad():
-                got, want = packed.product(x), torch.nn.functional.linear(x, head.weight, head.bias)
-        except (RuntimeError, AttributeError):  # an op missing from this torch build
+            agrees = _agrees_on_rows(lambda x: packed._packed_product(x), head.weight, head.bias)
+        except (RuntimeError, AttributeError, TypeError) as error:  # an op missing from this torch build
+            _warn(f"the packed LM head is unavailable ({type(error).__name__}: {error}"[:300] + "); using F.linear")
             return None
-        return packed if _agrees(got, want) else None
+        if not agrees:
+            _warn("the packed LM head disagrees with F.linear on this torch build; using F.linear")
+        return packed if agrees else None
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
-        if self.linear.weight._version != self.version:  # the weight was changed in place: repack
-            self._pack()
+        """The head's product: packed, or ``F.linear`` where the packed one cannot be trusted."""
+        weight, bias = self.linear.weight, self.linear.bias
+        if not self.broken and not (_fp32_cpu(weight) and x.dtype == torch.float32):
+            self._fail("the head's weight or input is no longer fp32 on CPU")
+        if self.broken:
+            return F.linear(x, weight, bias)
+        try:
+            if not _same(_stamp(weight), self.packed_from):  # changed in place or replaced: pack it again
+                self._pack()
+            return self._packed_product(x)
+        except (RuntimeError, AttributeError, TypeError) as error:
+            self._fail(f"{type(error).__name__}: {error}"[:300])
+            return F.linear(x, weight, bias)
+
+    def _packed_product(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1]).contiguous()
         out = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.linear.bias, "none", [], "")
         return out.view(*x.shape[:-1], out.shape[-1])
+
+    def _fail(self, why: str) -> None:
+        self.broken = True
+        _warn(f"the packed LM head failed ({why}); using F.linear from now on")
 
     @contextmanager
     def installed(self) -> Iterator[None]:
@@ -167,15 +195,16 @@ class SmallM:
     """The model's per-layer ``nn.Linear`` products through the small-M kernel; see the module docstring.
 
     Applies to fp32 CPU linears without bias whose input width is a multiple of 32 (the lanes of
-    four AVX2 registers); products of more than ``MAX_ROWS`` rows keep ``F.linear``.
+    four AVX2 registers); other products (more than ``MAX_ROWS`` rows, another dtype, a bias or
+    width added later) keep ``F.linear``.
     """
 
-    MAX_ROWS = 8
+    MAX_ROWS = MAX_ROWS
     _extension = None  # the built module; False once building failed
 
     def __init__(self, linears: list[torch.nn.Linear], product) -> None:
         self.linears = linears
-        self._product = product
+        self._product = product  # None once a product raised: F.linear from then on
 
     @classmethod
     def extension(cls):
@@ -188,25 +217,36 @@ class SmallM:
     def for_model(cls, model) -> SmallM | None:
         """The kernel for ``model``'s decoder linears, or None where it does not apply or does not agree."""
         head = model.get_output_embeddings()
-        linears = [m for m in model.modules()
-                   if type(m) is torch.nn.Linear and m is not head and m.bias is None
-                   and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
-                   and m.in_features % 32 == 0]
+        linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m is not head and cls.applies(m)]
         extension = cls.extension() if linears else None
         if extension is None:
             return None
-        x = torch.randn(5, 64, generator=torch.Generator().manual_seed(0))
-        w = torch.randn(24, 64, generator=torch.Generator().manual_seed(1))
-        with torch.no_grad():
-            got, want = extension.small_m_linear(x, w), F.linear(x, w)
-        return cls(linears, extension.small_m_linear) if _agrees(got, want) else None
+        w = torch.randn(24, 96, generator=torch.Generator().manual_seed(1))
+        try:
+            agrees = _agrees_on_rows(lambda x: extension.small_m_linear(x, w), w, None)
+        except (RuntimeError, TypeError) as error:
+            _warn(f"roe's decode kernel failed its check ({error}"[:300] + "); using F.linear")
+            return None
+        if not agrees:
+            _warn("roe's decode kernel disagrees with F.linear in this environment; using F.linear")
+        return cls(linears, extension.small_m_linear) if agrees else None
+
+    @staticmethod
+    def applies(linear: torch.nn.Linear) -> bool:
+        """A linear the kernel computes: fp32 on CPU, no bias, an input width a multiple of 32."""
+        return linear.bias is None and _fp32_cpu(linear.weight) and linear.in_features % 32 == 0
 
     def forward(self, linear: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        if (not 1 <= rows.shape[0] <= self.MAX_ROWS or x.dtype != torch.float32
-                or not linear.weight.is_contiguous()):
-            return F.linear(x, linear.weight)
-        return self._product(rows.contiguous(), linear.weight).view(*x.shape[:-1], linear.out_features)
+        if (self._product is None or not 1 <= rows.shape[0] <= self.MAX_ROWS or x.dtype != torch.float32
+                or not self.applies(linear) or not linear.weight.is_contiguous()):
+            return F.linear(x, linear.weight, linear.bias)
+        try:
+            return self._product(rows.contiguous(), linear.weight).view(*x.shape[:-1], linear.out_features)
+        except RuntimeError as error:
+            self._product = None
+            _warn(f"roe's decode kernel failed ({error}"[:300] + "); using F.linear from now on")
+            return F.linear(x, linear.weight, linear.bias)
 
     @contextmanager
     def installed(self) -> Iterator[None]:
@@ -219,7 +259,36 @@ class SmallM:
 
 def _agrees(got: torch.Tensor, want: torch.Tensor) -> bool:
     """A kernel's product matches ``F.linear``'s up to float rounding (relative 1e-4)."""
-    return bool((got - want).abs().max() <= 1e-4 * want.abs().max().clamp(min=1.0))
+    return got.shape == want.shape and bool((got - want).abs().max() <= 1e-4 * want.abs().max().clamp(min=1.0))
+
+
+def _agrees_on_rows(product, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """``product`` equals ``F.linear`` on 1 to ``MAX_ROWS`` random rows (every row block of the kernels)."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for rows in range(1, MAX_ROWS + 1):
+            x = torch.randn(rows, weight.shape[1], generator=gen)
+            if not _agrees(product(x), F.linear(x, weight, bias)):
+                return False
+    return True
+
+
+def _fp32_cpu(weight: torch.Tensor) -> bool:
+    return weight.device.type == "cpu" and weight.dtype == torch.float32
+
+
+def _stamp(weight: torch.Tensor) -> tuple:
+    """What a packed copy was made from: the tensor (held, so its id cannot be reused), its
+    storage and its in-place version."""
+    return weight, weight.data_ptr(), weight._version
+
+
+def _same(stamp: tuple, other: tuple) -> bool:
+    return stamp[0] is other[0] and stamp[1:] == other[1:]
+
+
+def _warn(message: str) -> None:
+    warnings.warn(f"roe: {message}", RuntimeWarning, stacklevel=3)
 
 
 def _replace_forward(stack: ExitStack, module: torch.nn.Module, forward) -> None:

@@ -85,11 +85,11 @@ def schedule_for(model, cfg: RoEConfig, slots: list | None = None) -> Schedule:
 class Members:
     """The member forwards of one roster setting on a model (see the module docstring)."""
 
-    def __init__(self, model, cfg: RoEConfig, *, kernels: bool = True) -> None:
+    def __init__(self, model, cfg: RoEConfig) -> None:
         if not isinstance(cfg, RoEConfig):
             raise TypeError(f"cfg must be a roe.RoEConfig, got {type(cfg).__name__}")
         check_model(model)
-        self.model, self.cfg, self.kernels = model, cfg, kernels
+        self.model, self.cfg = model, cfg
         self.analysis = analyse(model)
         self.slots = self.analysis.slots()
         self.schedule = schedule_for(model, cfg, self.slots)
@@ -261,11 +261,11 @@ class Members:
         """Faster products for the K rows of a decode step (roe/kernels.py); none when K = 1.
 
         With one member the model runs untouched, so K = 1 reproduces it bit for bit. None when
-        the roster was made with ``kernels=False``. Nor with autograd on: neither kernel has a
+        the roster's config says ``kernels=False``. Nor with autograd on: neither kernel has a
         backward, and on inputs that require grad the oneDNN head is far slower; the decoders'
         callers all run under no_grad.
         """
-        if self.members == 1 or not self.kernels or torch.is_grad_enabled():
+        if self.members == 1 or not self.cfg.kernels or torch.is_grad_enabled():
             yield
             return
         with ExitStack() as stack:

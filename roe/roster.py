@@ -129,15 +129,15 @@ class Roster(Members):
         return logits.view(B, M, S, -1)
 
 
-def roster(model, cfg: RoEConfig | None = None, *, kernels: bool = True) -> Roster:
+def roster(model, cfg: RoEConfig | None = None) -> Roster:
     """RoE on ``model``: ``with roe.roster(model, cfg) as r: r.generate(...)``.
 
     Everything is validated here, before any compute. Inside the ``with`` block RoE is installed;
     on exit the model is exactly as before and the roster is closed (using it raises). Used
-    without a ``with`` block, each call installs RoE for its duration. ``kernels=False`` keeps
-    the model's own products in decode steps (no packed head, no compiled small-M kernel).
+    without a ``with`` block, each call installs RoE for its duration. ``RoEConfig(kernels=False)``
+    keeps the model's own products in decode steps (no packed head, no compiled small-M kernel).
     """
-    return Roster(model, cfg if cfg is not None else RoEConfig(), kernels=kernels)
+    return Roster(model, cfg if cfg is not None else RoEConfig())
 
 
 def target_logprob(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

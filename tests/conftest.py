@@ -56,6 +56,25 @@ def saved_model(tmp_path_factory):
     return path
 
 
+def turn_decode_kernels_off(monkeypatch) -> None:
+    """Decode steps without roe's CPU kernels (roe/kernels.py), as where none applies: the model
+    analysis finds neither a packed head nor the small-M kernel, so every product is the model's own."""
+    from roe.analysis import ModelAnalysis
+
+    monkeypatch.setattr(ModelAnalysis, "head", lambda self: None)
+    monkeypatch.setattr(ModelAnalysis, "small_m", lambda self: None)
+
+
+@pytest.fixture(autouse=True)
+def decode_kernels_off(monkeypatch):
+    """Every test runs with the decode kernels off, so that no test outside the kernels' own modules
+    depends on them or their rounding. tests/test_kernels*.py override this fixture (kernels on),
+    hold the kernels to ``F.linear`` and rerun there the tests of K = 1 against the plain model and
+    of decoding against the slow reference.
+    """
+    turn_decode_kernels_off(monkeypatch)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny matmuls: one intra-op thread is far faster than two on a busy 2-core machine.

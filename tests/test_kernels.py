@@ -2,6 +2,7 @@
 
 import shutil
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -9,9 +10,26 @@ import torch
 import roe
 from roe import kernels, reference
 from roe.kernels import PackedHead, SmallM
-from tests.conftest import tiny_olmoe
+from tests.conftest import tiny_olmoe, turn_decode_kernels_off
+from tests.test_roster import (  # noqa: F401  rerun here with the kernels on
+    test_generate_equals_the_reference,
+    test_k1_and_tau0_reproduce_the_model_exactly,
+    test_sliding_window_olmoe_like_mixtral_matches_reference,
+)
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
+
+NOISY = roe.RoEConfig(roster_size=4, tau=1.5, skip_first=0, skip_last=0, seed=3)
+
+
+@pytest.fixture
+def decode_kernels_off():
+    """Overrides tests/conftest.py's autouse fixture: this module tests the kernels, so they stay on."""
+
+
+def _replaced(model) -> list[str]:
+    """The linears whose forward is replaced right now (by a kernel)."""
+    return [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "forward" in m.__dict__]
 
 
 def test_packed_product_equals_the_head_and_follows_in_place_changes():
@@ -228,16 +246,57 @@ def test_a_built_kernel_is_imported_without_compiling(monkeypatch):
 
 
 def test_kernels_can_be_turned_off(olmoe, prompt_ids):
-    cfg = roe.RoEConfig(roster_size=4, tau=1.5, skip_first=0, skip_last=0, seed=3)
-    head = olmoe.get_output_embeddings()
-    with roe.roster(olmoe, cfg, kernels=False) as r:
+    """RoEConfig(kernels=False): no product of a decode step is replaced, and greedy decoding equals
+    the slow reference bit for bit (with them on it equals it too, through other roundings)."""
+    off = replace(NOISY, kernels=False)
+    with roe.roster(olmoe, off) as r:
         with torch.no_grad(), r.decode_kernels():
-            assert not any("forward" in m.__dict__ for m in olmoe.modules() if isinstance(m, torch.nn.Linear))
+            assert _replaced(olmoe) == []
         fast = r.generate(prompt_ids, max_new_tokens=4)[0]
         slow = reference.generate_greedy(r, prompt_ids[0], 4)
     assert torch.equal(fast, slow)
-    with roe.roster(olmoe, cfg) as r, torch.no_grad(), r.decode_kernels():
-        assert "forward" in head.__dict__  # on by default
+    with roe.roster(olmoe, NOISY) as r, torch.no_grad(), r.decode_kernels():
+        assert "lm_head" in _replaced(olmoe)  # on by default
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+def test_k1_is_the_untouched_model_with_kernels_on_or_off(olmoe, prompt_ids, kernels):
+    want = olmoe.generate(prompt_ids, max_new_tokens=6, do_sample=False)
+    with roe.roster(olmoe, roe.RoEConfig(roster_size=1, tau=1.5, kernels=kernels)) as r:
+        with torch.no_grad(), r.decode_kernels():
+            assert _replaced(olmoe) == []
+        assert torch.equal(r.generate(prompt_ids, max_new_tokens=6), want)
+
+
+@pytest.mark.parametrize("value", ["no", 0, None])
+def test_config_rejects_a_kernels_setting_that_is_not_a_bool(value):
+    with pytest.raises(TypeError, match="kernels must be a bool"):
+        roe.RoEConfig(kernels=value)
+
+
+def test_the_suites_fixture_turns_the_kernels_off(olmoe, monkeypatch):
+    """What tests/conftest.py does to every other module: a K > 1 decode step replaces nothing."""
+    with roe.roster(olmoe, NOISY) as r, torch.no_grad(), r.decode_kernels():
+        assert _replaced(olmoe)
+    turn_decode_kernels_off(monkeypatch)
+    with roe.roster(olmoe, NOISY) as r, torch.no_grad(), r.decode_kernels():
+        assert _replaced(olmoe) == []
+
+
+def test_the_analysis_with_its_kernels_does_not_keep_its_model_alive():
+    """test_analysis checks this with the kernels off; the packed head and the small-M kernel hold
+    the model's linears, not the model."""
+    import gc
+    import weakref
+
+    model = tiny_olmoe()
+    with roe.roster(model, NOISY) as r:
+        r.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2)
+        assert r._head is not None
+    alive = weakref.ref(model)
+    del model, r
+    gc.collect()
+    assert alive() is None
 
 
 def test_bench_prepares_the_kernel_before_timing(monkeypatch, saved_model, capsys):
