@@ -189,7 +189,8 @@ def test_an_op_failing_while_decoding_falls_back_to_f_linear(monkeypatch, prompt
 @pytest.mark.parametrize("change", ["in place", "load_state_dict", "new Parameter", ".data", "to float64"])
 def test_a_changed_head_weight_is_never_read_stale(change):
     """The packed copy follows the weight: packed again when changed in place or replaced (a new
-    Parameter used to keep the stale copy: same version 0), F.linear when no longer fp32."""
+    Parameter at the same in-place version, or new ``.data``, used to keep the stale copy), F.linear
+    when no longer fp32."""
     model = tiny_olmoe()
     head = model.get_output_embeddings()
     packed = PackedHead.for_model(model)
@@ -201,8 +202,11 @@ def test_a_changed_head_weight_is_never_read_stale(change):
             head.weight.mul_(-2.0)
         elif change == "load_state_dict":
             head.load_state_dict({"weight": new})
-        elif change == "new Parameter":
-            head.weight = torch.nn.Parameter(new)
+        elif change == "new Parameter":  # at the old one's in-place version, as after as many initialisations
+            replacement = torch.nn.Parameter(new)
+            while replacement._version < head.weight._version:
+                replacement.add_(0.0)
+            head.weight = replacement
         elif change == ".data":
             head.weight.data = new
         else:
