@@ -25,13 +25,15 @@ class RoEOptions:
     Temperatures: --schedule FILE, else a uniform --tau on the middle MoE layers, else (neither)
     the model's default schedule: the schedule.json shipped in its directory, else uniform 0.1
     (roe/schedule.py). --experts-per-token k: every member selects k experts per token (None: the
-    model's own). ``config(K)`` is the roster's RoEConfig at roster size K.
+    model's own). --no-kernels: decode steps keep the model's own products (RoEConfig.kernels).
+    ``config(K)`` is the roster's RoEConfig at roster size K.
     """
 
     tau: float | None = None
     schedule: str | None = None
     seed: int = 0
     experts_per_token: int | None = None
+    kernels: bool = True
 
     def __post_init__(self) -> None:
         if self.schedule and self.tau is not None:
@@ -41,7 +43,8 @@ class RoEOptions:
         from roe import RoEConfig
 
         return RoEConfig(roster_size=roster_size, tau=self.schedule if self.schedule else self.tau, seed=self.seed,
-                         skip_first=skip_first, skip_last=skip_last, experts_per_token=self.experts_per_token)
+                         skip_first=skip_first, skip_last=skip_last, experts_per_token=self.experts_per_token,
+                         kernels=self.kernels)
 
     def check(self, lm) -> None:
         """Refuse a schedule of another layer count or model now, before any scoring."""
@@ -84,7 +87,7 @@ def _windows(lm, tokenizer, source, window: int, max_windows: int):
 
 def generate(prompt: str, *, model: str | None = None, roster_size: int = 8, tau: float | None = None,
              schedule: str | None = None, seed: int = 0, max_new_tokens: int = 40,
-             experts_per_token: int | None = None, json_out: bool = False) -> None:
+             experts_per_token: int | None = None, no_kernels: bool = False, json_out: bool = False) -> None:
     """Continue PROMPT with the untouched model and with RoE (greedy), and print both.
 
     --model is a local checkpoint directory or hub id (default: the embedded model). -K is the
@@ -93,12 +96,13 @@ def generate(prompt: str, *, model: str | None = None, roster_size: int = 8, tau
     directory, as the embedded model does, else uniform tau 0.1). Same seed, same output.
     --experts-per-token k: RoE's members select k experts per token in every MoE layer (the
     MoE-PHDS sparsity dial; -K 1 --tau 0 is the model run at k); the base stays the untouched model.
+    --no-kernels: RoE's decode steps without roe's CPU kernels (every product the model's own).
     """
     import torch
 
     import roe
 
-    options = RoEOptions(tau, schedule, seed, experts_per_token)
+    options = RoEOptions(tau, schedule, seed, experts_per_token, kernels=not no_kernels)
     lm, tokenizer = roe.load(model)
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     if ids.shape[1] == 0:
@@ -143,7 +147,8 @@ def evaluate(*, model: str | None = None, text: str | None = None, ks: str = "1,
              tau: float | None = None,
          schedule: str | None = None, seed: int = 0, window: int = 256, max_windows: int = 200,
          batch_size: int = 4, against_tau: float | None = None, against_schedule: str | None = None,
-         experts_per_token: int | None = None, json_out: bool = False, plot: str | None = None) -> None:
+         experts_per_token: int | None = None, no_kernels: bool = False, json_out: bool = False,
+         plot: str | None = None) -> None:
     """Held-out perplexity and bits per byte of the untouched model and of RoE over a K grid.
 
     Text: --text FILE (UTF-8; .gz allowed; documents separated by two blank lines), default the
@@ -159,19 +164,20 @@ def evaluate(*, model: str | None = None, text: str | None = None, ks: str = "1,
     is better) and against_delta_se its standard error. --against-schedule FILE does the same
     with a schedule file (e.g. one tau on every MoE layer, the paper's App. B baseline).
     --experts-per-token k: every row, K = 1 included, runs k experts per token (the MoE-PHDS
-    sparsity dial), so the deltas are paired at that k.
+    sparsity dial), so the deltas are paired at that k. --no-kernels: no CPU kernel in RoE's
+    decode steps (scoring uses none either way).
     """
     import roe
     from roe.eval.perplexity import perplexity_sweep, window_bytes
 
     grid = _parse_ks(ks)
     source = _held_out_text(text, model, "test")
-    options = RoEOptions(tau, schedule, seed, experts_per_token)
+    options = RoEOptions(tau, schedule, seed, experts_per_token, kernels=not no_kernels)
     if against_tau is not None and against_schedule:
         raise ValueError("give --against-tau or --against-schedule, not both")
     against = None
     if against_tau is not None or against_schedule:
-        against = RoEOptions(against_tau, against_schedule, seed, experts_per_token)
+        against = RoEOptions(against_tau, against_schedule, seed, experts_per_token, kernels=not no_kernels)
     if plot:
         _require("matplotlib", "--plot")
     lm, tokenizer = roe.load(model)
@@ -216,8 +222,8 @@ def bench(*, model: str | None = None, ks: str = "1,2,4,8,16,32,64", prompt_toke
           new_tokens: int = 64, methods: str = "roster,separate,batched-own-cache,recompute",
           tau: float | None = None,
           schedule: str | None = None, seed: int = 0, time_box: float = 15.0, threads: int = 0,
-          repeats: int = 1, experts_per_token: int | None = None, json_out: bool = False,
-          plot: str | None = None) -> None:
+          repeats: int = 1, experts_per_token: int | None = None, no_kernels: bool = False,
+          json_out: bool = False, plot: str | None = None) -> None:
     """Cost of RoE against K: decode-step time, time to first token, tokens/s, peak memory, KV bytes.
 
     Methods (all compute the same RoE step): roster (ours: one clean cache, members folded into
@@ -234,6 +240,7 @@ def bench(*, model: str | None = None, ks: str = "1,2,4,8,16,32,64", prompt_toke
     interval of that median in step_ratio_ci95. Temperatures: --schedule or a uniform --tau, else
     the model's default schedule (its shipped schedule.json, else uniform 0.1).
     --experts-per-token k: every method and K runs k experts per token (the MoE-PHDS sparsity dial).
+    --no-kernels: the roster's decode steps without roe's CPU kernels (packed LM head, small-M linear).
     """
     import platform
 
@@ -245,7 +252,7 @@ def bench(*, model: str | None = None, ks: str = "1,2,4,8,16,32,64", prompt_toke
     unknown = sorted(set(names) - set(METHODS))
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
-    options = RoEOptions(tau, schedule, seed, experts_per_token)
+    options = RoEOptions(tau, schedule, seed, experts_per_token, kernels=not no_kernels)
     if plot:
         _require("matplotlib", "--plot")
     _set_threads(threads)
@@ -259,7 +266,8 @@ def bench(*, model: str | None = None, ks: str = "1,2,4,8,16,32,64", prompt_toke
     conditions = {"model": model or "embedded default", "params": sum(p.numel() for p in lm.parameters()),
                   "prompt_tokens": len(prompt), "new_tokens": new_tokens, "schedule": options.shown(lm),
                   "dtype": "float32", "cpu": platform.processor() or platform.machine(), "cores": _cores(),
-                  "time_box_s": time_box, "repeats": repeats, "experts_per_token": experts_per_token, **_versions()}
+                  "time_box_s": time_box, "repeats": repeats, "experts_per_token": experts_per_token,
+                  "kernels": not no_kernels, **_versions()}
     _report_cost(rows, conditions, json_out=json_out, plot=plot)
 
 
@@ -384,7 +392,7 @@ def _parse_grid(grid: str) -> list[float]:
 def tasks(*, model: str | None = None, text: str | None = None, roster_size: int = 8, tau: float | None = None,
           schedule: str | None = None, seed: int = 0, items: int = 200, task: str = "next-line,last-word",
           context_tokens: int = 200, batch_size: int = 8, export: str | None = None,
-          experts_per_token: int | None = None, json_out: bool = False) -> None:
+          experts_per_token: int | None = None, no_kernels: bool = False, json_out: bool = False) -> None:
     """Accuracy of the untouched model (K=1) and of RoE at -K on built-in tasks from held-out text.
 
     Text: --text FILE (default: the embedded model's test split; --model requires --text).
@@ -399,6 +407,7 @@ def tasks(*, model: str | None = None, text: str | None = None, roster_size: int
     Temperatures: --schedule FILE or a uniform --tau, else the model's default schedule (its
     shipped schedule.json, else uniform 0.1). --experts-per-token k: both rows, K = 1 included,
     run k experts per token (the MoE-PHDS sparsity dial), so the comparison is paired at that k.
+    --no-kernels: RoE's decode steps without roe's CPU kernels (every product the model's own).
     """
     from tqdm import tqdm
 
@@ -409,7 +418,7 @@ def tasks(*, model: str | None = None, text: str | None = None, roster_size: int
     if not names or set(names) - {"next-line", "last-word"}:
         raise ValueError(f"--task must be a comma-separated subset of next-line,last-word, got {task!r}")
     source = _held_out_text(text, model, "test")
-    options = RoEOptions(tau, schedule, seed, experts_per_token)
+    options = RoEOptions(tau, schedule, seed, experts_per_token, kernels=not no_kernels)
     lm, tokenizer = roe.load(model)
     made = _task_items(lm, tokenizer, source, names, items, seed, context_tokens)
     if export:

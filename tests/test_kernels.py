@@ -299,6 +299,27 @@ def test_the_analysis_with_its_kernels_does_not_keep_its_model_alive():
     assert alive() is None
 
 
+@pytest.mark.parametrize("args", [["generate", "hello", "-K", "2", "--max-new-tokens", "3"],
+                                  ["bench", "--ks", "2", "--methods", "roster", "--prompt-tokens", "4",
+                                   "--new-tokens", "2"]])
+def test_the_no_kernels_flag_reaches_the_roster(monkeypatch, saved_model, capsys, args):
+    import json
+
+    from roe.cli import main
+
+    products = []
+    product = PackedHead.product
+    monkeypatch.setattr(PackedHead, "product", lambda self, x: products.append(x.shape) or product(self, x))
+    shown = []
+    for flag in ([], ["--no-kernels"]):
+        products.clear()
+        main([*args, "--model", str(saved_model), *flag, "--json"])
+        shown.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+        assert bool(products) == (flag == []), flag
+    if args[0] == "bench":
+        assert [one["conditions"]["kernels"] for one in shown] == [True, False]
+
+
 def test_bench_prepares_the_kernel_before_timing(monkeypatch, saved_model, capsys):
     """A first roster with K > 1 used to compile inside the first timed round (K=8 13x K=1)."""
     import roe.bench
