@@ -37,7 +37,9 @@ NOTE: the packed head rests on private torch ops (``torch.ops.mkldnn._reorder_li
 silently. An op missing or disagreeing when the kernel is chosen means no kernel; an exception
 while decoding, or a weight whose dtype or device changed, means ``F.linear`` from then on, with
 a ``RuntimeWarning``; a head weight changed in place or replaced (``.data``, a new Parameter) is
-packed again before the next product.
+packed again before the next product. A write through ``weight.data`` in place (``.data.copy_``)
+bumps no version, as autograd does not see it either: call ``roe.analysis.forget(model)`` or use
+``kernels=False`` after one.
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ class PackedHead:
             return None
         try:
             packed = cls(head)
-            agrees = _agrees_on_rows(lambda x: packed._packed_product(x), head.weight, head.bias)
+            agrees = _agrees_on_rows(packed._packed_product, head.weight, head.bias)
         except (RuntimeError, AttributeError, TypeError) as error:  # an op missing from this torch build
             _warn(f"the packed LM head is unavailable ({type(error).__name__}: {error}"[:300] + "); using F.linear")
             return None
