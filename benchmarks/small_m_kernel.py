@@ -60,10 +60,10 @@ def step_ab(model, members: int, steps: int) -> dict:
     """Paired decode-step A/B: the decoder linears through the kernel, or through F.linear."""
     kernel = SmallM.for_model(model)
     prompt = torch.randint(0, model.config.vocab_size, (128,), generator=torch.Generator().manual_seed(0))
-    cfg = roe.RoEConfig(roster_size=members, tau=str(default_schedule_path()))
+    # the engine's own kernels off (packed head too, in both arms): each arm decides about the small-M kernel
+    cfg = roe.RoEConfig(roster_size=members, tau=str(default_schedule_path()), kernels=False)
     times = {"base": [], "kernel": []}
     with torch.no_grad(), roe.roster(model, cfg) as r:
-        r.__dict__["_small_m"] = None  # the engine's own use off: each arm decides
         decoders = {arm: FoldedDecoder(r, [prompt]) for arm in times}
         pos = dict.fromkeys(times, len(prompt) - 1)
         for i in range(steps + 10):
