@@ -85,3 +85,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def small_m_or_skip():
+    """The small-M kernel's module, built if needed; a skip only where it cannot exist (no AVX2, no compiler)."""
+    import shutil
+
+    from torch.utils.cpp_extension import is_ninja_available
+
+    from roe.kernels import SmallM
+
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("the small-M kernel needs AVX2")
+    if shutil.which("c++") is None or not is_ninja_available():
+        pytest.skip("the small-M kernel is compiled on first use: needs a C++ compiler and ninja")
+    extension = SmallM.extension()
+    assert extension is not None, "AVX2 is present but the small-M kernel did not build (see stderr)"
+    return extension

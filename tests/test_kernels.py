@@ -1,6 +1,5 @@
 """The faster products of decode steps (packed LM head, small-M kernel): as the model's, only inside a step."""
 
-import shutil
 import sys
 from dataclasses import replace
 
@@ -10,7 +9,7 @@ import torch
 import roe
 from roe import kernels, reference
 from roe.kernels import PackedHead, SmallM
-from tests.conftest import tiny_olmoe, turn_decode_kernels_off
+from tests.conftest import small_m_or_skip, tiny_olmoe, turn_decode_kernels_off
 from tests.test_roster import (  # noqa: F401  rerun here with the kernels on
     test_generate_equals_the_reference,
     test_k1_and_tau0_reproduce_the_model_exactly,
@@ -90,21 +89,9 @@ def test_not_installed_while_autograd_is_on(olmoe, prompt_ids):
             assert head.forward == r._head.product
 
 
-def _small_m_or_skip():
-    from torch.utils.cpp_extension import is_ninja_available
-
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        pytest.skip("the small-M kernel needs AVX2")
-    if shutil.which("c++") is None or not is_ninja_available():
-        pytest.skip("the small-M kernel is compiled on first use: needs a C++ compiler and ninja")
-    extension = SmallM.extension()
-    assert extension is not None, "AVX2 is present but the small-M kernel did not build (see stderr)"
-    return extension
-
-
 @pytest.mark.parametrize("rows", range(1, SmallM.MAX_ROWS + 1))
 def test_small_m_product_equals_f_linear(rows):
-    extension = _small_m_or_skip()
+    extension = small_m_or_skip()
     gen = torch.Generator().manual_seed(rows)
     for out_features, in_features in ((40, 64), (7, 256)):
         x, w = torch.randn(rows, in_features, generator=gen), torch.randn(out_features, in_features, generator=gen)
@@ -115,7 +102,7 @@ def test_small_m_product_equals_f_linear(rows):
 
 
 def test_small_m_covers_the_decoder_linears_only_inside_the_block():
-    _small_m_or_skip()
+    small_m_or_skip()
     model = tiny_olmoe()
     kernel = SmallM.for_model(model)
     assert kernel is not None
@@ -138,7 +125,7 @@ def test_small_m_covers_the_decoder_linears_only_inside_the_block():
 
 
 def test_decode_uses_small_m_for_k_above_1_and_still_matches_the_reference(olmoe, prompt_ids):
-    _small_m_or_skip()
+    small_m_or_skip()
     with roe.roster(olmoe, roe.RoEConfig(roster_size=4, tau=1.5, skip_first=0, skip_last=0, seed=3)) as r:
         r.generate(prompt_ids, max_new_tokens=1)
         assert isinstance(r._small_m, SmallM)
@@ -233,7 +220,7 @@ def test_a_failed_build_falls_back_to_f_linear_with_a_message(fake_builds, monke
 
 def test_a_built_kernel_is_imported_without_compiling(monkeypatch):
     """The real build of this environment, then a new process: it loads without ninja or a compiler."""
-    _small_m_or_skip()
+    small_m_or_skip()
 
     def no_compile(name, directory, kernel):
         raise AssertionError("rebuilt although this environment's kernel is built")

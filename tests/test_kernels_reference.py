@@ -11,7 +11,6 @@ exception while decoding means F.linear from then on; both say so with a Runtime
 decode step's result is then F.linear's exactly.
 """
 
-import shutil
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 import roe
 from roe import reference
 from roe.kernels import MAX_ROWS, PackedHead, SmallM
-from tests.conftest import tiny_olmoe
+from tests.conftest import small_m_or_skip, tiny_olmoe
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
 
@@ -47,18 +46,6 @@ def assert_bounded(got, x, weight, bias=None):
 def linear(in_features, out_features, bias, seed):
     torch.manual_seed(seed)
     return torch.nn.Linear(in_features, out_features, bias=bias)
-
-
-def small_m_extension():
-    from torch.utils.cpp_extension import is_ninja_available
-
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        pytest.skip("the small-M kernel needs AVX2")
-    if shutil.which("c++") is None or not is_ninja_available():
-        pytest.skip("the small-M kernel is compiled on first use: needs a C++ compiler and ninja")
-    extension = SmallM.extension()
-    assert extension is not None, "AVX2 is present but the small-M kernel did not build (see stderr)"
-    return extension
 
 
 class Model(torch.nn.Module):
@@ -104,7 +91,7 @@ def test_the_bound_is_tight_enough_to_fail():
 def test_small_m_equals_f_linear(rows, in_features):
     """Every block of rows the kernel unrolls (8, 4, 2, 1 and their sums) at widths of 1 to 8 AVX2
     steps."""
-    extension = small_m_extension()
+    extension = small_m_or_skip()
     gen = torch.Generator().manual_seed(rows)
     x, w = torch.randn(rows, in_features, generator=gen), torch.randn(40, in_features, generator=gen)
     assert_bounded(extension.small_m_linear(x, w), x, w)
@@ -112,7 +99,7 @@ def test_small_m_equals_f_linear(rows, in_features):
 
 @pytest.mark.parametrize("rows,in_features", [(2, 48), (2, 16), (0, 64), (MAX_ROWS + 1, 64)])
 def test_the_extension_refuses_what_it_does_not_compute(rows, in_features):
-    extension = small_m_extension()
+    extension = small_m_or_skip()
     with pytest.raises(RuntimeError, match="multiple of 32"):
         extension.small_m_linear(torch.randn(rows, in_features), torch.randn(4, in_features))
 
@@ -120,7 +107,7 @@ def test_the_extension_refuses_what_it_does_not_compute(rows, in_features):
 @pytest.mark.parametrize("case", ["width 48", "bias", "9 rows", "float64", "non-contiguous weight"])
 def test_small_m_keeps_f_linear_where_it_does_not_apply(case):
     """Products the kernel does not compute are F.linear's exactly, even for a linear it was given."""
-    small_m_extension()
+    small_m_or_skip()
     layer = linear(48 if case == "width 48" else 64, 24, case == "bias", seed=0)
     rows = MAX_ROWS + 1 if case == "9 rows" else 3
     if case == "float64":
@@ -136,7 +123,7 @@ def test_small_m_keeps_f_linear_where_it_does_not_apply(case):
 
 
 def test_small_m_for_model_takes_only_the_linears_it_computes():
-    small_m_extension()
+    small_m_or_skip()
     head, wide, narrow, biased = linear(64, 10, False, 0), linear(64, 8, False, 1), linear(48, 8, False, 2), \
         linear(64, 8, True, 3)
     kernel = SmallM.for_model(Model(head, wide, narrow, biased))
@@ -221,7 +208,7 @@ def test_a_changed_head_weight_is_never_read_stale(change):
 
 
 def test_small_m_failing_while_decoding_falls_back_to_f_linear(prompt_ids):
-    small_m_extension()
+    small_m_or_skip()
     with roe.roster(tiny_olmoe(), NOISY) as r:
         r.generate(prompt_ids, max_new_tokens=1)
         kernel = r._small_m
