@@ -1,0 +1,111 @@
+"""The sparsity dial before and after a fine-tune: NLL at every k, paired, and cross-sparsity agreement.
+
+    python benchmarks/phds_eval.py --models runs/phds,runs/oracle-k1 --ks 1,2,3,4,6,8 --max-windows 400 \
+        --out benchmarks/results/phds_eval.json
+
+Every model is scored at K = 1 (no roster noise) with the experts-per-token dial at each k of
+--ks (``RoEConfig(experts_per_token=k)``; the model's own k is its untouched forward), on the
+same windows of the held-out text (``roe.loading.held_out_windows``: the embedded test split by
+default, as ``roe eval``). Per (model, k):
+
+- ``nll``: mean NLL per predicted token;
+- ``vs_base_same_k``: the paired per-window change against the base model (the embedded one,
+  untouched) at the same k, with its SE sd(delta_w) / sqrt(n): what the fine-tune did to that
+  level;
+- ``vs_base_own_k``: the same against the base model at its own k: what serving this model at k
+  costs against the model as shipped;
+- ``agreement``: the share of predicted positions whose greedy next token at k equals the one the
+  same model predicts at its own k (MoE-PHDS's cross-sparsity agreement).
+
+The last line of stdout is the JSON document (also written to --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+
+
+def window_scores(model, k: int | None, windows_NW: torch.Tensor, batch_size: int):
+    """Per-window mean NLL [N] and greedy next tokens [N, W] of ``model`` dialled to k (None: its own)."""
+    import roe
+
+    cfg = roe.RoEConfig(roster_size=1, tau=0.0, experts_per_token=k)
+    nll, greedy = [], []
+    with torch.no_grad(), roe.roster(model, cfg) as r:
+        for batch in windows_NW.split(batch_size):
+            logprobs_BSV = r.score(batch[:, :-1])
+            targets_BS = batch[:, 1:]
+            nll.append(-logprobs_BSV.gather(-1, targets_BS[..., None])[..., 0].double().mean(dim=1))
+            greedy.append(logprobs_BSV.argmax(dim=-1))
+    return torch.cat(nll), torch.cat(greedy)
+
+
+def paired(nll_N: torch.Tensor, base_N: torch.Tensor) -> dict:
+    delta_N = nll_N - base_N
+    return {"delta": float(delta_N.mean()), "se": float(delta_N.std() / math.sqrt(len(delta_N)))}
+
+
+def evaluate(models: dict, ks: list[int], own_k: int, windows_NW: torch.Tensor, batch_size: int) -> dict:
+    """Rows for every (model, k); ``models`` maps a label to a loaded model, the base first."""
+    scores = {(label, k): window_scores(model, None if k == own_k else k, windows_NW, batch_size)
+              for label, model in models.items() for k in ks}
+    base = next(iter(models))
+    rows = []
+    for label in models:
+        own_greedy = scores[(label, own_k)][1]
+        for k in ks:
+            nll_N, greedy = scores[(label, k)]
+            rows.append({"model": label, "k": k, "nll": float(nll_N.mean()),
+                         "vs_base_same_k": paired(nll_N, scores[(base, k)][0]),
+                         "vs_base_own_k": paired(nll_N, scores[(base, own_k)][0]),
+                         "agreement": float((greedy == own_greedy).double().mean())})
+    return {"rows": rows}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", required=True, help="comma-separated checkpoint directories (the base is "
+                                                     "the embedded model, always scored first)")
+    ap.add_argument("--ks", default="1,2,3,4,6,8")
+    ap.add_argument("--text", default=None, help="default: the embedded test split")
+    ap.add_argument("--window", type=int, default=256)
+    ap.add_argument("--max-windows", type=int, default=400)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from roe.loading import default_split_path, held_out_windows, load
+
+    base, tokenizer = load(None)
+    models = {"base": base}
+    for path in args.models.split(","):
+        if not Path(path, "config.json").is_file():
+            raise SystemExit(f"{path}: not a checkpoint directory (no config.json)")
+        models[path] = load(path)[0]
+    own_k = base.config.num_experts_per_tok
+    ks = [int(k) for k in args.ks.split(",")]
+    if own_k not in ks:
+        raise SystemExit(f"--ks must include the model's own k ({own_k}): agreement is measured against it")
+    text = args.text or default_split_path("test")
+    windows_NW = held_out_windows(tokenizer, text, args.window, args.max_windows)
+    doc = evaluate(models, ks, own_k, windows_NW, args.batch_size)
+    doc["conditions"] = {"text": str(args.text or "embedded test split"), "windows": len(windows_NW),
+                         "window": args.window, "own_k": own_k, "models": list(models),
+                         "command": "python benchmarks/phds_eval.py " + " ".join(argv or __import__("sys").argv[1:])}
+    for r in doc["rows"]:
+        print(f"{r['model']:>16} k={r['k']}: NLL {r['nll']:.4f}  vs base same k {r['vs_base_same_k']['delta']:+.4f} "
+              f"+- {r['vs_base_same_k']['se']:.4f}  vs base own k {r['vs_base_own_k']['delta']:+.4f} "
+              f"+- {r['vs_base_own_k']['se']:.4f}  agreement {r['agreement']:.4f}", flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+    print(json.dumps(doc))
+
+
+if __name__ == "__main__":
+    main()
