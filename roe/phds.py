@@ -242,8 +242,10 @@ class Dial:
         return total / n
 
 
-def make_optimizer(model, cfg: PhdsConfig) -> torch.optim.AdamW:
-    """AdamW as tools/train.py: weight decay on matrices except the embeddings."""
+def make_optimizer(model, cfg) -> torch.optim.AdamW:
+    """AdamW (0.9, 0.95), weight decay on matrices except the embeddings; tools/train.py pretrains with it too.
+
+    ``cfg``: anything with ``lr`` and ``weight_decay``."""
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},

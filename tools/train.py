@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from roe.phds import make_optimizer  # the same AdamW for pretraining and the PHDS fine-tune
 from roe.tokens import batch_at, load_split
 
 PRESETS = {
@@ -160,16 +161,6 @@ def load_init_weights(model, init: Path) -> None:
         raise SystemExit(f"--init {init}: weights do not fit this config (first mismatches: {bad[:3]})")
     model.load_state_dict(saved)
     print(f"initialised from {Path(init).name} ({len(saved)} tensors)", flush=True)
-
-
-def make_optimizer(model, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW (0.9, 0.95); weight decay on matrices except the (tied) embedding."""
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
-    )
 
 
 def train_step(model, optimizer, rows: torch.Tensor, lr: float):
