@@ -3,6 +3,8 @@
     python benchmarks/frontier.py --windows 32 --threads 1            # run or resume
     python benchmarks/frontier.py --plot-only                         # redraw from the JSON
     python benchmarks/frontier.py --sequence --items 200 --threads 1  # sequence sampling, run or resume
+    python benchmarks/frontier.py --model models/default-phds --out benchmarks/results/frontier_phds.json \
+        --plot benchmarks/results/frontier_phds.png                  # the same grid on another checkpoint
 
 Grid: experts per token k in {1, 2, 3, 4, 6, 8} (the MoE-PHDS dial, ``RoEConfig.experts_per_token``)
 x roster size K in {1, 2, 4, 8, 16}, the shipped schedule and seed 0 in every cell.
@@ -609,9 +611,12 @@ def conditions(lm, windows_NW, args, prompt_P) -> dict:
     import torch
     import transformers
 
-    return {"model": "embedded default", "experts": lm.config.num_experts, "model_k": lm.config.num_experts_per_tok,
-            "text": "roe/assets/default/data/test.txt.gz", "windows": len(windows_NW), "window_tokens": args.window,
-            "tokens": int(windows_NW[:, 1:].numel()), "schedule": "roe/assets/default/schedule.json (shipped)",
+    schedule = ("roe/assets/default/schedule.json (shipped)" if args.model is None else
+                f"{args.model}/schedule.json" if Path(args.model, "schedule.json").is_file() else "uniform 0.1")
+    return {"model": args.model or "embedded default", "experts": lm.config.num_experts,
+            "model_k": lm.config.num_experts_per_tok, "text": "roe/assets/default/data/test.txt.gz",
+            "windows": len(windows_NW), "window_tokens": args.window,
+            "tokens": int(windows_NW[:, 1:].numel()), "schedule": schedule,
             "seed": args.seed, "dtype": "float32", "threads": torch.get_num_threads(),
             "cost": {"method": "roster (roe.bench.measure)", "prompt_tokens": len(prompt_P),
                      "new_tokens": args.new_tokens, "time_box_s": args.time_box, "rounds_planned": args.rounds,
@@ -623,6 +628,8 @@ def conditions(lm, windows_NW, args, prompt_P) -> dict:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="a checkpoint directory with the default model's tokenizer "
+                   "(default: the embedded model); its schedule.json, else uniform 0.1, as roe's default")
     p.add_argument("--windows", type=int, default=32, help="test windows scored by every cell")
     p.add_argument("--window", type=int, default=256, help="predicted tokens per window")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
@@ -649,7 +656,8 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     settings = {"windows": args.windows, "window": args.window, "seed": args.seed, "new_tokens": args.new_tokens,
-                "prompt_tokens": args.prompt_tokens, "threads": args.threads}
+                "prompt_tokens": args.prompt_tokens, "threads": args.threads,
+                **({"model": args.model} if args.model else {})}  # NOTE: runs made before --model resume
     if args.plot_only:
         doc = json.loads(args.out.read_text())
         save_doc(doc, args.out)
@@ -666,7 +674,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     command = "python benchmarks/frontier.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     doc = load_doc(args.out, None if args.sequence else settings)
-    lm, tokenizer = roe.load()
+    lm, tokenizer = roe.load(args.model)
     tokens = text_tokens(tokenizer, default_split_path("test"))
     if args.sequence:
         from roe.eval.tasks import read_documents
