@@ -3,6 +3,10 @@
     python benchmarks/equivalent_size.py speed [--seconds 60] [--hours 10]   # s/step of each member, the budget
     python benchmarks/equivalent_size.py train [--until HH:MM]               # train the family; re-run to resume
     python benchmarks/equivalent_size.py status                              # how far each member got
+    python benchmarks/equivalent_size.py evaluate [--members d256,...]       # per-window NLL; RoE-K on the 1x member
+    python benchmarks/equivalent_size.py fit                                 # NLL against size, RoE's equivalent size
+    python benchmarks/equivalent_size.py latency [--rounds 5]                # decode step of each member and RoE-K
+    python benchmarks/equivalent_size.py report                              # the JSON and the plot of the result
 
 The family is the default model's architecture (``OlmoeForCausalLM``, 6 layers, 32 experts,
 top-4, tied embeddings, vocab 8192) scaled in width the way Mixtral 8x7B -> 8x22B and the Qwen3
@@ -21,6 +25,10 @@ child, which checkpoints at the next step boundary; the driver then stops. After
 (finished or not) its deduplicated log and parameter counts go to
 ``benchmarks/results/family/<member>.json`` (committed; checkpoints stay in ``runs/``, gitignored).
 The recipe, the measured speeds and the budget's arithmetic: ``benchmarks/equivalent_size.md``.
+
+``evaluate``, ``latency`` (``equivalent_size_measure``), ``fit`` and ``report``
+(``equivalent_size_fit``) measure the finished family and place RoE on it; their per-member
+results are cached under ``benchmarks/results/equivalent_size/``, so each resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -44,6 +52,8 @@ DATA = ROOT / "data" / "tokens"
 TOKENIZER = ROOT / "roe" / "assets" / "default"
 RUNS = ROOT / "runs" / "family"
 RESULTS = ROOT / "benchmarks" / "results" / "family"
+MEASURED = ROOT / "benchmarks" / "results" / "equivalent_size"  # per-window units, schedule, latency rounds, fit
+ONE_X = "d256"  # the default model's shape: RoE runs on it
 
 # NOTE: fixed once from the measured speeds (benchmarks/results/family/speed.json) so that the
 # whole family fits in about ten hours of 1-thread training; changing it would make the runs
@@ -306,6 +316,118 @@ def status() -> None:
               + (f", about {left:.1f} h left at its pace" if left is not None and not finished(member) else ""))
 
 
+# -- evaluate, fit, latency, report ---------------------------------------------------------------
+
+def by_size(names: list[str]) -> list[str]:
+    """Family members in size order; names outside the family (tests' tiny members) keep their order."""
+    sizes = {m.name: m.hidden_size for m in FAMILY}
+    return sorted(names, key=lambda n: sizes.get(n, 0)) if all(n in sizes for n in names) else names
+
+
+def chosen_members(members: str | None, runs: Path, allow_unfinished: bool) -> list[str]:
+    """--members a,b (each must be ready: refused otherwise), else every finished member of the family."""
+    from benchmarks import equivalent_size_measure as measure
+
+    if members:
+        return by_size([n.strip() for n in members.split(",") if n.strip()])
+    ready = [m.name for m in FAMILY if not measure.missing_members(runs, [m.name], allow_unfinished)]
+    if not ready:
+        raise SystemExit(f"no finished member in {runs}: train the family first (`status` shows how far it got)")
+    return by_size(ready)
+
+
+def parse_list(text: str, kind=int) -> tuple:
+    return tuple(kind(v) for v in text.split(",") if v.strip())
+
+
+def run_evaluate(args) -> None:
+    from benchmarks import equivalent_size_measure as measure
+
+    torch_threads(args.threads)
+    names = chosen_members(args.members, args.runs, args.allow_unfinished)
+    texts = measure.Texts(test=args.test_text, unseen=args.unseen_text, validation=args.validation_text)
+    settings = measure.EvalSettings(window=args.window, max_windows=args.max_windows, calib_windows=args.calib_windows,
+                                    calib_K=args.calib_k, grid=parse_list(args.grid, float), tpe_trials=args.tpe_trials,
+                                    ks=parse_list(args.ks), seed=args.seed, batch_size=args.batch_size)
+    measure.evaluate(args.runs, names, args.one_x, texts, args.tokenizer, args.results, settings,
+                     args.allow_unfinished)
+    print(f"evaluated {names} (RoE on {args.one_x} if among them); units in {args.results}")
+
+
+def run_fit(args) -> dict:
+    from benchmarks import equivalent_size_fit as fit
+
+    names = by_size([n.strip() for n in args.members.split(",")]) if args.members else by_size(
+        [m.name for m in FAMILY])
+    doc = fit.fit_all(args.results, names, args.one_x, sorted({1, *parse_list(args.ks)}), args.resamples, args.seed)
+    measure_write(args.results / "fit.json", doc)
+    for text, part in doc["texts"].items():
+        for axis, fitted in part["axes"].items():
+            curve = fitted["curves"][fitted["chosen"]]
+            print(f"{text} / {axis}: {fitted['chosen']} {curve['params']} (AICc {fitted['aicc']})")
+            for p in curve["points"]:
+                print(f"  K={p['K']:<3d} nll {p['nll']:.5f}  equivalent {p['equivalent']:.4g} "
+                      f"[{p['ci95'][0]:.4g}, {p['ci95'][1]:.4g}]  x1x {p['ratio_to_1x']:.3f} "
+                      f"[{p['ratio_to_1x_ci95'][0]:.3f}, {p['ratio_to_1x_ci95'][1]:.3f}]"
+                      + ("  EXTRAPOLATED" if p["extrapolated"] else ""))
+    return doc
+
+
+def run_latency(args) -> dict:
+    from benchmarks import equivalent_size_measure as measure
+
+    names = by_size([n.strip() for n in args.members.split(",")]) if args.members else by_size(
+        [m.name for m in FAMILY])
+    doc = measure.latency(args.runs, names, args.one_x, args.results, args.tokenizer, args.prompt_text,
+                          ks=parse_list(args.ks), batches=parse_list(args.batches), rounds=args.rounds,
+                          steps=args.steps, prompt_tokens=args.prompt_tokens, threads=args.threads,
+                          kernels=not args.no_kernels, allow_unfinished=args.allow_unfinished)
+    for key, row in doc["configs"].items():
+        print(f"{key:22s} {row['step_ms']:8.2f} ms  95% CI {row['ci95_ms']}  ({row['steps']} steps)")
+    return doc
+
+
+def run_report(args) -> dict:
+    from benchmarks import equivalent_size_fit as fit
+    from benchmarks import equivalent_size_measure as measure
+
+    needed = {"fit.json": "fit", "latency.json": "latency"}
+    absent = [f"{name} (run `{cmd}`)" for name, cmd in needed.items() if not (args.results / name).is_file()]
+    if absent:
+        raise SystemExit(f"missing in {args.results}: {', '.join(absent)}")
+    fitted = json.loads((args.results / "fit.json").read_text())
+    timing = measure.summarise_latency(json.loads((args.results / "latency.json").read_text()))
+    doc = fit.report(fitted, timing)
+    measure_write(args.json, doc)
+    fit.plot(fitted, doc, args.png)
+    print(f"wrote {args.json} and {args.png}")
+    print(json.dumps(doc))
+    return doc
+
+
+def measure_write(path: Path, doc: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+
+
+def torch_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def add_measure_options(parser, *, members_help: str) -> None:
+    parser.add_argument("--members", default=None, help=members_help)
+    parser.add_argument("--one-x", default=ONE_X, help="the member RoE runs on (default %(default)s)")
+    parser.add_argument("--runs", type=Path, default=RUNS, help="where the members' checkpoints are")
+    parser.add_argument("--results", type=Path, default=MEASURED, help="per-member results (cached, resumable)")
+    parser.add_argument("--tokenizer", type=Path, default=TOKENIZER)
+    parser.add_argument("--ks", default="1,2,4,8,16,32", help="RoE roster sizes on the 1x member")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--allow-unfinished", action="store_true",
+                        help="use members not trained to the end (a look, not a result; their step is recorded)")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -319,6 +441,38 @@ def main(argv: list[str] | None = None) -> None:
     p_train.add_argument("--until", default=None, metavar="HH:MM",
                          help="stop (checkpointed) at this UTC time today, e.g. before the session ends")
     sub.add_parser("status", help="how far each member got")
+    from roe.loading import default_split_path
+
+    p_eval = sub.add_parser("evaluate", help="per-window NLL of every member; tau calibration and RoE-K on the 1x")
+    add_measure_options(p_eval, members_help="comma-separated (each must be finished); default: every finished one")
+    p_eval.add_argument("--test-text", type=Path, default=default_split_path("test"))
+    p_eval.add_argument("--unseen-text", type=Path, default=ROOT / "data" / "unseen.txt")
+    p_eval.add_argument("--validation-text", type=Path, default=default_split_path("validation"))
+    p_eval.add_argument("--window", type=int, default=256)
+    p_eval.add_argument("--max-windows", type=int, default=400, help="per scored text, spread evenly")
+    p_eval.add_argument("--calib-windows", type=int, default=100, help="validation windows of the tau search")
+    p_eval.add_argument("--calib-k", type=int, default=8, help="roster size the tau search is run at")
+    p_eval.add_argument("--grid", default="0,0.02,0.05,0.08,0.1,0.15,0.2,0.3", help="uniform tau grid (App. B)")
+    p_eval.add_argument("--tpe-trials", type=int, default=1,
+                        help="TPE trials after the grid (1: only the best grid point, i.e. the grid alone)")
+    p_eval.add_argument("--seed", type=int, default=0)
+    p_eval.add_argument("--batch-size", type=int, default=4)
+    p_fit = sub.add_parser("fit", help="NLL against size with bootstrap intervals; RoE-K's equivalent size")
+    add_measure_options(p_fit, members_help="comma-separated; default: the whole family (refused if one is missing)")
+    p_fit.add_argument("--resamples", type=int, default=2000)
+    p_fit.add_argument("--seed", type=int, default=0)
+    p_lat = sub.add_parser("latency", help="decode step of every member at K=1 and of RoE-K on the 1x, one process")
+    add_measure_options(p_lat, members_help="comma-separated; default: the whole family (refused if one is missing)")
+    p_lat.add_argument("--rounds", type=int, default=5)
+    p_lat.add_argument("--steps", type=int, default=16, help="timed decode steps per configuration and round")
+    p_lat.add_argument("--batches", default="1,8")
+    p_lat.add_argument("--prompt-tokens", type=int, default=128)
+    p_lat.add_argument("--prompt-text", type=Path, default=default_split_path("test"))
+    p_lat.add_argument("--no-kernels", action="store_true")
+    p_rep = sub.add_parser("report", help="benchmarks/results/equivalent_size.json and .png from fit and latency")
+    p_rep.add_argument("--results", type=Path, default=MEASURED)
+    p_rep.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "equivalent_size.json")
+    p_rep.add_argument("--png", type=Path, default=ROOT / "benchmarks" / "results" / "equivalent_size.png")
     args = parser.parse_args(argv)
     if args.command == "speed":
         doc = speed(args.seconds, args.hours, args.threads)
@@ -328,8 +482,10 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(doc))
     elif args.command == "train":
         raise SystemExit(train_family(args.threads, args.until and utc_deadline(args.until)))
-    else:
+    elif args.command == "status":
         status()
+    else:
+        {"evaluate": run_evaluate, "fit": run_fit, "latency": run_latency, "report": run_report}[args.command](args)
 
 
 if __name__ == "__main__":

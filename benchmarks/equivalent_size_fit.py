@@ -1,0 +1,326 @@
+"""Equivalent size, fitted (issue 20): held-out NLL against size, and where RoE-K lands on that curve.
+
+Shapes: M members, N windows, K RoE points, R bootstrap resamples, G points of a curve's grid.
+
+Two curves of mean NLL y against a size x (total or active parameters), fitted by least squares
+on the M member means:
+
+- ``log-linear``: y = a + b log x. Two parameters; over the family's range (less than one
+  decade of x) it is the local form of any smooth scaling law.
+- ``power-law``: y = E + A x^-alpha (Kaplan/Chinchilla's saturating form in one variable),
+  fitted by profiling alpha over a grid (for a fixed alpha the fit is linear in E and A).
+  Three parameters on M points: E and alpha are weakly identified from a short range.
+
+The curve used for the equivalent sizes is the one with the lower AICc on the members (AICc =
+M log(RSS/M) + 2p + 2p(p+1)/(M-p-1), p curve parameters): with 5 members the power law pays
++30 against +6 and is chosen only when its curvature is unmistakable; with 4 it cannot be
+chosen. Both curves' numbers are reported.
+
+Equivalent size of an NLL value y: the size at which the fitted curve reaches y (x = f^-1(y));
+a point outside the measured sizes is flagged as extrapolation, and a power law that never
+reaches y (y below its asymptote E) gives infinity. Uncertainty: a bootstrap over windows. Each
+resample draws N windows with replacement, the *same* windows for every member and every RoE
+point (they were all scored on the same windows, so the differences that matter stay paired),
+recomputes every mean, refits the curve and inverts it; intervals are the 2.5 and 97.5
+percentiles. The windows are consecutive stretches of text, treated as independent; training
+noise between members (another seed would give another curve) is not in these intervals.
+
+This module reads the per-window units written by ``equivalent_size_measure`` and knows
+nothing about models.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+ALPHAS = np.geomspace(0.01, 3.0, 240)  # the power law's exponent grid (profiled)
+
+
+# -- curves -------------------------------------------------------------------------------------
+# Each curve works on R rows at once: fit(u_M, y_RM) -> theta_R*, predict(theta, u_G) -> y_RG,
+# inverse(theta, y_RP) -> u_RP, with u = log(x / x_ref).
+
+
+class LogLinear:
+    name = "log-linear"
+    n_params = 2
+    labels = ("a", "b")
+
+    @staticmethod
+    def fit(u_M: np.ndarray, y_RM: np.ndarray) -> np.ndarray:
+        du_M = u_M - u_M.mean()
+        b_R = (y_RM - y_RM.mean(axis=1, keepdims=True)) @ du_M / (du_M @ du_M)
+        a_R = y_RM.mean(axis=1) - b_R * u_M.mean()
+        return np.stack([a_R, b_R], axis=1)
+
+    @staticmethod
+    def predict(theta_R2: np.ndarray, u_G: np.ndarray) -> np.ndarray:
+        return theta_R2[:, :1] + theta_R2[:, 1:] * u_G[None, :]
+
+    @staticmethod
+    def inverse(theta_R2: np.ndarray, y_RP: np.ndarray) -> np.ndarray:
+        """u where the line reaches y; NaN where the fitted NLL does not fall with size (b >= 0)."""
+        a_R1, b_R1 = theta_R2[:, :1], theta_R2[:, 1:]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(b_R1 < 0, (y_RP - a_R1) / b_R1, np.nan)
+
+
+class PowerLaw:
+    name = "power-law"
+    n_params = 3
+    labels = ("E", "A", "alpha")
+
+    @staticmethod
+    def fit(u_M: np.ndarray, y_RM: np.ndarray) -> np.ndarray:
+        """Least squares over (E, A) for each alpha of ALPHAS, then the alpha of least RSS, per row."""
+        z_GM = np.exp(-ALPHAS[:, None] * u_M[None, :])  # (x / x_ref)^-alpha
+        dz_GM = z_GM - z_GM.mean(axis=1, keepdims=True)
+        yc_RM = y_RM - y_RM.mean(axis=1, keepdims=True)
+        A_RG = yc_RM @ dz_GM.T / (dz_GM * dz_GM).sum(axis=1)
+        E_RG = y_RM.mean(axis=1, keepdims=True) - A_RG * z_GM.mean(axis=1)
+        rss_RG = ((y_RM[:, None, :] - E_RG[..., None] - A_RG[..., None] * z_GM[None]) ** 2).sum(axis=2)
+        rss_RG = np.where(A_RG > 0, rss_RG, np.inf)  # a decreasing curve only
+        best_R = rss_RG.argmin(axis=1)
+        rows = np.arange(len(y_RM))
+        return np.stack([E_RG[rows, best_R], A_RG[rows, best_R], ALPHAS[best_R]], axis=1)
+
+    @staticmethod
+    def predict(theta_R3: np.ndarray, u_G: np.ndarray) -> np.ndarray:
+        E, A, alpha = (theta_R3[:, i : i + 1] for i in range(3))
+        return E + A * np.exp(-alpha * u_G[None, :])
+
+    @staticmethod
+    def inverse(theta_R3: np.ndarray, y_RP: np.ndarray) -> np.ndarray:
+        """u where the curve reaches y; +inf at or below the asymptote E (never reached)."""
+        E, A, alpha = (theta_R3[:, i : i + 1] for i in range(3))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            u = -np.log((y_RP - E) / A) / alpha
+        return np.where(y_RP > E, u, np.inf)
+
+
+CURVES = {c.name: c for c in (LogLinear, PowerLaw)}
+
+
+def aicc(rss: float, n: int, p: int) -> float:
+    """Small-sample Akaike criterion of a least-squares fit; +inf when n <= p + 1 (no correction possible)."""
+    if n <= p + 1:
+        return math.inf
+    return n * math.log(max(rss, 1e-300) / n) + 2 * p + 2 * p * (p + 1) / (n - p - 1)
+
+
+# -- bootstrap ----------------------------------------------------------------------------------
+
+def resample_weights(n: int, resamples: int, seed: int) -> np.ndarray:
+    """[R, N] weights of a bootstrap over windows (counts / N): one draw of windows shared by every series."""
+    rng = np.random.default_rng(seed)
+    idx_RN = rng.integers(0, n, size=(resamples, n))
+    counts_RN = np.zeros((resamples, n))
+    np.add.at(counts_RN, (np.arange(resamples)[:, None], idx_RN), 1.0)
+    return counts_RN / n
+
+
+@dataclass(frozen=True, kw_only=True)
+class Series:
+    """Per-window NLLs of the members [M, N] and of the RoE points [K, N], all on the same N windows."""
+
+    members: list[str]
+    sizes: dict[str, np.ndarray]  # axis name -> [M] sizes (params, active_params)
+    nll_MN: np.ndarray
+    roe_ks: list[int]
+    roe_KN: np.ndarray
+    one_x: str  # the member RoE runs on
+
+
+def interval(values: np.ndarray) -> list[float]:
+    """95% percentile interval of finite-or-infinite values, NaN (undefined) rows left out."""
+    kept = values[~np.isnan(values)]
+    if not len(kept):
+        return [math.nan, math.nan]
+    method = "linear" if np.isfinite(kept).all() else "nearest"  # no interpolating between infinities
+    return [float(np.percentile(kept, q, method=method)) for q in (2.5, 97.5)]
+
+
+def fit_axis(series: Series, axis: str, resamples: int = 2000, seed: int = 0) -> dict:
+    """Both curves on one size axis, the chosen one, and every RoE point's equivalent size with its interval."""
+    x_M = series.sizes[axis].astype(float)
+    x_ref = float(x_M[series.members.index(series.one_x)])
+    u_M = np.log(x_M / x_ref)
+    w_RN = resample_weights(series.nll_MN.shape[1], resamples, seed)
+    y_M, y_RM = series.nll_MN.mean(axis=1), w_RN @ series.nll_MN.T
+    roe_K, roe_RK = series.roe_KN.mean(axis=1), w_RN @ series.roe_KN.T
+    curves, scores = {}, {}
+    for curve in CURVES.values():
+        theta = curve.fit(u_M, y_M[None])
+        rss = float(((curve.predict(theta, u_M)[0] - y_M) ** 2).sum())
+        scores[curve.name] = aicc(rss, len(y_M), curve.n_params)
+        curves[curve.name] = place(curve, theta, curve.fit(u_M, y_RM), u_M, y_M, roe_K, roe_RK, series, x_ref)
+        curves[curve.name]["rss"] = rss
+    chosen = min(scores, key=lambda name: (scores[name], CURVES[name].n_params))
+    return {"x_ref": x_ref, "chosen": chosen, "aicc": scores, "curves": curves, "resamples": resamples, "seed": seed}
+
+
+def place(curve, theta_1P, theta_RP, u_M, y_M, roe_K, roe_RK, series: Series, x_ref: float) -> dict:
+    """A curve's parameters with intervals, residuals, a band, and each RoE point's equivalent size."""
+    lo, hi = float(np.exp(u_M.min()) * x_ref), float(np.exp(u_M.max()) * x_ref)
+    k1 = series.roe_ks.index(1) if 1 in series.roe_ks else None
+    eq_1K = np.exp(curve.inverse(theta_1P, roe_K[None])) * x_ref
+    eq_RK = np.exp(curve.inverse(theta_RP, roe_RK)) * x_ref
+    points = []
+    for j, K in enumerate(series.roe_ks):
+        eq, ci = float(eq_1K[0, j]), interval(eq_RK[:, j])
+        with np.errstate(divide="ignore", invalid="ignore"):  # a curve that never reaches a value: inf / inf
+            on_curve = eq_RK[:, j] / eq_RK[:, k1] if k1 is not None else np.full(len(eq_RK), np.nan)
+            on_curve_1 = float(np.float64(eq) / eq_1K[0, k1]) if k1 is not None else None
+        points.append({"K": K, "nll": float(roe_K[j]), "equivalent": eq, "ci95": ci,
+                       "ratio_to_1x": eq / x_ref, "ratio_to_1x_ci95": [c / x_ref for c in ci],
+                       "ratio_on_curve": on_curve_1,
+                       "ratio_on_curve_ci95": interval(on_curve),
+                       "undefined_resamples": int(np.isnan(eq_RK[:, j]).sum()),
+                       "extrapolated": not lo <= eq <= hi, "ci_within_measured": bool(lo <= ci[0] and ci[1] <= hi)})
+    top = max([hi] + [p["equivalent"] for p in points if math.isfinite(p["equivalent"])])
+    u_G = np.linspace(math.log(lo / x_ref), math.log(min(top, 20 * hi) / x_ref), 60)
+    band_RG = curve.predict(theta_RP, u_G)
+    return {"params": dict(zip(curve.labels, map(float, theta_1P[0]))),
+            "params_ci95": {label: interval(theta_RP[:, i]) for i, label in enumerate(curve.labels)},
+            "residuals": [float(r) for r in y_M - curve.predict(theta_1P, u_M)[0]],
+            "band": {"x": [float(v) for v in np.exp(u_G) * x_ref],
+                     "mid": [float(v) for v in curve.predict(theta_1P, u_G)[0]],
+                     "lo": [float(v) for v in np.percentile(band_RG, 2.5, axis=0)],
+                     "hi": [float(v) for v in np.percentile(band_RG, 97.5, axis=0)]},
+            "measured_range": [lo, hi], "points": points}
+
+
+def summary_rows(series: Series) -> dict:
+    """Mean NLL and its SE sd/sqrt(N) for every member; for RoE also the paired change against K = 1."""
+    n = series.nll_MN.shape[1]
+    se = lambda v: float(v.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan  # noqa: E731
+    base = series.nll_MN[series.members.index(series.one_x)]
+    members = [{"member": m, **{axis: int(s[i]) for axis, s in series.sizes.items()},
+                "nll": float(series.nll_MN[i].mean()), "se": se(series.nll_MN[i])}
+               for i, m in enumerate(series.members)]
+    roe = [{"K": K, "nll": float(series.roe_KN[j].mean()), "se": se(series.roe_KN[j]),
+            "delta_vs_K1": float((series.roe_KN[j] - base).mean()), "delta_se": se(series.roe_KN[j] - base)}
+           for j, K in enumerate(series.roe_ks)]
+    return {"windows": n, "members": members, "roe": roe}
+
+
+# -- from the measured units to fit.json and the report -----------------------------------------
+
+AXES = ("params", "active_params")
+TEXTS = ("test", "unseen")
+PAPER = {"K": 32, "ratio_to_1x": 1.5, "source": "arXiv 2509.17238: a 7B MoE with RoE matches a 10.5B MoE"}
+
+
+def load_series(results, members: list[str], one_x: str, ks: list[int], text: str) -> Series:
+    """The paired per-window NLLs of one text; refuses missing members or K, and units scored on other windows."""
+    from benchmarks.equivalent_size_measure import read_unit
+
+    if one_x not in members:
+        raise SystemExit(f"the 1x member {one_x} must be among the fitted members {members}")
+    units = {(m, 1): read_unit(results, m, text, 1) for m in members}
+    units |= {(one_x, K): read_unit(results, one_x, text, K) for K in ks}
+    missing = sorted(f"{m} K={K}" for (m, K), unit in units.items() if unit is None)
+    if missing:
+        raise SystemExit(f"no finished {text} evaluation of {missing} in {results}: run `equivalent_size.py "
+                         "evaluate` for them (or fit fewer with --members)")
+    prints = {unit["meta"]["fingerprint"] for unit in units.values()}
+    if len(prints) > 1:
+        raise SystemExit(f"the {text} units were scored on different windows ({sorted(prints)}): not paired; "
+                         "rescore them with one set of evaluate options")
+    return Series(members=members, sizes={axis: np.array([units[(m, 1)]["meta"][axis] for m in members])
+                                          for axis in AXES},
+                  nll_MN=np.array([units[(m, 1)]["nll"] for m in members]), roe_ks=sorted(ks),
+                  roe_KN=np.array([units[(one_x, K)]["nll"] for K in sorted(ks)]), one_x=one_x)
+
+
+def fit_all(results, members: list[str], one_x: str, ks: list[int], resamples: int = 2000, seed: int = 0) -> dict:
+    """fit.json: per text, the member and RoE means and, per size axis, both curves and the equivalent sizes."""
+    if len(members) < 3:
+        raise SystemExit(f"a curve with uncertainty needs at least 3 members, got {members}")
+    out = {"members": members, "one_x": one_x, "ks": sorted(ks), "texts": {}}
+    for text in TEXTS:
+        series = load_series(results, members, one_x, ks, text)
+        out["texts"][text] = {**summary_rows(series),
+                              "axes": {axis: fit_axis(series, axis, resamples, seed) for axis in AXES}}
+    return out
+
+
+def report(fit: dict, latency: dict | None) -> dict:
+    """The one JSON of the result: the family (sizes, NLL with SE, step times) and the RoE points placed on it."""
+    test, one_x = fit["texts"]["test"], fit["one_x"]
+    timed = (latency or {}).get("configs", {})
+    batches = (latency or {}).get("conditions", {}).get("batches", [1, 8])
+
+    def step(member: str, K: int) -> dict:
+        rows = {f"step_ms_b{b}": timed.get(f"{member} K={K} B={b}") for b in batches}
+        return {k: None if v is None else {"median": v["step_ms"], "ci95": v["ci95_ms"]} for k, v in rows.items()}
+
+    family = []
+    for i, row in enumerate(test["members"]):
+        unseen = fit["texts"]["unseen"]["members"][i]
+        family.append({**{k: v for k, v in row.items() if k not in ("nll", "se")}, "nll_test": row["nll"],
+                       "se_test": row["se"], "nll_unseen": unseen["nll"], "se_unseen": unseen["se"],
+                       **step(row["member"], 1)})
+    roe = []
+    for j, row in enumerate(test["roe"]):
+        point = {"K": row["K"], "member": one_x}
+        for text in TEXTS:
+            summary, axes = fit["texts"][text]["roe"][j], fit["texts"][text]["axes"]
+            point[text] = {**{k: summary[k] for k in ("nll", "se", "delta_vs_K1", "delta_se")},
+                           **{axis: axes[axis]["curves"][axes[axis]["chosen"]]["points"][j] for axis in AXES}}
+        roe.append({**point, **step(one_x, row["K"])})
+    curves = {text: {axis: {"chosen": a["chosen"], "aicc": a["aicc"], **{name: {k: c[k] for k in (
+        "params", "params_ci95", "residuals", "rss")} for name, c in a["curves"].items()}}
+        for axis, a in fit["texts"][text]["axes"].items()} for text in TEXTS}
+    return {"family": family, "roe": roe, "fits": curves, "paper": PAPER,
+            "windows": {text: fit["texts"][text]["windows"] for text in TEXTS},
+            "bootstrap": {"resamples": test["axes"]["params"]["resamples"], "seed": test["axes"]["params"]["seed"],
+                          "unit": "windows, the same resample for every member and K"},
+            "latency_conditions": (latency or {}).get("conditions"), "latency_rounds": (latency or {}).get("rounds")}
+
+
+def plot(fit: dict, doc: dict, path) -> None:
+    """NLL against parameters (members, fitted curve and band, RoE points at their equivalent size) and NLL
+    against decode-step time (every member at K = 1, RoE-K on the 1x member)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    axes_doc = fit["texts"]["test"]["axes"]["params"]
+    curve = axes_doc["curves"][axes_doc["chosen"]]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    band = curve["band"]
+    left.fill_between(band["x"], band["lo"], band["hi"], alpha=0.25, label="95% band (bootstrap over windows)")
+    left.plot(band["x"], band["mid"], label=f"fit: {axes_doc['chosen']}")
+    left.errorbar([m["params"] for m in doc["family"]], [m["nll_test"] for m in doc["family"]],
+                  yerr=[1.96 * m["se_test"] for m in doc["family"]], fmt="o", color="k", label="family (K=1)")
+    for m in doc["family"]:
+        left.annotate(m["member"], (m["params"], m["nll_test"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    for p in (q for q in curve["points"] if q["K"] > 1 and math.isfinite(q["equivalent"])):
+        lo, hi = (min(c, 1e12) for c in p["ci95"])
+        left.errorbar([p["equivalent"]], [p["nll"]], xerr=[[p["equivalent"] - lo], [hi - p["equivalent"]]],
+                      fmt="s", color="tab:red", ms=4, capsize=2,
+                      label="RoE-K on 1x at its equivalent size" if p["K"] == 2 else None)
+        left.annotate(f"K={p['K']}" + (" (extrapolated)" if p["extrapolated"] else ""), (p["equivalent"], p["nll"]),
+                      textcoords="offset points", xytext=(4, -10), fontsize=7, color="tab:red")
+    left.set(xscale="log", xlabel="total parameters", ylabel="test NLL (nats/token)", title="NLL against size")
+    left.legend(fontsize=7)
+    batches = (doc["latency_conditions"] or {}).get("batches", [])
+    for batch, marker in zip(batches, "o^sv"):
+        key = f"step_ms_b{batch}"
+        fam = [(m[key]["median"], m["nll_test"]) for m in doc["family"] if m[key]]
+        ours = [(p[key]["median"], p["test"]["nll"]) for p in doc["roe"] if p[key]]
+        if fam:
+            right.plot(*zip(*sorted(fam)), marker=marker, color="k", label=f"family K=1, batch {batch}")
+        if ours:
+            right.plot(*zip(*ours), marker=marker, color="tab:red", label=f"RoE-K on 1x, batch {batch}")
+    right.set(xscale="log", xlabel="decode step (ms, median)", ylabel="test NLL (nats/token)",
+              title="quality against latency")
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,244 @@
+"""Equivalent size (issue 20 items 2-4, 6): evaluate, fit, latency and report on a tiny family.
+
+The family's real members take hours to train; these tests write tiny random members as
+tools.train checkpoints in a temporary directory, run the commands on them end to end, and test
+the fit on synthetic per-window NLLs whose true curve is known.
+"""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks import equivalent_size_fit as fit
+from benchmarks import equivalent_size_measure as measure
+
+SPEC = importlib.util.spec_from_file_location(
+    "equivalent_size", Path(__file__).resolve().parents[1] / "benchmarks" / "equivalent_size.py")
+es = sys.modules.setdefault(SPEC.name, importlib.util.module_from_spec(SPEC))
+SPEC.loader.exec_module(es)
+
+SIZES = np.array([5.0, 10.5, 17.9, 27.3, 38.6]) * 1e6  # the family's total parameters, roughly
+
+
+# -- the fit, on synthetic NLLs -------------------------------------------------------------------
+
+def synthetic(seed: int, *, a=5.0, b=-0.15, true_size=25e6, windows=200, window_sd=0.5, noise=0.05) -> fit.Series:
+    """Per-window NLLs of 5 members on a known line a + b log(x / x_1x), plus an RoE point whose NLL
+    is the line's at ``true_size``; every series shares the windows' difficulty (as real text does)."""
+    rng = np.random.default_rng(seed)
+    window_N = rng.normal(0, window_sd, windows)
+    line_M = a + b * np.log(SIZES / SIZES[2])
+    nll_MN = line_M[:, None] + window_N[None] + rng.normal(0, noise, (5, windows))
+    roe_N = a + b * math.log(true_size / SIZES[2]) + window_N + rng.normal(0, noise, windows)
+    return fit.Series(members=[f"m{i}" for i in range(5)], sizes={"params": SIZES, "active_params": SIZES / 3},
+                      nll_MN=nll_MN, roe_ks=[1, 8], roe_KN=np.stack([nll_MN[2], roe_N]), one_x="m2")
+
+
+def test_log_linear_fit_recovers_the_line():
+    out = fit.fit_axis(synthetic(0, a=4.2, b=-0.11), "params", resamples=200)
+    line = out["curves"]["log-linear"]
+    assert line["params"]["a"] == pytest.approx(4.2, abs=0.01) and line["params"]["b"] == pytest.approx(-0.11, abs=0.01)
+    assert line["params_ci95"]["b"][0] < -0.11 < line["params_ci95"]["b"][1]
+    assert out["chosen"] == "log-linear"  # 3 parameters on 5 points must earn their keep
+
+
+def test_power_law_fit_recovers_a_saturating_curve():
+    u_M = np.log(np.geomspace(1e6, 1e9, 6) / 1e6)
+    y_M = 2.0 + 3.0 * np.exp(-0.3 * u_M)  # E + A (x / x_ref)^-alpha
+    theta = fit.PowerLaw.fit(u_M, y_M[None])[0]
+    assert theta == pytest.approx([2.0, 3.0, 0.3], rel=0.03)
+    line = fit.LogLinear.fit(u_M, y_M[None])
+    assert ((fit.LogLinear.predict(line, u_M)[0] - y_M) ** 2).sum() > 100 * (
+        (fit.PowerLaw.predict(theta[None], u_M)[0] - y_M) ** 2).sum()
+
+
+def test_bootstrap_interval_covers_the_true_equivalent_size():
+    covered, widths = 0, []
+    for seed in range(40):
+        point = fit.fit_axis(synthetic(seed), "params", resamples=300, seed=seed)["curves"]["log-linear"]["points"][1]
+        covered += point["ci95"][0] <= 25e6 <= point["ci95"][1]
+        widths.append((point["ci95"][1] - point["ci95"][0]) / 25e6)
+    assert covered >= 32  # nominal 95%: 38 of 40; the percentile bootstrap runs a little under
+    assert np.median(widths) < 0.3  # and the interval is informative, not [0, inf]
+
+
+def test_equivalent_size_is_monotone_in_nll():
+    series = synthetic(1)
+    u_M = np.log(SIZES / SIZES[2])
+    y_P = np.linspace(4.5, 5.5, 101)
+    for curve in fit.CURVES.values():
+        theta = curve.fit(u_M, series.nll_MN.mean(axis=1)[None])
+        u_P = curve.inverse(theta, y_P[None])[0]
+        finite = np.isfinite(u_P)
+        assert finite.sum() > 50, curve.name
+        assert np.all(np.diff(u_P[finite]) < 0), curve.name  # a lower NLL is a larger model
+        assert not np.any(finite[:-1] & ~finite[1:])  # unreachable (inf) only at the low-NLL end
+
+
+def test_points_beyond_the_measured_sizes_are_flagged_as_extrapolation():
+    inside = fit.fit_axis(synthetic(2, true_size=25e6), "params", resamples=100)["curves"]["log-linear"]["points"][1]
+    beyond = fit.fit_axis(synthetic(2, true_size=80e6), "params", resamples=100)["curves"]["log-linear"]["points"][1]
+    assert not inside["extrapolated"] and inside["ci_within_measured"]
+    assert beyond["extrapolated"] and not beyond["ci_within_measured"] and beyond["equivalent"] > SIZES.max()
+
+
+def test_bootstrap_resamples_the_same_windows_for_every_series():
+    """An RoE point 0.003 nats better than the 1x member on every window, on text whose windows vary by
+    1 nat: paired, its place relative to the 1x is known to within a few percent; resampled
+    independently (windows misaligned), the window-to-window spread would swamp it."""
+    series = synthetic(3, window_sd=1.0, noise=0.001)
+    better_N = series.nll_MN[2] - 0.003
+
+    def ratio_width(roe_N):
+        paired_ = fit.Series(**{**series.__dict__, "roe_KN": np.stack([series.nll_MN[2], roe_N])})
+        point = fit.fit_axis(paired_, "params", resamples=300)["curves"]["log-linear"]["points"][1]
+        return point["ratio_to_1x_ci95"][1] / point["ratio_to_1x_ci95"][0]
+
+    assert ratio_width(better_N) < 1.05
+    assert ratio_width(better_N[np.random.default_rng(0).permutation(200)]) > 2  # misaligned: what the check guards
+
+
+# -- the commands, on a tiny family of tools.train checkpoints -----------------------------------
+
+MEMBERS = {"t32": 32, "t48": 48, "t64": 64}
+
+
+def write_member(runs: Path, name: str, hidden: int, vocab: int, *, finished: bool = True) -> None:
+    """A tools.train checkpoint of a tiny OLMoE (random weights, the step budget marked spent or not)."""
+    from tools import train
+
+    cfg = train.TrainConfig(preset="e32k4", hidden_size=hidden, num_layers=2, num_heads=2, intermediate_size=8,
+                            seq_len=16, batch_size=2, total_steps=2, seed=hidden)
+    model = train.build_model(cfg, vocab_size=vocab, eos_id=0)
+    (runs / name).mkdir(parents=True)
+    train.save_checkpoint(runs / name / "ckpt.pt", model, train.make_optimizer(model, cfg),
+                          cfg.total_steps if finished else 1, 0.0, cfg)
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    from conftest import tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("family")
+    tokenizer = tiny_tokenizer()
+    tokenizer.save_pretrained(root / "tokenizer")
+    for name, hidden in MEMBERS.items():
+        write_member(root / "runs", name, hidden, len(tokenizer))
+    sentences = ["To be, or not to be, that is the question.", "In the beginning was the word.",
+                 "The quick brown fox jumps over the lazy dog."]
+    for i, split in enumerate(("test", "unseen", "validation")):
+        text = " ".join(sentences[(i + j) % 3] for j in range(40))
+        (root / f"{split}.txt").write_text(text + "\n\n\n" + text[::-1] + "\n")
+    return root
+
+
+def evaluate_args(root: Path, results: Path, members: str, *extra: str) -> list[str]:
+    return ["evaluate", "--runs", str(root / "runs"), "--results", str(results), "--tokenizer", str(root / "tokenizer"),
+            "--members", members, "--one-x", "t48", "--ks", "1,2", "--grid", "0,0.5", "--calib-k", "2",
+            "--calib-windows", "4", "--window", "16", "--max-windows", "12", "--test-text", str(root / "test.txt"),
+            "--unseen-text", str(root / "unseen.txt"), "--validation-text", str(root / "validation.txt"), *extra]
+
+
+@pytest.fixture(scope="module")
+def evaluated(family, tmp_path_factory):
+    results = tmp_path_factory.mktemp("results")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(measure, "CHUNK", 8)  # 12 windows: two chunks, so a unit is written and resumed mid-way
+        es.main(evaluate_args(family, results, ",".join(MEMBERS)))
+    return results
+
+
+def test_evaluate_scores_every_member_on_the_same_windows_in_order(family, evaluated):
+    from transformers import AutoTokenizer
+
+    from roe.eval.perplexity import clean_score_fn, roster_nll, window_nll
+    from roe.loading import held_out_windows
+
+    tokenizer = AutoTokenizer.from_pretrained(family / "tokenizer")
+    windows_NW = held_out_windows(tokenizer, family / "test.txt", 16, 12)
+    units = {name: measure.read_unit(evaluated, name, "test", 1) for name in MEMBERS}
+    assert {u["meta"]["fingerprint"] for u in units.values()} == {measure.fingerprint(windows_NW)}
+    model, _ = measure.load_member(family / "runs" / "t32", tokenizer.eos_token_id)
+    for i in (0, 5, 11):  # window i's value is window i's NLL, whatever chunk it was scored in
+        alone = window_nll(clean_score_fn(model), windows_NW[i : i + 1])
+        assert units["t32"]["nll"][i] == pytest.approx(float(alone[0]), abs=1e-6)
+    one_x, _ = measure.load_member(family / "runs" / "t48", tokenizer.eos_token_id)
+    tau = json.loads((evaluated / "schedule_t48.json").read_text())["tau"]
+    whole = roster_nll(one_x, measure.roe_config(2, tau, 0), windows_NW)  # one run, no chunks
+    assert measure.read_unit(evaluated, "t48", "test", 2)["nll"] == pytest.approx(whole.tolist(), abs=1e-6)
+    assert units["t32"]["nll"] != units["t48"]["nll"]  # different models: not one series copied
+
+
+def test_evaluate_resumes_a_unit_it_was_interrupted_in(family, evaluated, tmp_path, monkeypatch):
+    import shutil
+
+    results = tmp_path / "results"
+    shutil.copytree(evaluated, results)
+    path = measure.unit_path(results, "t32", "test", 1)
+    full = json.loads(path.read_text())
+    path.write_text(json.dumps({**full, "nll": full["nll"][:8]}))  # interrupted after its first chunk
+    scored = []
+    real = measure.scored_unit
+
+    def counting(path, meta, windows_NW, score, progress=None):
+        return real(path, meta, windows_NW, lambda w: scored.append(len(w)) or score(w), progress)
+
+    monkeypatch.setattr(measure, "scored_unit", counting)
+    monkeypatch.setattr(measure, "CHUNK", 8)
+    es.main(evaluate_args(family, results, "t32"))
+    assert scored == [4]  # only the 4 windows it had not scored (every other unit was complete)
+    assert json.loads(path.read_text())["nll"] == pytest.approx(full["nll"], abs=1e-9)
+
+
+def test_missing_or_unfinished_members_are_refused(family, tmp_path):
+    with pytest.raises(SystemExit, match="absent.*no checkpoint"):
+        es.main(evaluate_args(family, tmp_path, "t32,absent"))
+    write_member(tmp_path / "runs", "half", 32, 300, finished=False)
+    with pytest.raises(SystemExit, match="half.*step 1/2"):
+        measure.load_member(tmp_path / "runs" / "half", 0)
+    assert measure.missing_members(tmp_path / "runs", ["half"]) == {"half": "step 1/2"}
+    assert measure.missing_members(tmp_path / "runs", ["half"], allow_unfinished=True) == {}
+
+
+def test_fit_refuses_missing_members_and_units_scored_on_other_windows(family, evaluated, tmp_path):
+    import shutil
+
+    with pytest.raises(SystemExit, match=r"t32 K=1.*evaluate"):
+        fit.fit_all(tmp_path, list(MEMBERS), "t48", [1, 2], resamples=10)
+    results = tmp_path / "results"
+    shutil.copytree(evaluated, results)
+    path = measure.unit_path(results, "t64", "unseen", 1)
+    doc = json.loads(path.read_text())
+    path.write_text(json.dumps({**doc, "meta": {**doc["meta"], "fingerprint": "0" * 16}}))
+    with pytest.raises(SystemExit, match="different windows"):
+        fit.fit_all(results, list(MEMBERS), "t48", [1, 2], resamples=10)
+
+
+def test_fit_latency_and_report_write_the_result(family, evaluated, tmp_path):
+    import shutil
+
+    results = tmp_path / "results"
+    shutil.copytree(evaluated, results)
+    common = ["--runs", str(family / "runs"), "--results", str(results), "--members", ",".join(MEMBERS),
+              "--one-x", "t48", "--ks", "1,2"]
+    with pytest.raises(SystemExit, match="fit.json"):
+        es.main(["report", "--results", str(results)])
+    doc = es.main(["fit", *common, "--resamples", "50"]) or json.loads((results / "fit.json").read_text())
+    assert set(doc["texts"]) == {"test", "unseen"}
+    es.main(["latency", *common, "--tokenizer", str(family / "tokenizer"), "--prompt-text", str(family / "test.txt"),
+             "--rounds", "1", "--steps", "2", "--batches", "1,2", "--prompt-tokens", "8", "--no-kernels"])
+    out_json, out_png = tmp_path / "eq.json", tmp_path / "eq.png"
+    es.main(["report", "--results", str(results), "--json", str(out_json), "--png", str(out_png)])
+    report = json.loads(out_json.read_text())
+    assert [m["member"] for m in report["family"]] == list(MEMBERS)
+    assert all(m["step_ms_b1"]["median"] > 0 and m["step_ms_b2"]["median"] > 0 for m in report["family"])
+    point = next(p for p in report["roe"] if p["K"] == 2)
+    assert point["step_ms_b1"] is not None and "equivalent" in point["test"]["params"]
+    assert out_png.stat().st_size > 10_000
+    timing = json.loads((results / "latency.json").read_text())["rounds"][0]["times_ms"]
+    assert set(timing) == {f"{m} K=1 B={b}" for m in MEMBERS for b in (1, 2)} | {"t48 K=2 B=1", "t48 K=2 B=2"}
