@@ -4,7 +4,8 @@
     python benchmarks/frontier.py --plot-only                         # redraw from the JSON
     python benchmarks/frontier.py --sequence --items 200 --threads 1  # sequence sampling, run or resume
     python benchmarks/frontier.py --model models/default-phds --out benchmarks/results/frontier_phds.json \
-        --plot benchmarks/results/frontier_phds.png                  # the same grid on another checkpoint
+        --plot benchmarks/results/frontier_phds.png --cost-from benchmarks/results/frontier.json
+                                                                      # the same grid on another checkpoint
 
 Grid: experts per token k in {1, 2, 3, 4, 6, 8} (the MoE-PHDS dial, ``RoEConfig.experts_per_token``)
 x roster size K in {1, 2, 4, 8, 16}, the shipped schedule and seed 0 in every cell.
@@ -165,7 +166,24 @@ def cost_round(lm, prompt_P, args, index: int) -> list[dict]:
     return [rows[BASE], *(rows[c] for c in grid() if c != BASE)]  # canonical order, base first
 
 
+def model_shape(lm) -> dict:
+    """What a decode step's cost depends on, besides k and K."""
+    return {key: getattr(lm.config, key) for key in ("num_experts", "num_experts_per_tok", "hidden_size",
+                                                     "num_hidden_layers", "intermediate_size", "vocab_size")}
+
+
+def borrowed_rounds(lm, path: Path) -> list[dict]:
+    """The cost rounds of another frontier run, refused unless its model has this model's shapes."""
+    other = json.loads(path.read_text())
+    shape = model_shape(lm)
+    if other.get("conditions", {}).get("shape") != shape or not other.get("cost_rounds"):
+        raise SystemExit(f"{path}: no cost rounds of a model shaped {shape}")
+    return other["cost_rounds"]
+
+
 def run_rounds(lm, prompt_P, doc, args, path: Path, upto: int, command: str) -> None:
+    if args.cost_from is not None:
+        return
     while len(doc["cost_rounds"]) < min(upto, args.rounds):
         t0 = time.perf_counter()
         rows = cost_round(lm, prompt_P, args, len(doc["cost_rounds"]))
@@ -613,7 +631,8 @@ def conditions(lm, windows_NW, args, prompt_P) -> dict:
 
     schedule = ("roe/assets/default/schedule.json (shipped)" if args.model is None else
                 f"{args.model}/schedule.json" if Path(args.model, "schedule.json").is_file() else "uniform 0.1")
-    return {"model": args.model or "embedded default", "experts": lm.config.num_experts,
+    shape = model_shape(lm)
+    return {"model": args.model or "embedded default", "experts": lm.config.num_experts, "shape": shape,
             "model_k": lm.config.num_experts_per_tok, "text": "roe/assets/default/data/test.txt.gz",
             "windows": len(windows_NW), "window_tokens": args.window,
             "tokens": int(windows_NW[:, 1:].numel()), "schedule": schedule,
@@ -630,6 +649,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="a checkpoint directory with the default model's tokenizer "
                    "(default: the embedded model); its schedule.json, else uniform 0.1, as roe's default")
+    p.add_argument("--cost-from", type=Path, default=None,
+                   help="take the cost rounds from this frontier JSON instead of timing them (a checkpoint of the "
+                        "same architecture: a step's cost depends on the shapes, k and K, not on the weights)")
     p.add_argument("--windows", type=int, default=32, help="test windows scored by every cell")
     p.add_argument("--window", type=int, default=256, help="predicted tokens per window")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
@@ -690,6 +712,9 @@ def main(argv=None) -> None:
     prompt_P = torch.from_numpy(tokens[: args.prompt_tokens])
     prepare_kernels()  # compiled or loaded now, not inside a timed round
     doc["conditions"] = conditions(lm, windows, args, prompt_P)
+    if args.cost_from is not None:
+        doc["cost_rounds"] = borrowed_rounds(lm, args.cost_from)
+        doc["conditions"]["cost"]["from"] = str(args.cost_from)
     for i, K in enumerate(ROSTERS):  # a cost round before each K column of NLL cells, the rest at the end
         run_rounds(lm, prompt_P, doc, args, args.out, i + 1, command)
         score_cells(lm, doc, windows, args, args.out, [(k, K_) for k, K_ in grid() if K_ == K], command)
