@@ -369,7 +369,8 @@ def run_fit(args) -> dict:
                 print(f"  K={p['K']:<3d} nll {p['nll']:.5f}  equivalent {p['equivalent']:.4g} "
                       f"[{p['ci95'][0]:.4g}, {p['ci95'][1]:.4g}]  x1x {p['ratio_to_1x']:.3f} "
                       f"[{p['ratio_to_1x_ci95'][0]:.3f}, {p['ratio_to_1x_ci95'][1]:.3f}]"
-                      + ("  EXTRAPOLATED" if p["extrapolated"] else ""))
+                      + {True: "  EXTRAPOLATED", False: "", None: "  UNDEFINED (the fit does not fall with size)"}[
+                          p["extrapolated"]])
     return doc
 
 

@@ -158,6 +158,8 @@ def fit_axis(series: Series, axis: str, resamples: int = 2000, seed: int = 0) ->
         scores[curve.name] = aicc(rss, len(y_M), curve.n_params)
         curves[curve.name] = place(curve, theta, curve.fit(u_M, y_RM), u_M, y_M, roe_K, roe_RK, series, x_ref)
         curves[curve.name]["rss"] = rss
+        if curve is PowerLaw:  # an exponent at the end of its grid: the data do not pin it down
+            curves[curve.name]["alpha_at_grid_edge"] = bool(theta[0, 2] in (ALPHAS[0], ALPHAS[-1]))
     chosen = min(scores, key=lambda name: (scores[name], CURVES[name].n_params))
     return {"x_ref": x_ref, "chosen": chosen, "aicc": scores, "curves": curves, "resamples": resamples, "seed": seed}
 
@@ -179,7 +181,8 @@ def place(curve, theta_1P, theta_RP, u_M, y_M, roe_K, roe_RK, series: Series, x_
                        "ratio_on_curve": on_curve_1,
                        "ratio_on_curve_ci95": interval(on_curve),
                        "undefined_resamples": int(np.isnan(eq_RK[:, j]).sum()),
-                       "extrapolated": not lo <= eq <= hi, "ci_within_measured": bool(lo <= ci[0] and ci[1] <= hi)})
+                       "extrapolated": None if math.isnan(eq) else not lo <= eq <= hi,
+                       "ci_within_measured": bool(lo <= ci[0] and ci[1] <= hi)})
     top = max([hi] + [p["equivalent"] for p in points if math.isfinite(p["equivalent"])])
     u_G = np.linspace(math.log(lo / x_ref), math.log(min(top, 20 * hi) / x_ref), 60)
     band_RG = curve.predict(theta_RP, u_G)
@@ -312,12 +315,19 @@ def plot(fit: dict, doc: dict, path) -> None:
     batches = (doc["latency_conditions"] or {}).get("batches", [])
     for batch, marker in zip(batches, "o^sv"):
         key = f"step_ms_b{batch}"
-        fam = [(m[key]["median"], m["nll_test"]) for m in doc["family"] if m[key]]
-        ours = [(p[key]["median"], p["test"]["nll"]) for p in doc["roe"] if p[key]]
-        if fam:
-            right.plot(*zip(*sorted(fam)), marker=marker, color="k", label=f"family K=1, batch {batch}")
-        if ours:
-            right.plot(*zip(*ours), marker=marker, color="tab:red", label=f"RoE-K on 1x, batch {batch}")
+        for rows, nll, color, who in ((doc["family"], lambda r: r["nll_test"], "k", "family K=1"),
+                                      (doc["roe"], lambda r: r["test"]["nll"], "tab:red", "RoE-K on 1x")):
+            rows = [r for r in rows if r[key]]  # in size order, then K order
+            if not rows:
+                continue
+            ms = [r[key]["median"] for r in rows]
+            ci = [r[key]["ci95"] or [m, m] for r, m in zip(rows, ms)]
+            right.errorbar(ms, [nll(r) for r in rows], xerr=[[m - c[0] for m, c in zip(ms, ci)],
+                                                             [c[1] - m for m, c in zip(ms, ci)]],
+                           marker=marker, color=color, capsize=2, label=f"{who}, batch {batch}")
+            for r, m in zip(rows, ms):
+                right.annotate(r.get("member") if "nll_test" in r else f"K={r['K']}", (m, nll(r)), fontsize=7,
+                               textcoords="offset points", xytext=(3, 3), color=color)
     right.set(xscale="log", xlabel="decode step (ms, median)", ylabel="test NLL (nats/token)",
               title="quality against latency")
     right.legend(fontsize=7)
