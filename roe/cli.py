@@ -511,34 +511,41 @@ def serve(*, model: str | None = None, host: str = "127.0.0.1", port: int = 8000
         raise SystemExit(f"error: {err}") from None
 
 
-def phds(*, model: str | None = None, ks: str | None = None, steps: int = 400, curriculum_steps: int = 100,
-         lr: float = 3e-4, batch_size: int = 16, seq_len: int = 256, data: str | None = None, seed: int = 0,
-         eval_windows: int = 32, ckpt_minutes: float = 4.0, threads: int = 0, out: str | None = None) -> None:
+def phds(*, model: str | None = None, ks: str | None = None, routing_tau: str | None = None, steps: int = 400,
+         curriculum_steps: int = 100, lr: float = 3e-4, batch_size: int = 16, seq_len: int = 256,
+         data: str | None = None, seed: int = 0, eval_windows: int = 32, ckpt_minutes: float = 4.0, threads: int = 0,
+         out: str | None = None) -> None:
     """MoE-PHDS fine-tune: one checkpoint whose experts per token can be dialled at run time.
 
     --ks LIST (e.g. 1,2,3,4): the levels of experts per token. For --steps optimiser steps each
     step runs the model at a k drawn uniformly from them (through roe's runtime dial, exactly the
     model built with that k), then --curriculum-steps at min(ks), the sparsest (arXiv 2509.23012).
-    A single level is the single-k ("oracle") fine-tune with the same budget. Data: the default
+    A single level is the single-k ("oracle") fine-tune with the same budget; without --ks, the
+    model's own k (a plain fine-tune, or a RoE-aware one with --routing-tau).
+    --routing-tau TAU or FILE: RoE-aware training. Window b of each step's batch is roster member
+    b: member 0 clean, the others selecting experts with RoE's routing noise at this temperature
+    (uniform between one clean MoE layer at each end) or schedule JSON (one tau per MoE layer),
+    a fresh noise seed each step, the model's clean gate weights at the chosen experts. --model
+    may also be a tools.train checkpoint file (ckpt.pt; run from the repository root). Data: the default
     model's training windows (data/tokens, from python -m tools.tokenizer --encode in the repository),
     or --data: a directory with train.bin (and validation.bin), or a file of token ids (.npy, or
     flat uint16). --out DIR receives a checkpoint every --ckpt-minutes (and at each phase end);
     re-running the same command resumes from it, with the same result as an uninterrupted run. At
     the end DIR is a loadable checkpoint (config, weights in the input's dtype, tokenizer,
-    schedule.json if the input has one) plus phds.json (settings, per-step log, validation NLL at
-    every level before and after each phase).
+    schedule.json if the input has one) plus phds.json (settings, per-step log, clean (K = 1)
+    validation NLL at every level before and after each phase).
     --threads N sets torch's intra-op threads (0: torch's default).
     """
     from roe import phds as fine_tune
 
     if out is None:
         raise ValueError("--out DIR is required (the checkpoint and the fine-tuned model go there)")
-    if ks is None:
-        raise ValueError("--ks is required: the levels of experts per token, e.g. --ks 1,2,3,4")
     if not (math.isfinite(ckpt_minutes) and ckpt_minutes >= 0):
         raise ValueError(f"--ckpt-minutes must be finite and >= 0, got {ckpt_minutes}")
-    cfg = fine_tune.PhdsConfig(ks=fine_tune.parse_levels(ks), steps=steps, curriculum_steps=curriculum_steps, lr=lr,
-                               batch_size=batch_size, seq_len=seq_len, seed=seed, eval_windows=eval_windows)
+    cfg = fine_tune.PhdsConfig(ks=None if ks is None else fine_tune.parse_levels(ks), steps=steps,
+                               routing_tau=None if routing_tau is None else fine_tune.parse_routing_tau(routing_tau),
+                               curriculum_steps=curriculum_steps, lr=lr, batch_size=batch_size, seq_len=seq_len,
+                               seed=seed, eval_windows=eval_windows)
     _set_threads(threads)
     fine_tune.run(model, cfg, Path(out), data=None if data is None else Path(data), ckpt_minutes=ckpt_minutes)
 
@@ -663,7 +670,8 @@ CHECKS = {
 # What a None default means, for --help.
 NONE_MEANS = {"model": "the embedded model", "tau": "the model's default schedule (its shipped schedule.json, "
               "else uniform 0.1)", "text": "the embedded model's held-out split",
-              "experts_per_token": "the model's own"}
+              "experts_per_token": "the model's own", "ks": "the model's own experts per token",
+              "routing_tau": "no routing noise"}
 
 
 class UsageError(SystemExit):

@@ -1,4 +1,4 @@
-"""MoE-PHDS (arXiv 2509.23012): fine-tune one checkpoint so its experts per token can be dialled.
+"""MoE-PHDS (arXiv 2509.23012) and RoE-aware training: fine-tune a checkpoint under perturbed routing.
 
 Shapes: B windows, S positions, T rows (B * S), E experts, V vocab, L MoE layers.
 
@@ -17,12 +17,22 @@ k chosen experts). The loss is that model's own objective:
 c is ``router_aux_loss_coef`` when the model's own loss has that Switch balance term, else 0
 (self-tested on a probe forward, ``Dial._aux_coefficient``).
 
-Everything a step uses is a pure function of (settings, step): the windows (``roe.tokens.batch_at``),
-k_t and the learning rate (linear warm-up, cosine over all steps). So a checkpoint (weights,
-AdamW state, step, log) resumed gives the parameters of an uninterrupted run bit for bit.
+RoE-aware training (``routing_tau``; the paper's future work, arXiv 2509.17238 Sec. 6): the
+same steps with RoE's routing noise. Window b of a step's batch is roster member b: member 0
+clean, the others selecting experts as RoE samples them (``idx = TopK(r + tau_l * G, A)``, the
+keyed Gumbel noise of roe/routing.py at the per-layer temperatures of ``routing_tau``, a float
+uniform over the middle MoE layers or a schedule JSON such as the calibrated one), with a fresh
+noise seed each step (``noise_seed_at``), then the model's clean gate weights at the chosen
+experts. With tau = 0 the steps equal those without routing noise bit for bit.
 
-This module knows the dial (roe.roster) and the token files (roe.tokens); it knows
-nothing of evaluation beyond a validation NLL per level for the log.
+Everything a step uses is a pure function of (settings, step): the windows (``roe.tokens.batch_at``),
+k_t, the noise seed and the learning rate (linear warm-up, cosine over all steps). So a checkpoint
+(weights, AdamW state, step, log) resumed gives the parameters of an uninterrupted run bit for bit.
+
+The input is a checkpoint directory (``roe.load``) or a ``tools.train`` checkpoint file (ckpt.pt).
+
+This module knows the dial and the roster's member forwards (roe.roster) and the token files
+(roe.tokens); it knows nothing of evaluation beyond a clean (K = 1) validation NLL per level for the log.
 """
 
 from __future__ import annotations
@@ -30,11 +40,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +57,7 @@ STATE_FILE = "phds-state.pt"  # the training checkpoint inside --out; removed on
 LOG_FILE = "phds.json"
 DEFAULT_TOKENS = Path("data/tokens")  # where `python -m tools.tokenizer --encode` writes the default model's windows
 K_STREAM = 1  # keys the k draws apart from the window draws of the same (seed, step)
+NOISE_STREAM = 2  # keys the routing-noise seeds apart from both
 PRODUCE_TOKENS = ("python -m tools.corpus --out data/corpus && python -m tools.tokenizer --corpus data/corpus "
                   "--existing roe/assets/default --out data/tokenizer --encode --tokens data/tokens")
 
@@ -56,6 +68,10 @@ class PhdsConfig:
 
     ks: the sparsity levels (experts per token) sampled during the first phase; the curriculum
         runs at min(ks). A single level is the "oracle" fine-tune at that k with the same budget.
+        None: the model's own k only (no dial; ``run`` resolves it once the model is loaded).
+    routing_tau: RoE's routing noise during training (see the module docstring): None for none,
+        a temperature (uniform over the MoE layers between one clean layer at each end, as
+        ``RoEConfig(tau=...)``), or the path of a roe schedule JSON (one tau per MoE layer).
     steps / curriculum_steps: optimiser steps of each phase.
     lr: peak learning rate (linear warm-up over ``warmup_steps``, cosine to ``min_lr_ratio * lr``
         over both phases); AdamW (0.9, 0.95) with ``weight_decay`` on matrices, as the default
@@ -64,7 +80,8 @@ class PhdsConfig:
         level for the log (0: none).
     """
 
-    ks: tuple[int, ...]
+    ks: tuple[int, ...] | None = None
+    routing_tau: float | str | None = None
     steps: int = 400
     curriculum_steps: int = 100
     lr: float = 3e-4
@@ -77,11 +94,13 @@ class PhdsConfig:
     eval_windows: int = 32
 
     def __post_init__(self) -> None:
-        if not isinstance(self.ks, tuple) or not self.ks:
-            raise ValueError(f"--ks needs at least one level of experts per token, got {self.ks!r}")
-        if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.ks):
-            raise ValueError(f"--ks levels must be integers >= 1 (experts per token), got {list(self.ks)}")
-        object.__setattr__(self, "ks", tuple(sorted(set(self.ks))))
+        if self.ks is not None:
+            if not isinstance(self.ks, tuple) or not self.ks:
+                raise ValueError(f"--ks needs at least one level of experts per token, got {self.ks!r}")
+            if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.ks):
+                raise ValueError(f"--ks levels must be integers >= 1 (experts per token), got {list(self.ks)}")
+            object.__setattr__(self, "ks", tuple(sorted(set(self.ks))))
+        self._check_routing_tau()
         for name in ("steps", "curriculum_steps", "warmup_steps", "seed", "eval_windows"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
@@ -94,9 +113,31 @@ class PhdsConfig:
             raise ValueError(f"--lr must be finite and > 0 and min_lr_ratio in [0, 1], got {self.lr}, "
                              f"{self.min_lr_ratio}")
 
+    def _check_routing_tau(self) -> None:
+        """A finite temperature >= 0 (kept as a float) or a roe schedule file that loads."""
+        from roe.schedule import Schedule
+
+        tau = self.routing_tau
+        if tau is None:
+            return
+        if isinstance(tau, str):
+            Schedule.load(tau)
+            return
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not (math.isfinite(tau) and tau >= 0):
+            raise ValueError(f"--routing-tau must be a finite temperature >= 0 or a schedule JSON file, got {tau!r}")
+        object.__setattr__(self, "routing_tau", float(tau))
+
     @property
     def total_steps(self) -> int:
         return self.steps + self.curriculum_steps
+
+
+def parse_routing_tau(text: str) -> float | str:
+    """--routing-tau: '0.3' -> 0.3 (uniform), anything else is a schedule file's path."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def parse_levels(ks: str) -> tuple[int, ...]:
@@ -122,6 +163,15 @@ def k_at(cfg: PhdsConfig, step: int) -> int:
     block, slot = divmod(step, len(cfg.ks))
     order = np.random.default_rng([cfg.seed, block, K_STREAM]).permutation(len(cfg.ks))
     return int(cfg.ks[order[slot]])
+
+
+def noise_seed_at(cfg: PhdsConfig, step: int) -> int:
+    """The routing-noise seed of step ``step``: a fresh key each step, a pure function of (seed, step).
+
+    With it, member b of the step's batch draws the keyed noise of (noise seed, b, position), so
+    no two steps (nor two rows) share noise, and a resumed run draws what an uninterrupted one does.
+    """
+    return int(np.random.default_rng([cfg.seed, step, NOISE_STREAM]).integers(1 << 62))
 
 
 def lr_at(cfg: PhdsConfig, step: int) -> float:
@@ -165,19 +215,29 @@ def balance_loss(router_logits_L: list[torch.Tensor], k: int) -> torch.Tensor:
 class Dial:
     """The model's forward at k experts per token, through roe's runtime dial, with its loss.
 
-    One roster per level, built once (K = 1, tau = 0: every member is the clean one); building
-    it checks the level against every router's experts and refuses a family whose model fixes k.
-    Each forward installs the roster's router wrappers for that call only.
+    One roster per level, built once; building it checks the level against every router's experts
+    and refuses a family whose model fixes k. Without ``routing_tau`` every row is the clean
+    member (K = 1, tau = 0). With it the roster has ``members`` members at those temperatures
+    (checked against the model's MoE layers), and a forward given a noise seed makes window b
+    member b (see ``forward``). Each forward installs the roster's router wrappers for that call only.
     """
 
-    def __init__(self, model, ks: tuple[int, ...]) -> None:
+    def __init__(self, model, ks: tuple[int, ...], routing_tau: float | str | None = None, members: int = 1) -> None:
         import roe
+        from roe.roster import schedule_for
 
         self.model = model
+        self.noisy = routing_tau is not None
+        tau = 0.0 if routing_tau is None else routing_tau
+        try:
+            self.tau_L = schedule_for(model, roe.RoEConfig(tau=tau)).tau
+        except ValueError as err:
+            raise ValueError(f"--routing-tau {routing_tau}: {err}") from None
         self.rosters = {}
         for k in ks:
             try:
-                self.rosters[k] = roe.roster(model, roe.RoEConfig(roster_size=1, tau=0.0, experts_per_token=k))
+                self.rosters[k] = roe.roster(model, roe.RoEConfig(roster_size=members if self.noisy else 1, tau=tau,
+                                                                  experts_per_token=k))
             except ValueError as err:
                 raise ValueError(f"--ks {k}: {err}") from None
         self.slots = next(iter(self.rosters.values())).slots
@@ -215,17 +275,40 @@ class Dial:
             for hook in hooks:
                 hook.remove()
 
-    def forward(self, rows_BS: torch.Tensor, k: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """(logits [B, S, V], router logits [T, E] of every MoE layer) of the model at k."""
-        position_BS = torch.arange(rows_BS.shape[1]).expand_as(rows_BS)
+    def forward(self, rows_BS: torch.Tensor, k: int,
+                noise_seed: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(logits [B, S, V], router logits [T, E] of every MoE layer) of the model at k.
+
+        ``noise_seed`` None: every window is the clean member. Else window b is roster member b
+        with the routing noise keyed (noise_seed, b, position); window 0 stays clean.
+
+        NOTE: each sequence of the batch is one member for its whole length, so training costs
+        what a plain step costs (1x compute), and gradients flow through the experts the noise
+        chose and through the model's clean gate weights at them (selection only, as RoE runs;
+        the router gets gradients through those weights and the balance term). The per-token
+        selection is RoE's (same noise, temperatures, clean member 0), but a noisy member here
+        attends to its own noisy history, where RoE's members attend to the clean one
+        (roe/cache.py): training on RoE's exact semantics needs every position's member as its own
+        query row over the clean history (K x S rows a window, the folded scoring forward), K
+        times the compute. The balance term counts the clean top-k (the model's own loss does the
+        same from the router logits, which the noise does not change).
+        """
+        B, S = rows_BS.shape
+        position_BS = torch.arange(S).expand(B, S)
+        if noise_seed is None:
+            member_BS, seed_BS = torch.zeros_like(rows_BS), None
+        else:
+            member_BS, seed_BS = torch.arange(B)[:, None].expand(B, S), torch.full_like(rows_BS, noise_seed)
         with self._router_logits() as router_logits_L:
-            out = self.rosters[k].forward(member_BQ=torch.zeros_like(rows_BS), position_BQ=position_BS,
+            out = self.rosters[k].forward(member_BQ=member_BS, position_BQ=position_BS, seed_BQ=seed_BS,
                                           input_ids=rows_BS, use_cache=False)
         return out.logits, router_logits_L
 
-    def loss(self, rows_BS: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(total, next-token CE, balance) of the windows at k; the window is input and labels."""
-        logits_BSV, router_logits_L = self.forward(rows_BS, k)
+    def loss(self, rows_BS: torch.Tensor, k: int,
+             noise_seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(total, next-token CE, balance) of the windows at k (``noise_seed``: see ``forward``);
+        the window is input and labels."""
+        logits_BSV, router_logits_L = self.forward(rows_BS, k, noise_seed)
         ce = next_token_ce(logits_BSV, rows_BS)
         aux = balance_loss(router_logits_L, k) if self.aux_coef else torch.zeros(())
         return ce + self.aux_coef * aux, ce, aux
@@ -289,14 +372,15 @@ def load_tokens(data: Path | None, vocab_size: int, seq_len: int) -> tuple[np.nd
 
 
 def step_once(dial: Dial, optimizer, tokens: np.ndarray, cfg: PhdsConfig, step: int) -> dict[str, Any]:
-    """One optimiser step at k_t on the windows of step ``step``; returns its log record."""
+    """One optimiser step at k_t (and the step's routing noise, with ``routing_tau``) on the windows
+    of step ``step``; returns its log record."""
     from roe.tokens import batch_at
 
     start = time.perf_counter()
     k = k_at(cfg, step)
     for group in optimizer.param_groups:
         group["lr"] = lr_at(cfg, step)
-    loss, ce, aux = dial.loss(batch_at(tokens, cfg, step), k)
+    loss, ce, aux = dial.loss(batch_at(tokens, cfg, step), k, noise_seed_at(cfg, step) if dial.noisy else None)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(dial.model.parameters(), 1.0)
     optimizer.step()
@@ -326,6 +410,65 @@ def resume_state(out: Path, model, optimizer, settings: dict) -> tuple[int, list
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     return state["step"], state["log"]
+
+
+def load_model(model_path: str | Path | None) -> tuple[Any, Any, dict]:
+    """(model, tokenizer, what the input is) to fine-tune: a checkpoint directory or hub id (``roe.load``,
+    None: the embedded model), or a ``tools.train`` checkpoint file."""
+    import roe
+
+    path = None if model_path is None else Path(model_path).expanduser()
+    if path is not None and path.is_file():
+        return load_train_checkpoint(path)
+    model, tokenizer = roe.load(model_path)
+    return model, tokenizer, {"kind": "model directory"}
+
+
+def load_train_checkpoint(path: Path) -> tuple[Any, Any, dict]:
+    """A ``tools.train`` checkpoint (``--out``/ckpt.pt: the model's and the optimiser's state, the step, the
+    TrainConfig) as (model in fp32, tokenizer, what it is: the step it was saved at, of how many).
+
+    NOTE: the file holds training settings, not a transformers config, so the model is rebuilt by
+    the repository's ``tools.train.build_model``, imported here: such a checkpoint exists only
+    where that script ran, and ``python -m roe`` from the repository root finds it. build_model
+    seeds torch's global RNG, so it runs under a forked one. Nor does the file name its tokenizer:
+    the default model and the equivalent-size family train on data/tokens, encoded with the
+    embedded model's tokenizer, which is used; a checkpoint of another vocabulary size is refused.
+    """
+    from transformers import AutoTokenizer
+
+    from roe.loading import DEFAULT_MODEL
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError):
+        state = None
+    if not isinstance(state, dict) or not {"model", "config", "step"} <= state.keys():
+        raise ValueError(f"--model {path}: a file that is not a tools.train checkpoint (model, config, step)")
+    try:
+        from tools.train import TrainConfig, build_model
+    except ImportError:
+        raise ValueError(f"--model {path}: a tools.train checkpoint is rebuilt by the repository's tools/train.py; "
+                         "run `python -m roe phds ...` from the repository root") from None
+    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL)
+    vocab = state["model"]["model.embed_tokens.weight"].shape[0]
+    if vocab != len(tokenizer):
+        raise ValueError(f"--model {path}: a vocabulary of {vocab} tokens, not the embedded tokenizer's "
+                         f"{len(tokenizer)} (the only one a tools.train checkpoint is read with)")
+    cfg = TrainConfig(**state["config"])
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(cfg, vocab, tokenizer.eos_token_id)
+    model.load_state_dict(state["model"])
+    return model.eval(), tokenizer, {"kind": "tools.train checkpoint", "step": state["step"],
+                                     "total_steps": cfg.total_steps or None}
+
+
+def model_k(model) -> int:
+    """The model's own experts per token (its first router's)."""
+    from roe.analysis import analyse
+
+    slot = analyse(model).slots()[0]
+    return slot.rule.model_k(slot.module)
 
 
 def source_dir(model_path: str | Path | None) -> Path | None:
@@ -377,14 +520,14 @@ def run(model_path: str | Path | None, cfg: PhdsConfig, out: Path, *, data: Path
     ``out``'s checkpoint when there is one; returns the phds.json record."""
     from tqdm import tqdm
 
-    import roe
-
     out = Path(out)
     settings = {"model": "embedded default" if model_path is None else str(model_path),
                 "data": "default training windows" if data is None else str(data), **asdict(cfg)}
-    settings["ks"] = list(cfg.ks)
+    settings["ks"] = None if cfg.ks is None else list(cfg.ks)
     source = source_dir(model_path)
-    if source is not None and out.resolve() == source.resolve():
+    train_file = None if model_path is None else Path(model_path).expanduser()
+    home = train_file.parent if train_file is not None and train_file.is_file() else source
+    if home is not None and out.resolve() == home.resolve():
         raise ValueError(f"--out {out} is the input model's directory; choose another (the input stays as it is)")
     done = out / LOG_FILE
     if done.is_file() and not (out / STATE_FILE).is_file():
@@ -393,11 +536,15 @@ def run(model_path: str | Path | None, cfg: PhdsConfig, out: Path, *, data: Path
             print(f"{out} already holds this PHDS fine-tune (done); nothing to do", flush=True)
             return record
         raise ValueError(f"{out} already holds a PHDS fine-tune made with other settings; choose another --out")
-    model, tokenizer = roe.load(model_path)
+    model, tokenizer, origin = load_model(model_path)
+    if origin.get("step") is not None:
+        print(f"input: a tools.train checkpoint saved at step {origin['step']} of {origin['total_steps']}", flush=True)
     context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if context is not None and cfg.seq_len > context:
         raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's context of {context} tokens")
-    dial = Dial(model, cfg.ks)
+    if cfg.ks is None:
+        cfg = replace(cfg, ks=(model_k(model),))
+    dial = Dial(model, cfg.ks, cfg.routing_tau, cfg.batch_size)
     train_tokens, val_tokens = load_tokens(data, model.config.get_text_config().vocab_size, cfg.seq_len)
     out.mkdir(parents=True, exist_ok=True)
     optimizer = make_optimizer(model, cfg)
@@ -405,11 +552,13 @@ def run(model_path: str | Path | None, cfg: PhdsConfig, out: Path, *, data: Path
     if step:
         print(f"resumed from {out / STATE_FILE} at step {step} of {cfg.total_steps}", flush=True)
     model.train()
-    record = {"format": PHDS_FORMAT, "settings": settings, "done": False, "log": log}
+    record = {"format": PHDS_FORMAT, "settings": settings, "input": origin, "ks": list(cfg.ks),
+              "routing_tau_L": list(dial.tau_L) if dial.noisy else None, "done": False, "log": log}
     if step == 0 and (evaluation := evaluate_levels(dial, val_tokens, cfg, 0)):
         log.append(evaluation)
     last_save = time.monotonic()
-    bar = tqdm(total=cfg.total_steps, initial=step, unit="step", desc=f"phds k in {list(cfg.ks)}")
+    noise = f", routing tau {cfg.routing_tau}" if dial.noisy else ""
+    bar = tqdm(total=cfg.total_steps, initial=step, unit="step", desc=f"phds k in {list(cfg.ks)}{noise}")
     try:
         while step < cfg.total_steps:
             entry = step_once(dial, optimizer, train_tokens, cfg, step)
@@ -435,6 +584,6 @@ def run(model_path: str | Path | None, cfg: PhdsConfig, out: Path, *, data: Path
     record["done"] = True
     write_log(out, record)
     (out / STATE_FILE).unlink(missing_ok=True)
-    print(f"done: {cfg.total_steps} steps; the checkpoint in {out} dials k at run time "
-          f"(roe generate --model {out} --experts-per-token K)", flush=True)
+    dials = ", dials k at run time (--experts-per-token K)" if len(cfg.ks) > 1 else ""
+    print(f"done: {cfg.total_steps} steps; the fine-tuned model is {out} (--model {out}{dials})", flush=True)
     return record
