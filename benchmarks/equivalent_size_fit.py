@@ -13,8 +13,8 @@ on the M member means:
 
 The curve used for the equivalent sizes is the one with the lower AICc on the members (AICc =
 M log(RSS/M) + 2p + 2p(p+1)/(M-p-1), p curve parameters): with 5 members the power law pays
-+30 against +6 and is chosen only when its curvature is unmistakable; with 4 it cannot be
-chosen. Both curves' numbers are reported.
++30 against the line's +10 and is chosen only when its curvature is unmistakable; with 4 it
+cannot be chosen. Both curves' numbers are reported.
 
 Equivalent size of an NLL value y: the size at which the fitted curve reaches y (x = f^-1(y));
 a point outside the measured sizes is flagged as extrapolation, and a power law that never

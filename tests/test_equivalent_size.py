@@ -203,6 +203,9 @@ def test_missing_or_unfinished_members_are_refused(family, tmp_path):
         measure.load_member(tmp_path / "runs" / "half", 0)
     assert measure.missing_members(tmp_path / "runs", ["half"]) == {"half": "step 1/2"}
     assert measure.missing_members(tmp_path / "runs", ["half"], allow_unfinished=True) == {}
+    with pytest.raises(SystemExit, match="t64.*no checkpoint"):  # latency too, before loading anything
+        es.main(["latency", "--runs", str(tmp_path / "runs"), "--members", "half,t64", "--one-x", "half",
+                 "--allow-unfinished", "--results", str(tmp_path)])
 
 
 def test_fit_refuses_missing_members_and_units_scored_on_other_windows(family, evaluated, tmp_path):
