@@ -225,10 +225,7 @@ def roe_config(K: int, tau: list[float], seed: int, kernels: bool = True):
 def evaluate(runs: Path, names: list[str], roe_member: str, texts: Texts, tokenizer_dir: Path, results: Path,
              settings: EvalSettings, allow_unfinished: bool = False) -> None:
     """K = 1 per-window NLL of every named member on every text; RoE over the K grid on ``roe_member``."""
-    from tqdm import tqdm
     from transformers import AutoTokenizer
-
-    from roe.eval.perplexity import clean_score_fn, roster_nll, window_nll
 
     missing = missing_members(runs, names, allow_unfinished)
     if missing:
@@ -238,23 +235,33 @@ def evaluate(runs: Path, names: list[str], roe_member: str, texts: Texts, tokeni
     for name in names:
         model, step = load_member(runs / name, tokenizer.eos_token_id, allow_unfinished)
         for text, windows_NW in windows.items():
-            meta = {"member": name, "step": step, "text": text, "K": 1, "windows": len(windows_NW),
-                    "window_tokens": settings.window, "fingerprint": fingerprint(windows_NW), **parameter_counts(model)}
-            with tqdm(total=len(windows_NW), desc=f"{name} {text} K=1", unit="win") as bar:
-                scored_unit(unit_path(results, name, text, 1), meta, windows_NW,
-                            lambda w, m=model: window_nll(clean_score_fn(m), w, settings.batch_size), bar)
+            score_member(model, {"member": name, "step": step, "text": text, "K": 1}, windows_NW, results, settings)
         if name != roe_member:
             continue
         tau = calibrate(model, step, tokenizer, texts, settings, results / f"schedule_{name}.json")
         for K in (K for K in settings.ks if K > 1):
             for text, windows_NW in windows.items():
-                cfg = roe_config(K, tau, settings.seed)
-                meta = {"member": name, "step": step, "text": text, "K": K, "windows": len(windows_NW),
-                        "window_tokens": settings.window, "fingerprint": fingerprint(windows_NW),
-                        "tau": [round(t, 6) for t in tau], "seed": settings.seed, **parameter_counts(model)}
-                with tqdm(total=len(windows_NW), desc=f"{name} {text} K={K}", unit="win") as bar:
-                    scored_unit(unit_path(results, name, text, K), meta, windows_NW,
-                                lambda w, m=model, c=cfg: roster_nll(m, c, w, settings.batch_size), bar)
+                unit = {"member": name, "step": step, "text": text, "K": K, "tau": [round(t, 6) for t in tau],
+                        "seed": settings.seed}
+                score_member(model, unit, windows_NW, results, settings, roe_config(K, tau, settings.seed))
+
+
+def score_member(model, unit: dict, windows_NW: torch.Tensor, results: Path, settings: EvalSettings,
+                 cfg=None) -> list[float]:
+    """One unit's per-window NLLs: the untouched model (``cfg`` None) or RoE with ``cfg``, cached and resumable."""
+    from functools import partial
+
+    from tqdm import tqdm
+
+    from roe.eval.perplexity import clean_score_fn, roster_nll, window_nll
+
+    meta = {**unit, "windows": len(windows_NW), "window_tokens": settings.window,
+            "fingerprint": fingerprint(windows_NW), **parameter_counts(model)}
+    score = (partial(window_nll, clean_score_fn(model), batch_size=settings.batch_size) if cfg is None
+             else partial(roster_nll, model, cfg, batch_size=settings.batch_size))
+    path = unit_path(results, unit["member"], unit["text"], unit["K"])
+    with tqdm(total=len(windows_NW), desc=f"{unit['member']} {unit['text']} K={unit['K']}", unit="win") as bar:
+        return scored_unit(path, meta, windows_NW, score, bar)
 
 
 # -- latency ------------------------------------------------------------------------------------
