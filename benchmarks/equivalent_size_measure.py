@@ -315,10 +315,10 @@ def latency(runs: Path, names: list[str], roe_member: str, results: Path, tokeni
     if kernels:
         prepare_kernels()  # built or loaded now: compiling must not land in a timed step
     configs = latency_configs(names, roe_member, ks)
-    conditions = {"engine": "roe FoldedDecoder (roe bench's roster method)", "threads": threads, "dtype": "float32",
-                  "prompt_tokens": len(prompt_P), "steps_per_round": steps, "warmup_steps": 2, "batches": list(batches),
-                  "kernels": kernels, "steps": {n: s for n, (_, s) in models.items()}, "seed": 0,
-                  "torch": torch.__version__, "cpu_count": os.cpu_count(), "nice": os.nice(0)}
+    conditions = {"configs": [latency_key(n, K, b) for b in batches for n, K in configs], "batches": list(batches),
+                  "prompt_tokens": len(prompt_P), "prompt_text": Path(prompt_text).name, "steps_per_round": steps,
+                  "warmup_steps": 2, "checkpoint_steps": {n: models[n][1] for n in sorted(models)}, "kernels": kernels,
+                  "tau": tau, **machine(threads)}
     path = results / "latency.json"
     doc = json.loads(path.read_text()) if path.exists() else {"conditions": conditions, "rounds": []}
     if doc["conditions"] != conditions:
@@ -337,6 +337,17 @@ def latency(runs: Path, names: list[str], roe_member: str, results: Path, tokeni
         write_json(path, doc)
     bar.close()
     return summarise_latency(doc)
+
+
+def machine(threads: int) -> dict:
+    """What the timings depend on besides the configuration."""
+    import platform
+
+    import transformers
+
+    return {"engine": "roe FoldedDecoder (roe bench's roster method)", "threads": threads, "dtype": "float32",
+            "seed": 0, "torch": torch.__version__, "transformers": transformers.__version__,
+            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "nice": os.nice(0)}
 
 
 def _clean_config(kernels: bool):

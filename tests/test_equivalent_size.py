@@ -233,8 +233,14 @@ def test_fit_latency_and_report_write_the_result(family, evaluated, tmp_path):
         es.main(["report", "--results", str(results)])
     doc = es.main(["fit", *common, "--resamples", "50"]) or json.loads((results / "fit.json").read_text())
     assert set(doc["texts"]) == {"test", "unseen"}
-    es.main(["latency", *common, "--tokenizer", str(family / "tokenizer"), "--prompt-text", str(family / "test.txt"),
-             "--rounds", "1", "--steps", "2", "--batches", "1,2", "--prompt-tokens", "8", "--no-kernels"])
+    timing = ["latency", *common, "--tokenizer", str(family / "tokenizer"), "--prompt-text", str(family / "test.txt"),
+              "--steps", "2", "--batches", "1,2", "--prompt-tokens", "8", "--no-kernels"]
+    es.main([*timing, "--rounds", "1"])
+    first = json.loads((results / "latency.json").read_text())["rounds"]
+    es.main([*timing, "--rounds", "2"])  # resumed: the round already measured is kept, one is added
+    assert json.loads((results / "latency.json").read_text())["rounds"][:1] == first
+    with pytest.raises(SystemExit, match="measured under"):  # other configurations never join those rounds
+        es.main([*timing, "--rounds", "3", "--ks", "1"])
     out_json, out_png = tmp_path / "eq.json", tmp_path / "eq.png"
     es.main(["report", "--results", str(results), "--json", str(out_json), "--png", str(out_png)])
     report = json.loads(out_json.read_text())
