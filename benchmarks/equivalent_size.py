@@ -399,6 +399,12 @@ def run_report(args) -> dict:
     fitted = json.loads((args.results / "fit.json").read_text())
     timing = measure.summarise_latency(json.loads((args.results / "latency.json").read_text()))
     doc = fit.report(fitted, timing)
+    shapes = {m.name: m for m in FAMILY}
+    for row in doc["family"]:  # the architecture of each size (tests' tiny members have none here)
+        if row["member"] in shapes:
+            m = shapes[row["member"]]
+            row.update(hidden_size=m.hidden_size, num_heads=m.num_heads, expert_width=m.intermediate_size,
+                       train_tokens=TOTAL_STEPS * RECIPE["batch_size"] * RECIPE["seq_len"])
     measure_write(args.json, doc)
     fit.plot(fitted, doc, args.png)
     print(f"wrote {args.json} and {args.png}")

@@ -127,6 +127,7 @@ class Series:
     """Per-window NLLs of the members [M, N] and of the RoE points [K, N], all on the same N windows."""
 
     members: list[str]
+    steps: dict[str, int] | None = None  # member -> the training step of its checkpoint
     sizes: dict[str, np.ndarray]  # axis name -> [M] sizes (params, active_params)
     nll_MN: np.ndarray
     roe_ks: list[int]
@@ -201,7 +202,8 @@ def summary_rows(series: Series) -> dict:
     n = series.nll_MN.shape[1]
     se = lambda v: float(v.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan  # noqa: E731
     base = series.nll_MN[series.members.index(series.one_x)]
-    members = [{"member": m, **{axis: int(s[i]) for axis, s in series.sizes.items()},
+    steps = series.steps or {}
+    members = [{"member": m, "step": steps.get(m), **{axis: int(size[i]) for axis, size in series.sizes.items()},
                 "nll": float(series.nll_MN[i].mean()), "se": se(series.nll_MN[i])}
                for i, m in enumerate(series.members)]
     roe = [{"K": K, "nll": float(series.roe_KN[j].mean()), "se": se(series.roe_KN[j]),
@@ -233,8 +235,11 @@ def load_series(results, members: list[str], one_x: str, ks: list[int], text: st
     if len(prints) > 1:
         raise SystemExit(f"the {text} units were scored on different windows ({sorted(prints)}): not paired; "
                          "rescore them with one set of evaluate options")
-    return Series(members=members, sizes={axis: np.array([units[(m, 1)]["meta"][axis] for m in members])
-                                          for axis in AXES},
+    steps = {(m, K): unit["meta"]["step"] for (m, K), unit in units.items()}
+    if len({steps[(one_x, K)] for K in ks}) > 1:
+        raise SystemExit(f"the {one_x} units come from different checkpoints ({steps}): rescore them")
+    sizes = {axis: np.array([units[(m, 1)]["meta"][axis] for m in members]) for axis in AXES}
+    return Series(members=members, steps={m: steps[(m, 1)] for m in members}, sizes=sizes,
                   nll_MN=np.array([units[(m, 1)]["nll"] for m in members]), roe_ks=sorted(ks),
                   roe_KN=np.array([units[(one_x, K)]["nll"] for K in sorted(ks)]), one_x=one_x)
 
