@@ -336,6 +336,13 @@ def chosen_members(members: str | None, runs: Path, allow_unfinished: bool) -> l
     return by_size(ready)
 
 
+def default_split(split: str) -> Path:
+    """The embedded model's held-out text: the family shares its tokenizer and corpus."""
+    from roe.loading import default_split_path
+
+    return default_split_path(split)
+
+
 def parse_list(text: str, kind=int) -> tuple:
     return tuple(kind(v) for v in text.split(",") if v.strip())
 
@@ -345,7 +352,8 @@ def run_evaluate(args) -> None:
 
     torch_threads(args.threads)
     names = chosen_members(args.members, args.runs, args.allow_unfinished)
-    texts = measure.Texts(test=args.test_text, unseen=args.unseen_text, validation=args.validation_text)
+    texts = measure.Texts(test=args.test_text or default_split("test"), unseen=args.unseen_text,
+                          validation=args.validation_text or default_split("validation"))
     settings = measure.EvalSettings(window=args.window, max_windows=args.max_windows, calib_windows=args.calib_windows,
                                     calib_K=args.calib_k, grid=parse_list(args.grid, float), tpe_trials=args.tpe_trials,
                                     ks=parse_list(args.ks), seed=args.seed, batch_size=args.batch_size)
@@ -379,7 +387,8 @@ def run_latency(args) -> dict:
 
     names = by_size([n.strip() for n in args.members.split(",")]) if args.members else by_size(
         [m.name for m in FAMILY])
-    doc = measure.latency(args.runs, names, args.one_x, args.results, args.tokenizer, args.prompt_text,
+    doc = measure.latency(args.runs, names, args.one_x, args.results, args.tokenizer,
+                          args.prompt_text or default_split("test"),
                           ks=parse_list(args.ks), batches=parse_list(args.batches), rounds=args.rounds,
                           steps=args.steps, prompt_tokens=args.prompt_tokens, threads=args.threads,
                           kernels=not args.no_kernels, allow_unfinished=args.allow_unfinished)
@@ -448,13 +457,11 @@ def main(argv: list[str] | None = None) -> None:
     p_train.add_argument("--until", default=None, metavar="HH:MM",
                          help="stop (checkpointed) at this UTC time today, e.g. before the session ends")
     sub.add_parser("status", help="how far each member got")
-    from roe.loading import default_split_path
-
     p_eval = sub.add_parser("evaluate", help="per-window NLL of every member; tau calibration and RoE-K on the 1x")
     add_measure_options(p_eval, members_help="comma-separated (each must be finished); default: every finished one")
-    p_eval.add_argument("--test-text", type=Path, default=default_split_path("test"))
+    p_eval.add_argument("--test-text", type=Path, default=None, help="default: the embedded test split")
     p_eval.add_argument("--unseen-text", type=Path, default=ROOT / "data" / "unseen.txt")
-    p_eval.add_argument("--validation-text", type=Path, default=default_split_path("validation"))
+    p_eval.add_argument("--validation-text", type=Path, default=None, help="default: the embedded validation split")
     p_eval.add_argument("--window", type=int, default=256)
     p_eval.add_argument("--max-windows", type=int, default=400, help="per scored text, spread evenly")
     p_eval.add_argument("--calib-windows", type=int, default=100, help="validation windows of the tau search")
@@ -474,7 +481,7 @@ def main(argv: list[str] | None = None) -> None:
     p_lat.add_argument("--steps", type=int, default=16, help="timed decode steps per configuration and round")
     p_lat.add_argument("--batches", default="1,8")
     p_lat.add_argument("--prompt-tokens", type=int, default=128)
-    p_lat.add_argument("--prompt-text", type=Path, default=default_split_path("test"))
+    p_lat.add_argument("--prompt-text", type=Path, default=None, help="default: the embedded test split")
     p_lat.add_argument("--no-kernels", action="store_true")
     p_rep = sub.add_parser("report", help="benchmarks/results/equivalent_size.json and .png from fit and latency")
     p_rep.add_argument("--results", type=Path, default=MEASURED)

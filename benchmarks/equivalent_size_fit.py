@@ -227,7 +227,7 @@ def load_series(results, members: list[str], one_x: str, ks: list[int], text: st
         raise SystemExit(f"the 1x member {one_x} must be among the fitted members {members}")
     units = {(m, 1): read_unit(results, m, text, 1) for m in members}
     units |= {(one_x, K): read_unit(results, one_x, text, K) for K in ks}
-    missing = sorted(f"{m} K={K}" for (m, K), unit in units.items() if unit is None)
+    missing = [f"{m} K={K}" for (m, K), unit in units.items() if unit is None]
     if missing:
         raise SystemExit(f"no finished {text} evaluation of {missing} in {results}: run `equivalent_size.py "
                          "evaluate` for them (or fit fewer with --members)")

@@ -72,7 +72,7 @@ def checkpoint_state(run: Path) -> dict:
     path = run / "ckpt.pt"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no checkpoint")
-    return torch.load(path, weights_only=False, map_location="cpu")
+    return torch.load(path, weights_only=False, map_location="cpu", mmap=True)  # only what is read is loaded
 
 
 def is_finished(state: dict) -> bool:
