@@ -278,16 +278,22 @@ def report(fit: dict, latency: dict | None) -> dict:
         for text in TEXTS:
             summary, axes = fit["texts"][text]["roe"][j], fit["texts"][text]["axes"]
             point[text] = {**{k: summary[k] for k in ("nll", "se", "delta_vs_K1", "delta_se")},
-                           **{axis: axes[axis]["curves"][axes[axis]["chosen"]]["points"][j] for axis in AXES}}
+                           **{axis: {"curve": axes[axis]["chosen"],
+                                     **axes[axis]["curves"][axes[axis]["chosen"]]["points"][j]} for axis in AXES}}
         roe.append({**point, **step(one_x, row["K"])})
-    curves = {text: {axis: {"chosen": a["chosen"], "aicc": a["aicc"], **{name: {k: c[k] for k in (
-        "params", "params_ci95", "residuals", "rss")} for name, c in a["curves"].items()}}
-        for axis, a in fit["texts"][text]["axes"].items()} for text in TEXTS}
+    curves = {text: {axis: fit_summary(a) for axis, a in fit["texts"][text]["axes"].items()} for text in TEXTS}
     return {"family": family, "roe": roe, "fits": curves, "paper": PAPER,
             "windows": {text: fit["texts"][text]["windows"] for text in TEXTS},
             "bootstrap": {"resamples": test["axes"]["params"]["resamples"], "seed": test["axes"]["params"]["seed"],
                           "unit": "windows, the same resample for every member and K"},
             "latency_conditions": (latency or {}).get("conditions"), "latency_rounds": (latency or {}).get("rounds")}
+
+
+def fit_summary(axis_doc: dict) -> dict:
+    """One size axis of fit.json without its bands and points: which curve, why (AICc), and both curves' fits."""
+    kept = ("params", "params_ci95", "residuals", "rss", "alpha_at_grid_edge")
+    return {"chosen": axis_doc["chosen"], "aicc": axis_doc["aicc"],
+            **{name: {k: c[k] for k in kept if k in c} for name, c in axis_doc["curves"].items()}}
 
 
 def plot(fit: dict, doc: dict, path) -> None:
