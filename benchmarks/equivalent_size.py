@@ -414,8 +414,9 @@ def run_report(args) -> dict:
             m = shapes[row["member"]]
             row.update(hidden_size=m.hidden_size, num_heads=m.num_heads, expert_width=m.intermediate_size,
                        train_tokens=TOTAL_STEPS * RECIPE["batch_size"] * RECIPE["seq_len"])
-    measure_write(args.json, doc)
     fit.plot(fitted, doc, args.png)
+    doc = fit.strict_json(doc)
+    measure_write(args.json, doc)
     print(f"wrote {args.json} and {args.png}")
     print(json.dumps(doc))
     return doc

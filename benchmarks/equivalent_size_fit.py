@@ -289,6 +289,21 @@ def report(fit: dict, latency: dict | None) -> dict:
             "latency_conditions": (latency or {}).get("conditions"), "latency_rounds": (latency or {}).get("rounds")}
 
 
+def strict_json(value):
+    """``value`` with NaN as null and infinities as "inf" / "-inf": the report is standard JSON.
+
+    An infinite equivalent size is meaningful (a power law whose asymptote lies above that NLL
+    never reaches it); NaN only means undefined (a fit whose NLL does not fall with size).
+    """
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
+
+
 def fit_summary(axis_doc: dict) -> dict:
     """One size axis of fit.json without its bands and points: which curve, why (AICc), and both curves' fits."""
     kept = ("params", "params_ci95", "residuals", "rss", "alpha_at_grid_edge")

@@ -243,7 +243,7 @@ def test_fit_latency_and_report_write_the_result(family, evaluated, tmp_path):
         es.main([*timing, "--rounds", "3", "--ks", "1"])
     out_json, out_png = tmp_path / "eq.json", tmp_path / "eq.png"
     es.main(["report", "--results", str(results), "--json", str(out_json), "--png", str(out_png)])
-    report = json.loads(out_json.read_text())
+    report = json.loads(out_json.read_text(), parse_constant=lambda name: pytest.fail(f"{name} in the report"))
     assert [m["member"] for m in report["family"]] == list(MEMBERS)
     assert all(m["step_ms_b1"]["median"] > 0 and m["step_ms_b2"]["median"] > 0 for m in report["family"])
     point = next(p for p in report["roe"] if p["K"] == 2)
