@@ -55,6 +55,7 @@ import torch
 PHDS_FORMAT = "roe.phds/1"
 STATE_FILE = "phds-state.pt"  # the training checkpoint inside --out; removed once the run is done
 LOG_FILE = "phds.json"
+TRAIN_CHECKPOINT = "tools.train checkpoint"  # an input kind: written back in that format too (save_train_checkpoint)
 DEFAULT_TOKENS = Path("data/tokens")  # where `python -m tools.tokenizer --encode` writes the default model's windows
 K_STREAM = 1  # keys the k draws apart from the window draws of the same (seed, step)
 NOISE_STREAM = 2  # keys the routing-noise seeds apart from both
@@ -459,8 +460,8 @@ def load_train_checkpoint(path: Path) -> tuple[Any, Any, dict]:
     with torch.random.fork_rng(devices=[]):
         model = build_model(cfg, vocab, tokenizer.eos_token_id)
     model.load_state_dict(state["model"])
-    return model.eval(), tokenizer, {"kind": "tools.train checkpoint", "step": state["step"],
-                                     "total_steps": cfg.total_steps or None}
+    return model.eval(), tokenizer, {"kind": TRAIN_CHECKPOINT, "step": state["step"],
+                                     "total_steps": cfg.total_steps or None, "config": state["config"]}
 
 
 def model_k(model) -> int:
@@ -495,6 +496,22 @@ def save_checkpoint(model, tokenizer, source: Path | None, out: Path) -> None:
     tokenizer.save_pretrained(out)
     if source is not None and (source / "schedule.json").is_file():
         shutil.copyfile(source / "schedule.json", out / "schedule.json")
+
+
+def save_train_checkpoint(model, origin: dict, settings: dict, steps: int, out: Path) -> None:
+    """The fine-tuned weights of a tools.train input also in that format: ``out``/ckpt.pt with the
+    input's TrainConfig, step = its step + the fine-tune's steps, and the fine-tune's settings.
+
+    NOTE: so what reads the family's checkpoints (benchmarks/equivalent_size.py evaluate, which
+    takes ``--runs DIR`` holding ``<member>/ckpt.pt``) reads the fine-tuned model as a member, in
+    fp32, its step telling it apart from the input. It holds no optimiser state: tools.train
+    cannot resume it (this fine-tune's own checkpoint is ``STATE_FILE``).
+    """
+    state = {"model": model.state_dict(), "config": origin["config"], "step": origin["step"] + steps,
+             "fine_tune": settings}
+    tmp = out / "ckpt.pt.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, out / "ckpt.pt")
 
 
 def write_log(out: Path, record: dict) -> None:
@@ -537,7 +554,7 @@ def run(model_path: str | Path | None, cfg: PhdsConfig, out: Path, *, data: Path
             return record
         raise ValueError(f"{out} already holds a PHDS fine-tune made with other settings; choose another --out")
     model, tokenizer, origin = load_model(model_path)
-    if origin.get("step") is not None:
+    if origin["kind"] == TRAIN_CHECKPOINT:
         print(f"input: a tools.train checkpoint saved at step {origin['step']} of {origin['total_steps']}", flush=True)
     context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if context is not None and cfg.seq_len > context:
@@ -581,6 +598,8 @@ def run(model_path: str | Path | None, cfg: PhdsConfig, out: Path, *, data: Path
     bar.close()
     model.eval()
     save_checkpoint(model, tokenizer, source, out)
+    if origin["kind"] == TRAIN_CHECKPOINT:
+        save_train_checkpoint(model, origin, settings, cfg.total_steps, out)
     record["done"] = True
     write_log(out, record)
     (out / STATE_FILE).unlink(missing_ok=True)

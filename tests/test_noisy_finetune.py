@@ -9,6 +9,7 @@ the parameters of an uninterrupted one; a tools.train checkpoint (ckpt.pt) is an
 """
 
 import json
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 from transformers.models.olmoe import modeling_olmoe
 
 import roe
+from benchmarks import equivalent_size_measure as measure
 from roe import cli, phds
 from roe.tokens import batch_at
 
@@ -193,8 +195,9 @@ def test_a_schedule_file_sets_the_temperature_of_each_layer(saved_model, tokens_
 
 def test_a_tools_train_checkpoint_is_an_input(tmp_path, capsys):
     """ckpt.pt as tools.train writes it (a tiny member on the embedded tokenizer): the weights loaded are the
-    checkpoint's, torch's global RNG is left alone, the fine-tune runs from it into a loadable directory,
-    and the run directory itself is refused as --out."""
+    checkpoint's, torch's global RNG is left alone, the fine-tune runs from it into a loadable directory
+    and a ckpt.pt that benchmarks/equivalent_size.py reads as a member, and the run directory itself is
+    refused as --out."""
     from tools import train
 
     tokenizer = roe.load()[1]
@@ -212,7 +215,7 @@ def test_a_tools_train_checkpoint_is_an_input(tmp_path, capsys):
     rng_state = torch.get_rng_state()
     loaded, _, origin = phds.load_model(run / "ckpt.pt")
     assert torch.equal(torch.get_rng_state(), rng_state), "loading reseeded torch's global RNG"
-    assert origin == {"kind": "tools.train checkpoint", "step": 40, "total_steps": 50}
+    assert origin == {"kind": "tools.train checkpoint", "step": 40, "total_steps": 50, "config": asdict(cfg)}
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
     out = tmp_path / "tuned"
@@ -223,6 +226,10 @@ def test_a_tools_train_checkpoint_is_an_input(tmp_path, capsys):
     tuned, _ = roe.load(out)
     assert not torch.equal(tuned.model.layers[0].mlp.gate.weight, model.model.layers[0].mlp.gate.weight)
     assert json.loads((out / "phds.json").read_text())["input"]["step"] == 40
+    member, step = measure.load_member(out, tokenizer.eos_token_id, allow_unfinished=True)  # as members are read
+    assert step == 42
+    for name, tensor in tuned.state_dict().items():
+        assert torch.equal(member.state_dict()[name], tensor), name
     err = refused(["phds", "--model", str(run / "ckpt.pt"), "--data", str(tokens), "--out", str(run),
                    "--routing-tau", "0.5"], capsys)
     assert "is the input model's directory" in err
