@@ -57,6 +57,7 @@ $(VLLM_STAMP): pyproject.toml vllm_plugin/pyproject.toml
 
 vllm: $(VLLM_STAMP)
 	$(VLLM_BIN)/python -m roe_vllm.attention
+	$(VLLM_BIN)/python -m roe_vllm.aggregation
 
 # the tests compare the plugin with roe's own engine, run from .venv (transformers 5.23)
 test-vllm: vllm install

@@ -22,7 +22,8 @@ Per request, ``SamplingParams(extra_args={...})`` with these flat keys (same nam
 
 Engine defaults: ``additional_config={"roe": {<the keys above>, "schedules": {name: <roe schedule
 JSON dict or list of taus>}, "kernels": <bool, default true>}}`` (reaches every worker);
-``kernels=False`` runs member attention in PyTorch instead of the compiled kernel (roe_vllm/attention.py).
+``kernels=False`` runs member attention and the members' mean in PyTorch instead of the compiled kernels
+(roe_vllm/attention.py, roe_vllm/aggregation.py).
 When it sets defaults (any key but ``schedules`` and ``kernels``), requests without extra_args run RoE
 with them; otherwise they run the untouched model. Invalid settings are refused per request at admission
 (ValueError offline, HTTP 400 in the server). Requests with RoE may not ask for prompt_logprobs.

@@ -52,13 +52,12 @@ class Step:
     def build(cls, rows: int, requests: list[Request], banks: dict) -> Step:
         """Member rows grouped by roster (same seed, K and taus next to each other: one noise draw per group)."""
         requests = sorted(requests, key=lambda r: (r.roster.seed, r.roster.members, r.roster.tau_L, r.index))
-        member_M = torch.cat([torch.arange(1, r.roster.members) for r in requests])
-        request_M = torch.cat([torch.full((r.roster.members - 1,), i) for i, r in enumerate(requests)])
-        row_R = torch.tensor([r.row for r in requests])
-        position_R = torch.tensor([r.position for r in requests])
-        return cls(rows=rows, requests=requests, source_M=row_R[request_M], member_M=member_M,
-                   position_M=position_R[request_M], request_M=request_M,
-                   fan_out=min(r.roster.first_noisy for r in requests), banks=banks)
+        # NOTE: built as Python lists, one tensor each: once per decode step, where some 20 small tensor ops cost more
+        owner = [i for i, r in enumerate(requests) for _ in range(r.roster.members - 1)]
+        columns = {"request_M": owner, "member_M": [m for r in requests for m in range(1, r.roster.members)],
+                   "source_M": [requests[i].row for i in owner], "position_M": [requests[i].position for i in owner]}
+        return cls(rows=rows, requests=requests, **{k: torch.tensor(v, dtype=torch.long) for k, v in columns.items()},
+                   fan_out=min(roster.first_noisy for roster in {r.roster for r in requests}), banks=banks)
 
     @property
     def num_members(self) -> int:
@@ -86,12 +85,17 @@ class Step:
                                      torch.tensor([r.position for r in self.requests]))
         return self.cache["offsets"]
 
+    def request_rows(self) -> torch.Tensor:
+        """The batch row (logits row) of every RoE request [R], once per step."""
+        if "request_rows" not in self.cache:
+            self.cache["request_rows"] = torch.tensor([r.index for r in self.requests])
+        return self.cache["request_rows"]
+
     def blocks(self, block_table: torch.Tensor, count: int) -> torch.Tensor:
         """The first ``count`` KV blocks [R, N] of every RoE request, once per step (layers share the table)."""
         key = ("blocks", id(block_table), count)
         if key not in self.cache:
-            index_R = torch.tensor([r.index for r in self.requests])
-            self.cache[key] = block_table[index_R, :count].long()
+            self.cache[key] = block_table[self.request_rows(), :count].long()
         return self.cache[key]
 
     def noise(self, layer: int, num_experts: int) -> torch.Tensor | None:
@@ -108,18 +112,19 @@ class Step:
         keyed stream drawn ahead, equal to a direct ``keyed_gumbel`` draw scaled as ``scaled_noise``)."""
         num_layers = len(self.requests[0].roster.tau_L)
         parts: list[list[torch.Tensor | None]] = [[] for _ in range(num_layers)]
+        first = 0  # the group's first member row: groups follow the step's order of requests
         for roster, group in groupby(self.requests, key=lambda r: r.roster):
             group = list(group)
             layers = [i for i, t in enumerate(roster.tau_L) if t > 0]
             bank = self.banks.get((roster.seed, roster.members))
             if bank is None:
                 bank = self.banks[(roster.seed, roster.members)] = NoiseBank(roster.seed, roster.members)
-            K = roster.members
+            K, end = roster.members, first + len(group) * (roster.members - 1)
             if len(group) == 1:  # all K members at one position: the bank's no-copy path, member 0 dropped
                 member_T, position_T = torch.arange(K), torch.full((K,), group[0].position)
             else:
-                member_T = torch.arange(1, K).repeat(len(group))
-                position_T = torch.tensor([r.position for r in group]).repeat_interleave(K - 1)
+                member_T, position_T = self.member_M[first:end], self.position_M[first:end]
+            first = end
             noise_LTE = bank.noise(layers, [roster.tau_L[i] for i in layers], num_experts, member_T, position_T)
             if len(group) == 1:
                 noise_LTE = noise_LTE[:, 1:]

@@ -17,7 +17,7 @@ member attention):
    (routing.py).
 4. ``forward`` returns the T clean rows and keeps the M member rows; ``compute_logits`` runs the
    head once over the sampled clean rows and the member rows, and replaces each RoE request's
-   logits row with ``log mean_k softmax(logits_k)`` over its K members, so
+   logits row with ``log mean_k softmax(logits_k)`` over its K members (aggregation.py), so
    greedy, sampling, returned logprobs and stop strings all act on the averaged distribution.
 
 The stock class's weights, kernels and KV cache are used as they are. A tied LM head that vLLM's
@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import torch
 
-from roe.aggregate import MeanProb
-from roe_vllm import attention, routing
+from roe_vllm import aggregation, attention, routing
+from roe_vllm.aggregation import aggregate
 from roe_vllm.members import Request, Step
 from roe_vllm.requests import table_for
 
@@ -80,6 +80,7 @@ class RoEModel:
                              f"{expected}; roe_vllm.architectures.num_moe_layers is wrong for this model")
         engine = EngineSettings.parse(vllm_config.additional_config, vllm_config.model_config.model)
         self._roe_kernel = attention.kernel() if engine.kernels else None
+        self._roe_mean_kernel = aggregation.kernel() if engine.kernels else None
         for name, schedule in engine.schedules.items():
             try:
                 schedule.check_layers(self._roe_layers)
@@ -242,7 +243,7 @@ class RoEModel:
         logits = super().compute_logits(torch.cat([hidden_states, member_hidden]), *args, **kwargs)
         if logits is None:  # a tensor-parallel rank that does not hold the gathered logits
             return logits
-        return aggregate(logits, N, step)
+        return aggregate(logits, N, step, self._roe_mean_kernel)
 
     def load_weights(self, weights):
         loaded = super().load_weights(weights)
@@ -257,26 +258,3 @@ class RoEModel:
             loaded = set(loaded) | {"lm_head.weight"}
         return loaded
 
-
-def aggregate(logits_YV: torch.Tensor, rows: int, step: Step) -> torch.Tensor:
-    """The ``rows`` clean logits rows, each RoE request's replaced by log mean_k softmax over its K members.
-
-    ``logits_YV``: the clean rows, then the member rows in the step's order (member 0 of a request is
-    its clean row). One softmax over all rows; each request's members are summed in place
-    (``index_add_``), with no [R, K, V] copy. A token whose probability underflows in every member
-    would get -inf: those requests take roe's stable ``MeanProb.from_logits`` instead, as in roe.
-    """
-    N = rows
-    out_NV = logits_YV[:N].clone()
-    probs_YV = torch.softmax(logits_YV.float(), dim=-1)
-    index_R = torch.tensor([r.index for r in step.requests])
-    members_R = torch.tensor([float(r.roster.members) for r in step.requests])
-    sum_RV = probs_YV[index_R].index_add_(0, step.request_M, probs_YV[N:])
-    mean_RV = sum_RV.div_(members_R[:, None]).log_()
-    out_NV[index_R] = mean_RV.to(out_NV.dtype)
-    underflow_R = torch.isinf(mean_RV).any(dim=-1)
-    for r in underflow_R.nonzero().flatten().tolist():
-        member_rows = N + (step.request_M == r).nonzero().flatten()
-        logits_KV = torch.cat([logits_YV[index_R[r]][None], logits_YV[member_rows]])
-        out_NV[index_R[r]] = MeanProb.from_logits(logits_KV, dim=0).to(out_NV.dtype)
-    return out_NV

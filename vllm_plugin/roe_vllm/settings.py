@@ -15,7 +15,8 @@ Keys (flat, same names and meaning as ``roe.RoEConfig`` and ``roe serve``):
 
 The engine's ``additional_config={"roe": {...}}`` holds defaults for the same keys plus
 ``schedules``: ``{name: schedule JSON dict (format roe.schedule/1) or list of taus}`` and ``kernels``
-(default true: member attention through the compiled kernel, roe_vllm/attention.py). A request's
+(default true: member attention and the members' mean probability through the compiled kernels,
+roe_vllm/attention.py and roe_vllm/aggregation.py). A request's
 ``SamplingParams.extra_args`` overrides the defaults key by key. Without engine defaults (no "roe"
 entry, or one with only ``schedules``), a request without RoE keys runs the untouched model; K = 1
 or an all-zero schedule also does, unless it dials ``experts_per_token`` to another k than the model's.
@@ -75,7 +76,7 @@ class EngineSettings:
     schedules: dict[str, Schedule]
     enabled: bool  # the engine sets RoE defaults: requests without RoE keys run RoE with them
     model_default: Schedule | None = None  # the schedule.json shipped with the checkpoint (tau absent)
-    kernels: bool = True  # member attention through the compiled kernel where it builds
+    kernels: bool = True  # member attention and the member mean through the compiled kernels where they build
 
     @classmethod
     def parse(cls, additional_config: Mapping | None, model_dir: str | None = None) -> EngineSettings:
