@@ -571,8 +571,9 @@ def plot(doc, path: Path) -> None:
     ax.set_xlabel("decode-step cost, x (k=4, K=1) within a round (median over rounds)")
     ax.set_ylabel("test NLL change vs k=4 K=1 (1e-3 nats/token, symlog)")
     c = doc["conditions"]
-    ax.set_title(f"quality vs cost: {c.get('windows')} windows, {len(doc['cost_rounds'])} cost rounds, "
-                 f"{c.get('threads')} thread", fontsize=9)
+    borrowed = f" (from {Path(c['cost']['from']).name})" if c.get("cost", {}).get("from") else ""
+    ax.set_title(f"{c.get('model', 'embedded default')}, quality vs cost: {c.get('windows')} windows, "
+                 f"{len(doc['cost_rounds'])} cost rounds{borrowed}, {c.get('threads')} thread", fontsize=9)
     ax.legend(fontsize=7)
     if sequence:
         plot_sequence(axes[0, 1], sequence, doc["sequence_sampling"])
