@@ -525,8 +525,9 @@ def phds(*, model: str | None = None, ks: str | None = None, routing_tau: str | 
     --routing-tau TAU or FILE: RoE-aware training. Window b of each step's batch is roster member
     b: member 0 clean, the others selecting experts with RoE's routing noise at this temperature
     (uniform between one clean MoE layer at each end) or schedule JSON (one tau per MoE layer),
-    a fresh noise seed each step, the model's clean gate weights at the chosen experts. --model
-    may also be a tools.train checkpoint file (ckpt.pt; run from the repository root). Data: the default
+    a fresh noise seed each step, the model's clean gate weights at the chosen experts. A
+    tools.train checkpoint file (ckpt.pt) is fine-tuned with `python -m tools.finetune` (the same
+    options, from the repository root). Data: the default
     model's training windows (data/tokens, from python -m tools.tokenizer --encode in the repository),
     or --data: a directory with train.bin (and validation.bin), or a file of token ids (.npy, or
     flat uint16). --out DIR receives a checkpoint every --ckpt-minutes (and at each phase end);

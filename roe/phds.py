@@ -40,7 +40,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import pickle
 import shutil
 import time
 from collections.abc import Iterator
@@ -55,6 +54,10 @@ import torch
 PHDS_FORMAT = "roe.phds/1"
 STATE_FILE = "phds-state.pt"  # the training checkpoint inside --out; removed once the run is done
 LOG_FILE = "phds.json"
+# NOTE: the installed package never imports the repository's tools/ (tests/test_train.py): a reader of
+# other checkpoint files, (path) -> (model, tokenizer, {"kind": ...}), is installed by the entry point that
+# needs it (tools/finetune.py installs tools.train's); the package alone reads checkpoint directories.
+FILE_READER = None
 TRAIN_CHECKPOINT = "tools.train checkpoint"  # an input kind: written back in that format too (save_train_checkpoint)
 DEFAULT_TOKENS = Path("data/tokens")  # where `python -m tools.tokenizer --encode` writes the default model's windows
 K_STREAM = 1  # keys the k draws apart from the window draws of the same (seed, step)
@@ -415,53 +418,18 @@ def resume_state(out: Path, model, optimizer, settings: dict) -> tuple[int, list
 
 def load_model(model_path: str | Path | None) -> tuple[Any, Any, dict]:
     """(model, tokenizer, what the input is) to fine-tune: a checkpoint directory or hub id (``roe.load``,
-    None: the embedded model), or a ``tools.train`` checkpoint file."""
+    None: the embedded model), or a file that ``FILE_READER`` reads."""
     import roe
 
     path = None if model_path is None else Path(model_path).expanduser()
     if path is not None and path.is_file():
-        return load_train_checkpoint(path)
+        if FILE_READER is None:
+            raise ValueError(f"--model {path} is a file, not a checkpoint directory; a tools.train checkpoint "
+                             "(ckpt.pt) is fine-tuned from the repository root with `python -m tools.finetune "
+                             f"--model {path} ...` (the options of roe phds)")
+        return FILE_READER(path)
     model, tokenizer = roe.load(model_path)
     return model, tokenizer, {"kind": "model directory"}
-
-
-def load_train_checkpoint(path: Path) -> tuple[Any, Any, dict]:
-    """A ``tools.train`` checkpoint (``--out``/ckpt.pt: the model's and the optimiser's state, the step, the
-    TrainConfig) as (model in fp32, tokenizer, what it is: the step it was saved at, of how many).
-
-    NOTE: the file holds training settings, not a transformers config, so the model is rebuilt by
-    the repository's ``tools.train.build_model``, imported here: such a checkpoint exists only
-    where that script ran, and ``python -m roe`` from the repository root finds it. build_model
-    seeds torch's global RNG, so it runs under a forked one. Nor does the file name its tokenizer:
-    the default model and the equivalent-size family train on data/tokens, encoded with the
-    embedded model's tokenizer, which is used; a checkpoint of another vocabulary size is refused.
-    """
-    from transformers import AutoTokenizer
-
-    from roe.loading import DEFAULT_MODEL
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError):
-        state = None
-    if not isinstance(state, dict) or not {"model", "config", "step"} <= state.keys():
-        raise ValueError(f"--model {path}: a file that is not a tools.train checkpoint (model, config, step)")
-    try:
-        from tools.train import TrainConfig, build_model
-    except ImportError:
-        raise ValueError(f"--model {path}: a tools.train checkpoint is rebuilt by the repository's tools/train.py; "
-                         "run `python -m roe phds ...` from the repository root") from None
-    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL)
-    vocab = state["model"]["model.embed_tokens.weight"].shape[0]
-    if vocab != len(tokenizer):
-        raise ValueError(f"--model {path}: a vocabulary of {vocab} tokens, not the embedded tokenizer's "
-                         f"{len(tokenizer)} (the only one a tools.train checkpoint is read with)")
-    cfg = TrainConfig(**state["config"])
-    with torch.random.fork_rng(devices=[]):
-        model = build_model(cfg, vocab, tokenizer.eos_token_id)
-    model.load_state_dict(state["model"])
-    return model.eval(), tokenizer, {"kind": TRAIN_CHECKPOINT, "step": state["step"],
-                                     "total_steps": cfg.total_steps or None, "config": state["config"]}
 
 
 def model_k(model) -> int:

@@ -193,13 +193,14 @@ def test_a_schedule_file_sets_the_temperature_of_each_layer(saved_model, tokens_
     assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
 
 
-def test_a_tools_train_checkpoint_is_an_input(tmp_path, capsys):
+def test_a_tools_train_checkpoint_is_an_input(tmp_path, capsys, monkeypatch):
     """ckpt.pt as tools.train writes it (a tiny member on the embedded tokenizer): the weights loaded are the
     checkpoint's, torch's global RNG is left alone, the fine-tune runs from it into a loadable directory
     and a ckpt.pt that benchmarks/equivalent_size.py reads as a member, and the run directory itself is
     refused as --out."""
-    from tools import train
+    from tools import finetune, train
 
+    monkeypatch.setattr(phds, "FILE_READER", None)  # the package alone; finetune.main installs the reader
     tokenizer = roe.load()[1]
     cfg = train.TrainConfig(preset="tiny", num_heads=4, seq_len=16, batch_size=4, total_steps=50)
     model = train.build_model(cfg, len(tokenizer), tokenizer.eos_token_id)
@@ -213,15 +214,18 @@ def test_a_tools_train_checkpoint_is_an_input(tmp_path, capsys):
     np.random.default_rng(1).integers(0, len(tokenizer), 3000).astype(np.uint16).tofile(tokens / "train.bin")
     torch.rand(5)  # a state a fresh build_model(seed 0) would not leave behind
     rng_state = torch.get_rng_state()
-    loaded, _, origin = phds.load_model(run / "ckpt.pt")
+    err = refused(["phds", "--model", str(run / "ckpt.pt"), "--data", str(tokens), "--out", str(tmp_path / "x")],
+                  capsys)
+    assert "python -m tools.finetune" in err  # the installed package reads directories only
+    loaded, _, origin = train.read_checkpoint(run / "ckpt.pt")
     assert torch.equal(torch.get_rng_state(), rng_state), "loading reseeded torch's global RNG"
     assert origin == {"kind": "tools.train checkpoint", "step": 40, "total_steps": 50, "config": asdict(cfg)}
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
     out = tmp_path / "tuned"
-    cli.main(["phds", "--model", str(run / "ckpt.pt"), "--data", str(tokens), "--out", str(out), "--routing-tau",
-              "0.5", "--steps", "2", "--curriculum-steps", "0", "--batch-size", "4", "--seq-len", "16",
-              "--eval-windows", "0"])
+    finetune.main(["--model", str(run / "ckpt.pt"), "--data", str(tokens), "--out", str(out), "--routing-tau",
+                   "0.5", "--steps", "2", "--curriculum-steps", "0", "--batch-size", "4", "--seq-len", "16",
+                   "--eval-windows", "0"])
     assert "saved at step 40 of 50" in capsys.readouterr().out
     tuned, _ = roe.load(out)
     assert not torch.equal(tuned.model.layers[0].mlp.gate.weight, model.model.layers[0].mlp.gate.weight)
@@ -231,7 +235,7 @@ def test_a_tools_train_checkpoint_is_an_input(tmp_path, capsys):
     for name, tensor in tuned.state_dict().items():
         assert torch.equal(member.state_dict()[name], tensor), name
     err = refused(["phds", "--model", str(run / "ckpt.pt"), "--data", str(tokens), "--out", str(run),
-                   "--routing-tau", "0.5"], capsys)
+                   "--routing-tau", "0.5"], capsys)  # the reader finetune.main installed is still in place
     assert "is the input model's directory" in err
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     err = refused(["phds", "--model", str(tmp_path / "junk.pt"), "--data", str(tokens), "--out", str(out / "x")],

@@ -27,6 +27,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -283,6 +284,42 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown preset {cfg.preset!r}; choose from {sorted(PRESETS)}")
     if not train(cfg, data, tok, out, resume, init):
         raise SystemExit(128 + signal.SIGTERM)
+
+
+def read_checkpoint(path: Path) -> tuple[Any, Any, dict]:
+    """A ``tools.train`` checkpoint (``--out``/ckpt.pt: the model's and the optimiser's state, the step, the
+    TrainConfig) as (model in fp32, tokenizer, what it is: the step it was saved at, of how many).
+
+    NOTE: the file holds training settings, not a transformers config, so the model is rebuilt by
+    ``build_model``; it seeds torch's global RNG, so it runs under a forked one. Nor does the file
+    name its tokenizer: the default model and the equivalent-size family train on data/tokens,
+    encoded with the embedded model's tokenizer, which is used; a checkpoint of another vocabulary
+    size is refused.
+    """
+    import pickle
+
+    from transformers import AutoTokenizer
+
+    from roe.loading import DEFAULT_MODEL
+    from roe.phds import TRAIN_CHECKPOINT
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError):
+        state = None
+    if not isinstance(state, dict) or not {"model", "config", "step"} <= state.keys():
+        raise ValueError(f"--model {path}: a file that is not a tools.train checkpoint (model, config, step)")
+    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL)
+    vocab = state["model"]["model.embed_tokens.weight"].shape[0]
+    if vocab != len(tokenizer):
+        raise ValueError(f"--model {path}: a vocabulary of {vocab} tokens, not the embedded tokenizer's "
+                         f"{len(tokenizer)} (the only one a tools.train checkpoint is read with)")
+    cfg = TrainConfig(**state["config"])
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(cfg, vocab, tokenizer.eos_token_id)
+    model.load_state_dict(state["model"])
+    return model.eval(), tokenizer, {"kind": TRAIN_CHECKPOINT, "step": state["step"],
+                                     "total_steps": cfg.total_steps or None, "config": state["config"]}
 
 
 if __name__ == "__main__":
