@@ -401,14 +401,24 @@ def save_state(path: Path, model, optimizer, step: int, log: list, settings: dic
     os.replace(tmp, path)
 
 
+# NOTE: settings added after runs were made with the fields before them; such a run used the default.
+ADDED_SETTINGS = {"routing_tau": None}
+
+
+def as_made(stored: dict) -> dict:
+    """A run's stored settings with the fields added since it was made at their defaults."""
+    return {**ADDED_SETTINGS, **stored}
+
+
 def resume_state(out: Path, model, optimizer, settings: dict) -> tuple[int, list]:
     """(next step, log) from ``out``'s checkpoint, or (0, []) for a fresh run; refuses other settings."""
     path = out / STATE_FILE
     if not path.is_file():
         return 0, []
     state = torch.load(path, weights_only=False)
-    if state["settings"] != settings:
-        differ = sorted(k for k in settings if state["settings"].get(k) != settings[k])
+    stored = as_made(state["settings"])
+    if stored != settings:
+        differ = sorted(k for k in settings if stored.get(k) != settings[k])
         raise ValueError(f"{out} holds a PHDS checkpoint made with other settings ({', '.join(differ)}); re-run with "
                          "the same settings to resume, or choose another --out")
     model.load_state_dict(state["model"])
@@ -517,7 +527,7 @@ def run(model_path: str | Path | None, cfg: PhdsConfig, out: Path, *, data: Path
     done = out / LOG_FILE
     if done.is_file() and not (out / STATE_FILE).is_file():
         record = json.loads(done.read_text())
-        if record.get("done") and record.get("settings") == settings:
+        if record.get("done") and as_made(record.get("settings") or {}) == settings:
             print(f"{out} already holds this PHDS fine-tune (done); nothing to do", flush=True)
             return record
         raise ValueError(f"{out} already holds a PHDS fine-tune made with other settings; choose another --out")

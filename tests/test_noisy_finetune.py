@@ -241,3 +241,25 @@ def test_a_tools_train_checkpoint_is_an_input(tmp_path, capsys, monkeypatch):
     err = refused(["phds", "--model", str(tmp_path / "junk.pt"), "--data", str(tokens), "--out", str(out / "x")],
                   capsys)
     assert "not a tools.train checkpoint" in err
+
+
+def test_runs_made_before_routing_tau_existed_still_resume(saved_model, tokens_dir, tmp_path, capsys):
+    """Settings stored before --routing-tau existed (no such key) are a run with routing_tau None."""
+    out = tmp_path / "old"
+    run_cli(saved_model, tokens_dir, out)
+    record = json.loads((out / "phds.json").read_text())
+    settings = dict(record["settings"])
+    record["settings"].pop("routing_tau")  # as a finished run made before the option stored it
+    (out / "phds.json").write_text(json.dumps(record))
+    run_cli(saved_model, tokens_dir, out)
+    assert "nothing to do" in capsys.readouterr().out  # not refused as "other settings"
+
+    model = roe.load(saved_model)[0]
+    optimizer = phds.make_optimizer(model, phds.PhdsConfig(ks=(2,)))
+    old = {k: v for k, v in settings.items() if k != "routing_tau"}
+    state = {"settings": old, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": 3, "log": []}
+    torch.save(state, out / phds.STATE_FILE)
+    assert phds.resume_state(out, model, optimizer, settings)[0] == 3
+    torch.save({**state, "settings": {**old, "routing_tau": 0.5}}, out / phds.STATE_FILE)
+    with pytest.raises(ValueError, match="routing_tau"):  # a real difference is still refused
+        phds.resume_state(out, model, optimizer, settings)
