@@ -250,10 +250,12 @@ def export(member: Member, threads: int) -> dict:
 
 
 def utc_deadline(hhmm: str) -> float:
-    """Today's HH:MM UTC as a Unix time (the driver's --until)."""
+    """The next HH:MM UTC as a Unix time (the driver's --until): tomorrow's when today's has passed,
+    so a deadline after midnight given before it is not taken as already gone."""
     hours, minutes = (int(x) for x in hhmm.split(":"))
     today = time.gmtime()
-    return calendar.timegm((today.tm_year, today.tm_mon, today.tm_mday, hours, minutes, 0))
+    deadline = calendar.timegm((today.tm_year, today.tm_mon, today.tm_mday, hours, minutes, 0))
+    return deadline if deadline > time.time() else deadline + 24 * 3600
 
 
 def train_member(member: Member, threads: int, deadline: float | None) -> int:
@@ -456,7 +458,7 @@ def main(argv: list[str] | None = None) -> None:
     p_train = sub.add_parser("train", help="train the family, one member after another (re-run to resume)")
     p_train.add_argument("--threads", type=int, default=1)
     p_train.add_argument("--until", default=None, metavar="HH:MM",
-                         help="stop (checkpointed) at this UTC time today, e.g. before the session ends")
+                         help="stop (checkpointed) at the next such UTC time, e.g. before the session ends")
     sub.add_parser("status", help="how far each member got")
     p_eval = sub.add_parser("evaluate", help="per-window NLL of every member; tau calibration and RoE-K on the 1x")
     add_measure_options(p_eval, members_help="comma-separated (each must be finished); default: every finished one")

@@ -251,3 +251,16 @@ def test_fit_latency_and_report_write_the_result(family, evaluated, tmp_path):
     assert out_png.stat().st_size > 10_000
     timing = json.loads((results / "latency.json").read_text())["rounds"][0]["times_ms"]
     assert set(timing) == {f"{m} K=1 B={b}" for m in MEMBERS for b in (1, 2)} | {"t48 K=2 B=1", "t48 K=2 B=2"}
+
+
+# -- the training driver's deadline ---------------------------------------------------------------
+
+@pytest.mark.parametrize("minutes", [-2, 2])
+def test_until_is_the_next_such_time_even_across_midnight(minutes):
+    """``--until HH:MM`` given at 22:14 for 01:05 means the coming night, not this morning (which has passed)."""
+    import time
+    now = time.time()
+    target = time.gmtime(now + 60 * minutes)
+    deadline = es.utc_deadline(f"{target.tm_hour:02d}:{target.tm_min:02d}")
+    expected = now + 60 * minutes + (24 * 3600 if minutes < 0 else 0)
+    assert expected - 61 <= deadline <= expected
