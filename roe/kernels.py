@@ -137,13 +137,15 @@ class Kernel:
     functions: tuple[str, ...]
     what: str  # for messages: "roe's decode kernel"
     fallback: str  # what runs without it
+    headers: tuple[Path, ...] = ()  # files the source #includes by name ("x.h"), found next to themselves
 
     def key(self) -> str:
         """A short hash of what the compiled kernel depends on; it names the module and its build folder."""
         from torch.utils.cpp_extension import include_paths
 
         parts = [torch.__version__, *include_paths(), sys.prefix, sys.version,
-                 hashlib.sha256(self.source.read_bytes()).hexdigest(), *KERNEL_FLAGS]
+                 *(hashlib.sha256(path.read_bytes()).hexdigest() for path in (self.source, *self.headers)),
+                 *KERNEL_FLAGS]
         return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
     def load_or_build(self):
@@ -183,7 +185,8 @@ def _compile(name: str, directory: Path, kernel: Kernel):
     from torch.utils.cpp_extension import load_inline
 
     return load_inline(name, cpp_sources=kernel.source.read_text(), functions=list(kernel.functions),
-                       extra_cflags=list(KERNEL_FLAGS), build_directory=str(directory))
+                       extra_cflags=list(KERNEL_FLAGS), build_directory=str(directory),
+                       extra_include_paths=sorted({str(path.parent) for path in kernel.headers}))
 
 
 def _import(name: str, library: Path):

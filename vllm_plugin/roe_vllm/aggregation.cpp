@@ -16,27 +16,13 @@
 #include <limits>
 #include <vector>
 
-// exp of 8 floats (Cephes' expf polynomial, as in member_attention.cpp: about 1 ulp) for x >= -87.3 (a normal result).
-// Lanes below that, -inf and NaN take std::exp: denormals, exact 0 and NaN come out as PyTorch's softmax gives them,
-// so a token that underflows in every member still sums to 0 (aggregation.py's stable fallback).
-static inline __m256 exp8(__m256 x) {
-  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
-  const __m256i n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(0x7f)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
-}
+#include "avx2_exp.h"
 
+// exp of 8 floats: avx2_exp.h's polynomial where x >= -87.3 (a normal result); lanes below that, -inf and NaN take std::exp: denormals, exact 0 and NaN come out as PyTorch's softmax gives them,
+// so a token that underflows in every member still sums to 0 (aggregation.py's stable fallback).
 static inline __m256 exp8_or_scalar(__m256 x) {
   const int outside = _mm256_movemask_ps(_mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_NGE_UQ));
-  __m256 e = exp8(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)));
+  __m256 e = exp8_in_range(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)));
   if (outside) {
     alignas(32) float in[8], got[8];
     _mm256_store_ps(in, x);

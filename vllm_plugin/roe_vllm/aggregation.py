@@ -24,7 +24,8 @@ from roe.kernels import Kernel
 from roe_vllm.members import Step
 
 KERNEL = Kernel("roe_vllm_aggregation", Path(__file__).with_name("aggregation.cpp"), ("log_mean",),
-                "RoE's member-mean kernel", "PyTorch softmax and index_add_")
+                "RoE's member-mean kernel", "PyTorch softmax and index_add_",
+                headers=(Path(__file__).with_name("avx2_exp.h"),))
 
 @functools.cache
 def kernel():

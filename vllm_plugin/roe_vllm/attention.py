@@ -35,7 +35,8 @@ from roe.kernels import Kernel
 from roe_vllm.members import Step
 
 KERNEL = Kernel("roe_vllm_member_attention", Path(__file__).with_name("member_attention.cpp"),
-                ("member_attention",), "RoE's member-attention kernel", "PyTorch member attention")
+                ("member_attention",), "RoE's member-attention kernel", "PyTorch member attention",
+                headers=(Path(__file__).with_name("avx2_exp.h"),))
 
 
 @functools.cache
