@@ -1,5 +1,8 @@
 """Tiny random MoE models built from transformers config classes; nothing is downloaded."""
 
+import json
+
+import numpy as np
 import pytest
 import torch
 
@@ -54,6 +57,27 @@ def saved_model(tmp_path_factory):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def tokens_dir(tmp_path_factory, saved_model):
+    """train.bin and validation.bin of random ids in ``saved_model``'s vocabulary, as tools/tokenizer.py writes them."""
+    vocab = json.loads((saved_model / "config.json").read_text())["vocab_size"]
+    path = tmp_path_factory.mktemp("tokens")
+    rng = np.random.default_rng(0)
+    rng.integers(0, vocab, 4000).astype(np.uint16).tofile(path / "train.bin")
+    rng.integers(0, vocab, 400).astype(np.uint16).tofile(path / "validation.bin")
+    return path
+
+
+def refused(argv: list[str], capsys) -> str:
+    """``roe`` with ``argv`` exits with status 2 (a usage error, no traceback); returns its stderr."""
+    from roe import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
 
 
 def turn_decode_kernels_off(monkeypatch) -> None:

@@ -21,6 +21,7 @@ import roe
 from benchmarks import equivalent_size_measure as measure
 from roe import cli, phds
 from roe.tokens import batch_at
+from tests.conftest import refused
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,24 +29,8 @@ SETTINGS = ["--steps", "6", "--curriculum-steps", "0", "--batch-size", "4", "--s
             "--ckpt-minutes", "0"]
 
 
-@pytest.fixture(scope="module")
-def tokens_dir(tmp_path_factory, saved_model):
-    """train.bin of random token ids, laid out as tools/tokenizer.py writes it."""
-    vocab = json.loads((saved_model / "config.json").read_text())["vocab_size"]
-    path = tmp_path_factory.mktemp("tokens")
-    np.random.default_rng(0).integers(0, vocab, 4000).astype(np.uint16).tofile(path / "train.bin")
-    return path
-
-
 def run_cli(model, tokens_dir, out, *extra):
     cli.main(["phds", "--model", str(model), "--data", str(tokens_dir), "--out", str(out), *SETTINGS, *extra])
-
-
-def refused(argv, capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(argv)
-    assert exit_info.value.code == 2
-    return capsys.readouterr().err
 
 
 @pytest.fixture

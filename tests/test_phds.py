@@ -20,6 +20,7 @@ from transformers.models.olmoe import modeling_olmoe
 import roe
 from roe import cli, families, phds
 from roe.tokens import batch_at
+from tests.conftest import refused
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,26 +28,8 @@ SETTINGS = ["--ks", "1,2,3", "--steps", "8", "--curriculum-steps", "3", "--batch
             "--eval-windows", "2", "--ckpt-minutes", "0"]
 
 
-@pytest.fixture(scope="module")
-def tokens_dir(tmp_path_factory, saved_model):
-    """train.bin and validation.bin of random token ids, laid out as tools/tokenizer.py writes them."""
-    vocab = json.loads((saved_model / "config.json").read_text())["vocab_size"]
-    path = tmp_path_factory.mktemp("tokens")
-    rng = np.random.default_rng(0)
-    rng.integers(0, vocab, 4000).astype(np.uint16).tofile(path / "train.bin")
-    rng.integers(0, vocab, 400).astype(np.uint16).tofile(path / "validation.bin")
-    return path
-
-
 def run_cli(saved_model, tokens_dir, out, *extra):
     cli.main(["phds", "--model", str(saved_model), "--data", str(tokens_dir), "--out", str(out), *SETTINGS, *extra])
-
-
-def refused(argv, capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(argv)
-    assert exit_info.value.code == 2
-    return capsys.readouterr().err
 
 
 @pytest.fixture
