@@ -369,19 +369,33 @@ def run_fit(args) -> dict:
 
     names = by_size([n.strip() for n in args.members.split(",")]) if args.members else by_size(
         [m.name for m in FAMILY])
-    doc = fit.fit_all(args.results, names, args.one_x, sorted({1, *parse_list(args.ks)}), args.resamples, args.seed)
+    variants = dict(parse_variant(v) for v in args.variant)
+    doc = fit.fit_all(args.results, names, args.one_x, sorted({1, *parse_list(args.ks)}), args.resamples, args.seed,
+                      variants)
     measure_write(args.results / "fit.json", doc)
     for text, part in doc["texts"].items():
         for axis, fitted in part["axes"].items():
             curve = fitted["curves"][fitted["chosen"]]
             print(f"{text} / {axis}: {fitted['chosen']} {curve['params']} (AICc {fitted['aicc']})")
-            for p in curve["points"]:
-                print(f"  K={p['K']:<3d} nll {p['nll']:.5f}  equivalent {p['equivalent']:.4g} "
+            for p in curve["points"] + [{**q, "K": f"{name} K={q['K']}"} for name, points in curve["variants"].items()
+                                        for q in points]:
+                print(f"  K={p['K']:<3} nll {p['nll']:.5f}  equivalent {p['equivalent']:.4g} "
                       f"[{p['ci95'][0]:.4g}, {p['ci95'][1]:.4g}]  x1x {p['ratio_to_1x']:.3f} "
                       f"[{p['ratio_to_1x_ci95'][0]:.3f}, {p['ratio_to_1x_ci95'][1]:.3f}]"
                       + {True: "  EXTRAPOLATED", False: "", None: "  UNDEFINED (the fit does not fall with size)"}[
                           p["extrapolated"]])
     return doc
+
+
+def parse_variant(text: str) -> tuple[str, Path]:
+    """--variant NAME=DIR: the results folder of a fine-tuned 1x (its own ``evaluate --results DIR``)."""
+    name, sep, folder = text.partition("=")
+    if not sep or not name or not folder:
+        raise SystemExit(f"--variant takes NAME=DIR (e.g. roe-aware=benchmarks/results/equivalent_size_roe_aware), "
+                         f"got {text!r}")
+    if not Path(folder).is_dir():
+        raise SystemExit(f"--variant {name}: no folder {folder} (evaluate the fine-tuned 1x with --results {folder})")
+    return name, Path(folder)
 
 
 def run_latency(args) -> dict:
@@ -478,6 +492,9 @@ def main(argv: list[str] | None = None) -> None:
     add_measure_options(p_fit, members_help="comma-separated; default: the whole family (refused if one is missing)")
     p_fit.add_argument("--resamples", type=int, default=2000)
     p_fit.add_argument("--seed", type=int, default=0)
+    p_fit.add_argument("--variant", action="append", default=[], metavar="NAME=DIR",
+                       help="a fine-tuned 1x evaluated into DIR (evaluate --runs ... --results DIR), placed on the "
+                            "family's curve at every K (repeatable: RoE-aware training and its control)")
     p_lat = sub.add_parser("latency", help="decode step of every member at K=1 and of RoE-K on the 1x, one process")
     add_measure_options(p_lat, members_help="comma-separated; default: the whole family (refused if one is missing)")
     p_lat.add_argument("--rounds", type=int, default=5)

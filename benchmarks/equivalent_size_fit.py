@@ -32,7 +32,7 @@ nothing about models.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -133,6 +133,8 @@ class Series:
     roe_ks: list[int]
     roe_KN: np.ndarray
     one_x: str  # the member RoE runs on
+    # fine-tuned versions of the 1x (RoE-aware training and its control) -> their NLLs [K, N] at roe_ks
+    variants: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def interval(values: np.ndarray) -> list[float]:
@@ -154,11 +156,15 @@ def fit_axis(series: Series, axis: str, resamples: int = 2000, seed: int = 0) ->
     roe_K, roe_RK = series.roe_KN.mean(axis=1), w_RN @ series.roe_KN.T
     curves, scores = {}, {}
     for curve in CURVES.values():
-        theta = curve.fit(u_M, y_M[None])
+        theta, theta_RP = curve.fit(u_M, y_M[None]), curve.fit(u_M, y_RM)
         rss = float(((curve.predict(theta, u_M)[0] - y_M) ** 2).sum())
         scores[curve.name] = aicc(rss, len(y_M), curve.n_params)
-        curves[curve.name] = place(curve, theta, curve.fit(u_M, y_RM), u_M, y_M, roe_K, roe_RK, series, x_ref)
+        curves[curve.name] = place(curve, theta, theta_RP, u_M, y_M, roe_K, roe_RK, series, x_ref)
         curves[curve.name]["rss"] = rss
+        curves[curve.name]["variants"] = {  # the same resamples of windows: paired with the family and RoE
+            name: equivalents(curve, theta, theta_RP, nll_KN.mean(axis=1), w_RN @ nll_KN.T, series.roe_ks, x_ref,
+                              curves[curve.name]["measured_range"])
+            for name, nll_KN in series.variants.items()}
         if curve is PowerLaw:  # an exponent at the end of its grid: the data do not pin it down
             curves[curve.name]["alpha_at_grid_edge"] = bool(theta[0, 2] in (ALPHAS[0], ALPHAS[-1]))
     chosen = min(scores, key=lambda name: (scores[name], CURVES[name].n_params))
@@ -168,22 +174,7 @@ def fit_axis(series: Series, axis: str, resamples: int = 2000, seed: int = 0) ->
 def place(curve, theta_1P, theta_RP, u_M, y_M, roe_K, roe_RK, series: Series, x_ref: float) -> dict:
     """A curve's parameters with intervals, residuals, a band, and each RoE point's equivalent size."""
     lo, hi = float(np.exp(u_M.min()) * x_ref), float(np.exp(u_M.max()) * x_ref)
-    k1 = series.roe_ks.index(1) if 1 in series.roe_ks else None
-    eq_1K = np.exp(curve.inverse(theta_1P, roe_K[None])) * x_ref
-    eq_RK = np.exp(curve.inverse(theta_RP, roe_RK)) * x_ref
-    points = []
-    for j, K in enumerate(series.roe_ks):
-        eq, ci = float(eq_1K[0, j]), interval(eq_RK[:, j])
-        with np.errstate(divide="ignore", invalid="ignore"):  # a curve that never reaches a value: inf / inf
-            on_curve = eq_RK[:, j] / eq_RK[:, k1] if k1 is not None else np.full(len(eq_RK), np.nan)
-            on_curve_1 = float(np.float64(eq) / eq_1K[0, k1]) if k1 is not None else None
-        points.append({"K": K, "nll": float(roe_K[j]), "equivalent": eq, "ci95": ci,
-                       "ratio_to_1x": eq / x_ref, "ratio_to_1x_ci95": [c / x_ref for c in ci],
-                       "ratio_on_curve": on_curve_1,
-                       "ratio_on_curve_ci95": interval(on_curve),
-                       "undefined_resamples": int(np.isnan(eq_RK[:, j]).sum()),
-                       "extrapolated": None if math.isnan(eq) else not lo <= eq <= hi,
-                       "ci_within_measured": bool(lo <= ci[0] and ci[1] <= hi)})
+    points = equivalents(curve, theta_1P, theta_RP, roe_K, roe_RK, series.roe_ks, x_ref, (lo, hi))
     top = max([hi] + [p["equivalent"] for p in points if math.isfinite(p["equivalent"])])
     u_G = np.linspace(math.log(lo / x_ref), math.log(min(top, 20 * hi) / x_ref), 60)
     band_RG = curve.predict(theta_RP, u_G)
@@ -195,6 +186,28 @@ def place(curve, theta_1P, theta_RP, u_M, y_M, roe_K, roe_RK, series: Series, x_
                      "lo": [float(v) for v in np.percentile(band_RG, 2.5, axis=0)],
                      "hi": [float(v) for v in np.percentile(band_RG, 97.5, axis=0)]},
             "measured_range": [lo, hi], "points": points}
+
+
+def equivalents(curve, theta_1P, theta_RP, nll_K, nll_RK, ks: list[int], x_ref: float, measured) -> list[dict]:
+    """Each point's equivalent size on the curve, its interval, its ratio to the 1x and to the same model's K = 1."""
+    lo, hi = measured
+    k1 = ks.index(1) if 1 in ks else None
+    eq_1K = np.exp(curve.inverse(theta_1P, nll_K[None])) * x_ref
+    eq_RK = np.exp(curve.inverse(theta_RP, nll_RK)) * x_ref
+    points = []
+    for j, K in enumerate(ks):
+        eq, ci = float(eq_1K[0, j]), interval(eq_RK[:, j])
+        with np.errstate(divide="ignore", invalid="ignore"):  # a curve that never reaches a value: inf / inf
+            on_curve = eq_RK[:, j] / eq_RK[:, k1] if k1 is not None else np.full(len(eq_RK), np.nan)
+            on_curve_1 = float(np.float64(eq) / eq_1K[0, k1]) if k1 is not None else None
+        points.append({"K": K, "nll": float(nll_K[j]), "equivalent": eq, "ci95": ci,
+                       "ratio_to_1x": eq / x_ref, "ratio_to_1x_ci95": [c / x_ref for c in ci],
+                       "ratio_on_curve": on_curve_1,
+                       "ratio_on_curve_ci95": interval(on_curve),
+                       "undefined_resamples": int(np.isnan(eq_RK[:, j]).sum()),
+                       "extrapolated": None if math.isnan(eq) else not lo <= eq <= hi,
+                       "ci_within_measured": bool(lo <= ci[0] and ci[1] <= hi)})
+    return points
 
 
 def summary_rows(series: Series) -> dict:
@@ -209,7 +222,20 @@ def summary_rows(series: Series) -> dict:
     roe = [{"K": K, "nll": float(series.roe_KN[j].mean()), "se": se(series.roe_KN[j]),
             "delta_vs_K1": float((series.roe_KN[j] - base).mean()), "delta_se": se(series.roe_KN[j] - base)}
            for j, K in enumerate(series.roe_ks)]
-    return {"windows": n, "members": members, "roe": roe}
+    k1 = series.roe_ks.index(1)
+    variants = {}
+    for name, nll_KN in series.variants.items():
+        rows = []
+        for j, K in enumerate(series.roe_ks):
+            gain, base_gain = nll_KN[j] - nll_KN[k1], series.roe_KN[j] - series.roe_KN[k1]
+            rows.append({"K": K, "nll": float(nll_KN[j].mean()), "se": se(nll_KN[j]),
+                         # against the 1x before fine-tuning at K = 1; RoE's gain on this model; how that gain
+                         # differs from RoE's gain on the 1x (all paired over the same windows)
+                         "delta_vs_1x_K1": float((nll_KN[j] - base).mean()), "delta_vs_1x_K1_se": se(nll_KN[j] - base),
+                         "delta_vs_K1": float(gain.mean()), "delta_se": se(gain),
+                         "gain_change": float((gain - base_gain).mean()), "gain_change_se": se(gain - base_gain)})
+        variants[name] = rows
+    return {"windows": n, "members": members, "roe": roe, "variants": variants}
 
 
 # -- from the measured units to fit.json and the report -----------------------------------------
@@ -219,38 +245,50 @@ TEXTS = ("test", "unseen")
 PAPER = {"K": 32, "ratio_to_1x": 1.5, "source": "arXiv 2509.17238: a 7B MoE with RoE matches a 10.5B MoE"}
 
 
-def load_series(results, members: list[str], one_x: str, ks: list[int], text: str) -> Series:
-    """The paired per-window NLLs of one text; refuses missing members or K, and units scored on other windows."""
+def load_series(results, members: list[str], one_x: str, ks: list[int], text: str,
+                variants: dict | None = None) -> Series:
+    """The paired per-window NLLs of one text; refuses missing members or K, and units scored on other windows.
+
+    ``variants``: name -> the results folder of a fine-tuned 1x (``evaluate --results DIR`` of its run),
+    scored at the same K on the same windows.
+    """
     from benchmarks.equivalent_size_measure import read_unit
 
     if one_x not in members:
         raise SystemExit(f"the 1x member {one_x} must be among the fitted members {members}")
+    ks = sorted(ks)
     units = {(m, 1): read_unit(results, m, text, 1) for m in members}
     units |= {(one_x, K): read_unit(results, one_x, text, K) for K in ks}
+    extra = {(name, K): read_unit(folder, one_x, text, K) for name, folder in (variants or {}).items() for K in ks}
     missing = [f"{m} K={K}" for (m, K), unit in units.items() if unit is None]
+    missing += [f"{name}: {one_x} K={K} in {variants[name]}" for (name, K), unit in extra.items() if unit is None]
     if missing:
         raise SystemExit(f"no finished {text} evaluation of {missing} in {results}: run `equivalent_size.py "
                          "evaluate` for them (or fit fewer with --members)")
-    prints = {unit["meta"]["fingerprint"] for unit in units.values()}
+    prints = {unit["meta"]["fingerprint"] for unit in (*units.values(), *extra.values())}
     if len(prints) > 1:
         raise SystemExit(f"the {text} units were scored on different windows ({sorted(prints)}): not paired; "
                          "rescore them with one set of evaluate options")
-    steps = {(m, K): unit["meta"]["step"] for (m, K), unit in units.items()}
-    if len({steps[(one_x, K)] for K in ks}) > 1:
-        raise SystemExit(f"the {one_x} units come from different checkpoints ({steps}): rescore them")
+    steps = {(m, K): unit["meta"]["step"] for (m, K), unit in (units | extra).items()}
+    for who in (one_x, *(variants or {})):
+        if len({steps[(who, K)] for K in ks}) > 1:
+            raise SystemExit(f"the {who} units come from different checkpoints ({steps}): rescore them")
     sizes = {axis: np.array([units[(m, 1)]["meta"][axis] for m in members]) for axis in AXES}
     return Series(members=members, steps={m: steps[(m, 1)] for m in members}, sizes=sizes,
-                  nll_MN=np.array([units[(m, 1)]["nll"] for m in members]), roe_ks=sorted(ks),
-                  roe_KN=np.array([units[(one_x, K)]["nll"] for K in sorted(ks)]), one_x=one_x)
+                  nll_MN=np.array([units[(m, 1)]["nll"] for m in members]), roe_ks=ks,
+                  roe_KN=np.array([units[(one_x, K)]["nll"] for K in ks]), one_x=one_x,
+                  variants={name: np.array([extra[(name, K)]["nll"] for K in ks]) for name in variants or {}})
 
 
-def fit_all(results, members: list[str], one_x: str, ks: list[int], resamples: int = 2000, seed: int = 0) -> dict:
-    """fit.json: per text, the member and RoE means and, per size axis, both curves and the equivalent sizes."""
+def fit_all(results, members: list[str], one_x: str, ks: list[int], resamples: int = 2000, seed: int = 0,
+            variants: dict | None = None) -> dict:
+    """fit.json: per text, the member and RoE means and, per size axis, both curves and the equivalent sizes
+    (also of each fine-tuned 1x in ``variants``: name -> its results folder)."""
     if len(members) < 3:
         raise SystemExit(f"a curve with uncertainty needs at least 3 members, got {members}")
-    out = {"members": members, "one_x": one_x, "ks": sorted(ks), "texts": {}}
+    out = {"members": members, "one_x": one_x, "ks": sorted(ks), "variants": sorted(variants or {}), "texts": {}}
     for text in TEXTS:
-        series = load_series(results, members, one_x, ks, text)
+        series = load_series(results, members, one_x, ks, text, variants)
         out["texts"][text] = {**summary_rows(series),
                               "axes": {axis: fit_axis(series, axis, resamples, seed) for axis in AXES}}
     return out
@@ -281,8 +319,20 @@ def report(fit: dict, latency: dict | None) -> dict:
                            **{axis: {"curve": axes[axis]["chosen"],
                                      **axes[axis]["curves"][axes[axis]["chosen"]]["points"][j]} for axis in AXES}}
         roe.append({**point, **step(one_x, row["K"])})
+    variants = {}
+    for name in fit.get("variants", []):
+        variants[name] = []
+        for j, row in enumerate(test["variants"][name]):
+            point = {"K": row["K"]}
+            for text in TEXTS:
+                summary, axes = fit["texts"][text]["variants"][name][j], fit["texts"][text]["axes"]
+                point[text] = {**{k: v for k, v in summary.items() if k != "K"},
+                               **{axis: {"curve": axes[axis]["chosen"],
+                                         **axes[axis]["curves"][axes[axis]["chosen"]]["variants"][name][j]}
+                                  for axis in AXES}}
+            variants[name].append(point)
     curves = {text: {axis: fit_summary(a) for axis, a in fit["texts"][text]["axes"].items()} for text in TEXTS}
-    return {"family": family, "roe": roe, "fits": curves, "paper": PAPER,
+    return {"family": family, "roe": roe, "variants": variants, "fits": curves, "paper": PAPER,
             "windows": {text: fit["texts"][text]["windows"] for text in TEXTS},
             "bootstrap": {"resamples": test["axes"]["params"]["resamples"], "seed": test["axes"]["params"]["seed"],
                           "unit": "windows, the same resample for every member and K"},
@@ -336,6 +386,10 @@ def plot(fit: dict, doc: dict, path) -> None:
                       label="RoE-K on 1x at its equivalent size" if p["K"] == 2 else None)
         left.annotate(f"K={p['K']}" + (" (extrapolated)" if p["extrapolated"] else ""), (p["equivalent"], p["nll"]),
                       textcoords="offset points", xytext=(4, -10), fontsize=7, color="tab:red")
+    for (name, points), color in zip(curve.get("variants", {}).items(), ("tab:green", "tab:purple", "tab:orange")):
+        shown = [q for q in points if math.isfinite(q["equivalent"])]
+        left.plot([q["equivalent"] for q in shown], [q["nll"] for q in shown], "D", color=color, ms=4,
+                  label=f"{name}: its K=1..{shown[-1]['K'] if shown else ''} at their equivalent sizes")
     left.set(xscale="log", xlabel="total parameters", ylabel="test NLL (nats/token)", title="NLL against size")
     left.legend(fontsize=7)
     batches = (doc["latency_conditions"] or {}).get("batches", [])

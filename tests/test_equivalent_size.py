@@ -108,12 +108,12 @@ def test_bootstrap_resamples_the_same_windows_for_every_series():
 MEMBERS = {"t32": 32, "t48": 48, "t64": 64}
 
 
-def write_member(runs: Path, name: str, hidden: int, vocab: int, *, finished: bool = True) -> None:
+def write_member(runs: Path, name: str, hidden: int, vocab: int, *, finished: bool = True, seed: int | None = None):
     """A tools.train checkpoint of a tiny OLMoE (random weights, the step budget marked spent or not)."""
     from tools import train
 
     cfg = train.TrainConfig(preset="e32k4", hidden_size=hidden, num_layers=2, num_heads=2, intermediate_size=8,
-                            seq_len=16, batch_size=2, total_steps=2, seed=hidden)
+                            seq_len=16, batch_size=2, total_steps=2, seed=hidden if seed is None else seed)
     model = train.build_model(cfg, vocab_size=vocab, eos_id=0)
     (runs / name).mkdir(parents=True)
     train.save_checkpoint(runs / name / "ckpt.pt", model, train.make_optimizer(model, cfg),
@@ -251,6 +251,50 @@ def test_fit_latency_and_report_write_the_result(family, evaluated, tmp_path):
     assert out_png.stat().st_size > 10_000
     timing = json.loads((results / "latency.json").read_text())["rounds"][0]["times_ms"]
     assert set(timing) == {f"{m} K=1 B={b}" for m in MEMBERS for b in (1, 2)} | {"t48 K=2 B=1", "t48 K=2 B=2"}
+
+
+# -- fine-tuned versions of the 1x on the family's curve (RoE-aware training and its control) -------
+
+def test_a_fine_tuned_1x_is_placed_on_the_curve_with_the_same_resamples():
+    """A variant equal to the 1x's RoE points lands exactly on them (same windows resampled); one whose NLL is
+    the line's at 30M lands there; a uniform shift leaves RoE's gain unchanged and moves the K = 1 NLL by it."""
+    series = synthetic(4)
+    line = -0.15 * math.log(30e6 / SIZES[2]) - (-0.15) * math.log(25e6 / SIZES[2])  # from 25M's NLL to 30M's
+    variants = {"same": series.roe_KN, "bigger": series.roe_KN + line, "shifted": series.roe_KN - 0.01}
+    out = fit.fit_axis(fit.Series(**{**series.__dict__, "variants": variants}), "params", resamples=300)
+    curve = out["curves"]["log-linear"]
+    assert curve["variants"]["same"] == curve["points"]
+    bigger = curve["variants"]["bigger"][1]
+    assert bigger["ci95"][0] < 30e6 < bigger["ci95"][1] and bigger["equivalent"] == pytest.approx(30e6, rel=0.1)
+    assert bigger["ratio_on_curve"] == pytest.approx(curve["points"][1]["ratio_on_curve"], rel=1e-6)
+    rows = fit.summary_rows(fit.Series(**{**series.__dict__, "variants": variants}))["variants"]
+    assert rows["same"][1]["gain_change"] == 0 and rows["shifted"][1]["gain_change"] == pytest.approx(0, abs=1e-12)
+    assert rows["shifted"][0]["delta_vs_1x_K1"] == pytest.approx(-0.01, abs=1e-12)
+    assert rows["shifted"][1]["delta_vs_K1"] == pytest.approx(rows["same"][1]["delta_vs_K1"], abs=1e-12)
+
+
+def test_fit_places_an_evaluated_fine_tune_and_refuses_one_scored_on_other_windows(family, evaluated, tmp_path):
+    import shutil
+
+    results, tuned = tmp_path / "results", tmp_path / "tuned"
+    shutil.copytree(evaluated, results)
+    from conftest import tiny_tokenizer
+
+    write_member(tmp_path / "tuned-runs", "t48", 48, len(tiny_tokenizer()), seed=1)  # another t48: the "fine-tune"
+    es.main(evaluate_args(family, tuned, "t48", "--runs", str(tmp_path / "tuned-runs")))
+    common = ["fit", "--results", str(results), "--members", ",".join(MEMBERS), "--one-x", "t48", "--ks", "1,2",
+              "--resamples", "20"]
+    doc = es.main([*common, "--variant", f"tuned={tuned}"]) or json.loads((results / "fit.json").read_text())
+    assert doc["variants"] == ["tuned"]
+    rows = doc["texts"]["test"]["variants"]["tuned"]
+    assert [r["K"] for r in rows] == [1, 2] and rows[0]["delta_vs_1x_K1"] != 0  # another checkpoint, scored
+    assert len(doc["texts"]["unseen"]["axes"]["params"]["curves"]["log-linear"]["variants"]["tuned"]) == 2
+    with pytest.raises(SystemExit, match="NAME=DIR"):
+        es.main([*common, "--variant", str(tuned)])
+    other = tmp_path / "other-windows"
+    es.main(evaluate_args(family, other, "t48", "--runs", str(tmp_path / "tuned-runs"), "--max-windows", "6"))
+    with pytest.raises(SystemExit, match="different windows"):
+        es.main([*common, "--variant", f"tuned={other}"])
 
 
 # -- the training driver's deadline ---------------------------------------------------------------
