@@ -31,6 +31,10 @@ class MeanProb(Aggregator):
 
     @staticmethod
     def partial(logprobs: torch.Tensor, dim: int) -> torch.Tensor:
+        # NOTE: over one member, logsumexp is the identity (x + log 1, bit for bit, -inf and NaN included),
+        # and at [B, S, V] it cost a third of a K = 1 score: skipped
+        if logprobs.shape[dim] == 1:
+            return logprobs.squeeze(dim)
         return torch.logsumexp(logprobs, dim=dim)
 
     @staticmethod
@@ -39,7 +43,7 @@ class MeanProb(Aggregator):
 
     @staticmethod
     def finish(state: torch.Tensor, count: int) -> torch.Tensor:
-        return state - math.log(count)
+        return state if count == 1 else state - math.log(count)  # x - log 1 is x: no [B, S, V] copy
 
     @classmethod
     def from_logits(cls, logits: torch.Tensor, dim: int) -> torch.Tensor:

@@ -43,6 +43,16 @@ def test_mean_prob_is_the_log_of_averaged_probabilities():
     torch.testing.assert_close(aggregate(logprobs, "mean-prob", dim=1), expected)
 
 
+def test_mean_prob_of_one_member_is_its_log_probs_bit_for_bit():
+    """The one-member shortcut (no logsumexp over a singleton axis) changes no bit, -inf and NaN included."""
+    logprobs = torch.log_softmax(torch.randn(2, 1, 5, 11) * 30, dim=-1)
+    logprobs[0, 0, 0, :3] = float("-inf")
+    logprobs[1, 0, 1, 4] = float("nan")
+    full = torch.logsumexp(logprobs, dim=1) - 0.0
+    got = aggregate(logprobs, "mean-prob", dim=1)
+    assert torch.equal(got.nan_to_num(nan=7.0), full.nan_to_num(nan=7.0)) and got.isnan().sum() == 1
+
+
 @pytest.mark.parametrize("name", sorted(AGGREGATORS))
 def test_identical_members_aggregate_to_one(name):
     one = torch.log_softmax(torch.randn(3, 17), dim=-1)
