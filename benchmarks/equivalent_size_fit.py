@@ -294,6 +294,17 @@ def fit_all(results, members: list[str], one_x: str, ks: list[int], resamples: i
     return out
 
 
+def placed(axes: dict, *path) -> dict:
+    """Per size axis, the chosen curve's name and the placement found under ``path`` in that curve's fit."""
+    placements = {}
+    for axis in AXES:
+        entry = axes[axis]["curves"][axes[axis]["chosen"]]
+        for key in path:
+            entry = entry[key]
+        placements[axis] = {"curve": axes[axis]["chosen"], **entry}
+    return placements
+
+
 def report(fit: dict, latency: dict | None) -> dict:
     """The one JSON of the result: the family (sizes, NLL with SE, step times) and the RoE points placed on it."""
     test, one_x = fit["texts"]["test"], fit["one_x"]
@@ -316,8 +327,7 @@ def report(fit: dict, latency: dict | None) -> dict:
         for text in TEXTS:
             summary, axes = fit["texts"][text]["roe"][j], fit["texts"][text]["axes"]
             point[text] = {**{k: summary[k] for k in ("nll", "se", "delta_vs_K1", "delta_se")},
-                           **{axis: {"curve": axes[axis]["chosen"],
-                                     **axes[axis]["curves"][axes[axis]["chosen"]]["points"][j]} for axis in AXES}}
+                           **placed(axes, "points", j)}
         roe.append({**point, **step(one_x, row["K"])})
     variants = {}
     for name in fit.get("variants", []):
@@ -327,9 +337,7 @@ def report(fit: dict, latency: dict | None) -> dict:
             for text in TEXTS:
                 summary, axes = fit["texts"][text]["variants"][name][j], fit["texts"][text]["axes"]
                 point[text] = {**{k: v for k, v in summary.items() if k != "K"},
-                               **{axis: {"curve": axes[axis]["chosen"],
-                                         **axes[axis]["curves"][axes[axis]["chosen"]]["variants"][name][j]}
-                                  for axis in AXES}}
+                               **placed(axes, "variants", name, j)}
             variants[name].append(point)
     curves = {text: {axis: fit_summary(a) for axis, a in fit["texts"][text]["axes"].items()} for text in TEXTS}
     return {"family": family, "roe": roe, "variants": variants, "fits": curves, "paper": PAPER,

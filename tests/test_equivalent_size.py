@@ -289,6 +289,11 @@ def test_fit_places_an_evaluated_fine_tune_and_refuses_one_scored_on_other_windo
     rows = doc["texts"]["test"]["variants"]["tuned"]
     assert [r["K"] for r in rows] == [1, 2] and rows[0]["delta_vs_1x_K1"] != 0  # another checkpoint, scored
     assert len(doc["texts"]["unseen"]["axes"]["params"]["curves"]["log-linear"]["variants"]["tuned"]) == 2
+    reported = fit.report(doc, None)["variants"]["tuned"][1]["unseen"]
+    axis = doc["texts"]["unseen"]["axes"]["active_params"]
+    on_curve = axis["curves"][axis["chosen"]]["variants"]["tuned"][1]
+    assert reported["active_params"] == {"curve": axis["chosen"], **on_curve} and reported["delta_vs_K1"] == \
+        doc["texts"]["unseen"]["variants"]["tuned"][1]["delta_vs_K1"]
     with pytest.raises(SystemExit, match="NAME=DIR"):
         es.main([*common, "--variant", str(tuned)])
     other = tmp_path / "other-windows"
