@@ -82,8 +82,11 @@ def evaluate(models: dict, ks: list[int], own_k: int, windows_NW: torch.Tensor, 
 
     ``tasks``: (tokenizer, {task: items}) to score the built-in tasks too.
     """
-    scores = {(label, k): window_scores(model, None if k == own_k else k, windows_NW, batch_size)
-              for label, model in models.items() for k in ks}
+    from tqdm import tqdm
+
+    pairs = [(label, k) for label in models for k in ks]
+    scores = {(label, k): window_scores(models[label], None if k == own_k else k, windows_NW, batch_size)
+              for label, k in tqdm(pairs, desc="nll", unit="(model, k)")}
     base = next(iter(models))
     rows = []
     for label in models:
@@ -98,8 +101,8 @@ def evaluate(models: dict, ks: list[int], own_k: int, windows_NW: torch.Tensor, 
                                        for other in models if other not in (base, label)}})
     if tasks is not None:
         tokenizer, items = tasks
-        right = {(label, k): task_scores(model, tokenizer, None if k == own_k else k, items, batch_size)
-                 for label, model in models.items() for k in ks}
+        right = {(label, k): task_scores(models[label], tokenizer, None if k == own_k else k, items, batch_size)
+                 for label, k in tqdm(pairs, desc="tasks", unit="(model, k)")}
         for row in rows:
             row["tasks"] = task_rows(right[(row["model"], row["k"])], right[(base, row["k"])])
     return {"rows": rows}
