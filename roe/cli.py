@@ -673,6 +673,9 @@ NONE_MEANS = {"model": "the embedded model", "tau": "the model's default schedul
               "else uniform 0.1)", "text": "the embedded model's held-out split",
               "experts_per_token": "the model's own", "ks": "the model's own experts per token",
               "routing_tau": "no routing noise"}
+# What a flag does, for --help, where its name alone does not say it.
+FLAG_HELP = {"json_out": "print the results as one JSON document, as the last line of stdout "
+             "(after the table where there is one: | tail -n 1 > out.json)"}
 
 
 class UsageError(SystemExit):
@@ -709,7 +712,7 @@ def build_parser() -> argparse.ArgumentParser:
             if param.name in SHORT:
                 flags.insert(0, SHORT[param.name])
             if kind is bool:
-                p.add_argument(*flags, dest=param.name, action="store_true")
+                p.add_argument(*flags, dest=param.name, action="store_true", help=FLAG_HELP.get(param.name))
                 continue
             if typing.get_origin(kind) is list:  # a repeatable option
                 p.add_argument(*flags, dest=param.name, action="append", type=typing.get_args(kind)[0],

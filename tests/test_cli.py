@@ -1,5 +1,6 @@
 """The `roe` command line on a tiny checkpoint directory."""
 
+import argparse
 import importlib.metadata
 import json
 import os
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 import roe
-from roe.cli import main
+from roe.cli import build_parser, main
 
 
 def run_json(capsys, argv):
@@ -367,6 +368,16 @@ def test_help_shows_the_defaults_and_version(capsys):
         main(["--version"])
     assert exit_.value.code == 0
     assert capsys.readouterr().out.strip() == f"roe {importlib.metadata.version('roe')}"
+
+
+def test_every_json_flag_says_where_its_document_goes(capsys):
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    with_json = [name for name, sub in commands.items() if "--json" in sub.format_help()]
+    assert len(with_json) >= 5  # eval, tasks, bench, calibrate, models, generate
+    for name in with_json:
+        help_ = " ".join(commands[name].format_help().split())
+        assert "as the last line of stdout" in help_, name
 
 
 def test_python_m_roe_reports_a_usage_error_without_a_traceback(tmp_path):
