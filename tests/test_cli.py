@@ -370,7 +370,7 @@ def test_help_shows_the_defaults_and_version(capsys):
     assert capsys.readouterr().out.strip() == f"roe {importlib.metadata.version('roe')}"
 
 
-def test_every_json_flag_says_where_its_document_goes(capsys):
+def test_every_json_flag_says_where_its_document_goes():
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
     with_json = [name for name, sub in commands.items() if "--json" in sub.format_help()]
