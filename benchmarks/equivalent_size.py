@@ -54,6 +54,7 @@ RUNS = ROOT / "runs" / "family"
 RESULTS = ROOT / "benchmarks" / "results" / "family"
 MEASURED = ROOT / "benchmarks" / "results" / "equivalent_size"  # per-window units, schedule, latency rounds, fit
 ONE_X = "d256"  # the default model's shape: RoE runs on it
+VOCAB = 8192  # the shipped tokenizer's vocabulary: every member's
 
 # NOTE: fixed once from the measured speeds (benchmarks/results/family/speed.json) so that the
 # whole family fits in about ten hours of 1-thread training; changing it would make the runs
@@ -99,7 +100,7 @@ def parameter_counts(member: Member) -> dict:
 
     cfg = member.config()
     with torch.device("meta"):
-        model = build_model(cfg, vocab_size=8192, eos_id=0)
+        model = build_model(cfg, vocab_size=VOCAB, eos_id=0)
     k_over_e = model.config.num_experts_per_tok / model.config.num_experts
     total = expert = embedding = 0
     for name, param in model.named_parameters():
@@ -124,7 +125,7 @@ def step_seconds(member: Member, seconds: float, warmup: int = 2) -> tuple[list[
 
     cfg = member.config()
     tokens = np.fromfile(DATA / "train.bin", dtype=np.uint16)
-    model = train.build_model(cfg, vocab_size=8192, eos_id=0).train()
+    model = train.build_model(cfg, vocab_size=VOCAB, eos_id=0).train()
     optimizer = train.make_optimizer(model, cfg)
     wall, cpu, start = [], [], time.perf_counter()
     for step in range(10_000):
@@ -282,12 +283,20 @@ def train_member(member: Member, threads: int, deadline: float | None) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
-def train_family(threads: int, deadline: float | None = None) -> int:
+def train_family(threads: int, deadline: float | None = None, members: str | None = None) -> int:
+    """Train the family (or ``members``, comma-separated: e.g. one driver per core) in FAMILY's order."""
+    family = FAMILY
+    if members:
+        names = members.split(",")
+        unknown = sorted(set(names) - {m.name for m in FAMILY})
+        if unknown:
+            raise SystemExit(f"--members: {', '.join(unknown)} not in the family ({', '.join(m.name for m in FAMILY)})")
+        family = [m for m in FAMILY if m.name in names]
     if not (DATA / "train.bin").exists():
         raise SystemExit(f"no {DATA}/train.bin: python -m tools.corpus --out data/corpus && python -m "
                          "tools.tokenizer --corpus data/corpus --existing roe/assets/default --out data/tokenizer "
                          "--encode --tokens data/tokens")
-    for member in FAMILY:
+    for member in family:
         if finished(member):
             print(f"{member.name}: finished", flush=True)
             continue
@@ -398,6 +407,18 @@ def parse_variant(text: str) -> tuple[str, Path]:
     return name, Path(folder)
 
 
+def initialised(name: str, eos_id: int):
+    """A family member as ``train`` starts it (its recipe's seed), untrained: ``latency --weights init``."""
+    from tools.train import build_model
+
+    shapes = {m.name: m for m in FAMILY}
+    if name not in shapes:
+        raise SystemExit(f"--weights init: {name} is not in the family ({', '.join(shapes)})")
+    model = build_model(shapes[name].config(), vocab_size=VOCAB, eos_id=eos_id)
+    model.config.output_router_logits = False
+    return model
+
+
 def run_latency(args) -> dict:
     from benchmarks import equivalent_size_measure as measure
 
@@ -407,7 +428,8 @@ def run_latency(args) -> dict:
                           args.prompt_text or default_split("test"),
                           ks=parse_list(args.ks), batches=parse_list(args.batches), rounds=args.rounds,
                           steps=args.steps, prompt_tokens=args.prompt_tokens, threads=args.threads,
-                          kernels=not args.no_kernels, allow_unfinished=args.allow_unfinished)
+                          kernels=not args.no_kernels, allow_unfinished=args.allow_unfinished,
+                          init=initialised if args.weights == "init" else None, schedule=args.schedule)
     for key, row in doc["configs"].items():
         print(f"{key:22s} {row['step_ms']:8.2f} ms  95% CI {row['ci95_ms']}  ({row['steps']} steps)")
     return doc
@@ -473,6 +495,8 @@ def main(argv: list[str] | None = None) -> None:
     p_train.add_argument("--threads", type=int, default=1)
     p_train.add_argument("--until", default=None, metavar="HH:MM",
                          help="stop (checkpointed) at the next such UTC time, e.g. before the session ends")
+    p_train.add_argument("--members", default=None,
+                         help="comma-separated members to train (default: the whole family, in its order)")
     sub.add_parser("status", help="how far each member got")
     p_eval = sub.add_parser("evaluate", help="per-window NLL of every member; tau calibration and RoE-K on the 1x")
     add_measure_options(p_eval, members_help="comma-separated (each must be finished); default: every finished one")
@@ -503,6 +527,11 @@ def main(argv: list[str] | None = None) -> None:
     p_lat.add_argument("--prompt-tokens", type=int, default=128)
     p_lat.add_argument("--prompt-text", type=Path, default=None, help="default: the embedded test split")
     p_lat.add_argument("--no-kernels", action="store_true")
+    p_lat.add_argument("--weights", choices=("checkpoint", "init"), default="checkpoint",
+                       help="time the trained checkpoints, or the members as initialised (no checkpoint needed: "
+                            "the same arithmetic per step, only the router's choices differ)")
+    p_lat.add_argument("--schedule", type=Path, default=None,
+                       help="RoE temperatures (default: RESULTS/schedule_<one-x>.json, from `evaluate`)")
     p_rep = sub.add_parser("report", help="benchmarks/results/equivalent_size.json and .png from fit and latency")
     p_rep.add_argument("--results", type=Path, default=MEASURED)
     p_rep.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "equivalent_size.json")
@@ -515,7 +544,7 @@ def main(argv: list[str] | None = None) -> None:
         print(markdown_table(doc, doc["steps_that_fit"]))
         print(json.dumps(doc))
     elif args.command == "train":
-        raise SystemExit(train_family(args.threads, args.until and utc_deadline(args.until)))
+        raise SystemExit(train_family(args.threads, args.until and utc_deadline(args.until), args.members))
     elif args.command == "status":
         status()
     else:

@@ -32,6 +32,7 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -293,32 +294,43 @@ def latency_configs(names: list[str], roe_member: str, ks: tuple[int, ...]) -> l
 
 def latency(runs: Path, names: list[str], roe_member: str, results: Path, tokenizer_dir: Path, prompt_text: Path,
             *, ks: tuple[int, ...], batches: tuple[int, ...] = (1, 8), rounds: int = 5, steps: int = 16,
-            prompt_tokens: int = 128, threads: int = 1, kernels: bool = True, allow_unfinished: bool = False) -> dict:
-    """Interleaved rounds of decode-step timings; every round is appended to ``results/latency.json``."""
+            prompt_tokens: int = 128, threads: int = 1, kernels: bool = True, allow_unfinished: bool = False,
+            init: Callable[[str, int], torch.nn.Module] | None = None, schedule: Path | None = None) -> dict:
+    """Interleaved rounds of decode-step timings; every round is appended to ``results/latency.json``.
+
+    ``init`` (name, eos id -> model) times the members as initialised instead of as trained (``--weights
+    init``): a decode step does the same arithmetic on any weights of the same shape, except that the router
+    picks other experts. ``schedule`` is the RoE temperatures' file (default: the 1x member's calibration).
+    """
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
     from roe.eval.perplexity import text_tokens
     from roe.kernels import prepare as prepare_kernels
 
-    missing = missing_members(runs, sorted({*names, roe_member}), allow_unfinished)
+    wanted = sorted({*names, roe_member})
+    missing = {} if init else missing_members(runs, wanted, allow_unfinished)
     if missing:
         raise SystemExit(f"members not ready in {runs}: {missing}")
+    schedule = schedule or results / f"schedule_{roe_member}.json"
+    if any(K > 1 for K in ks) and not schedule.is_file():
+        raise SystemExit(f"{schedule} not found: `evaluate` calibrates the 1x member's temperatures first")
     torch.set_num_threads(threads)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     prompt_P = torch.from_numpy(text_tokens(tokenizer, prompt_text)[:prompt_tokens])
-    models = {name: load_member(runs / name, tokenizer.eos_token_id, allow_unfinished) for name in {*names, roe_member}}
-    schedule = results / f"schedule_{roe_member}.json"
-    if any(K > 1 for K in ks) and not schedule.is_file():
-        raise SystemExit(f"{schedule} not found: `evaluate` calibrates the 1x member's temperatures first")
+    if init:
+        models = {name: (init(name, tokenizer.eos_token_id).eval(), 0) for name in wanted}
+    else:
+        models = {name: load_member(runs / name, tokenizer.eos_token_id, allow_unfinished) for name in wanted}
     tau = json.loads(schedule.read_text())["tau"] if schedule.is_file() else None
     if kernels:
         prepare_kernels()  # built or loaded now: compiling must not land in a timed step
     configs = latency_configs(names, roe_member, ks)
     conditions = {"configs": [latency_key(n, K, b) for b in batches for n, K in configs], "batches": list(batches),
                   "prompt_tokens": len(prompt_P), "prompt_text": Path(prompt_text).name, "steps_per_round": steps,
-                  "warmup_steps": 2, "checkpoint_steps": {n: models[n][1] for n in sorted(models)}, "kernels": kernels,
-                  "tau": tau, **machine(threads)}
+                  "warmup_steps": 2, "weights": "init" if init else "checkpoint",
+                  "checkpoint_steps": {n: models[n][1] for n in sorted(models)}, "kernels": kernels,
+                  "tau": tau, "schedule": schedule.name if tau else None, **machine(threads)}
     path = results / "latency.json"
     doc = json.loads(path.read_text()) if path.exists() else {"conditions": conditions, "rounds": []}
     if doc["conditions"] != conditions:

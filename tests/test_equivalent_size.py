@@ -313,3 +313,46 @@ def test_until_is_the_next_such_time_even_across_midnight(minutes):
     deadline = es.utc_deadline(f"{target.tm_hour:02d}:{target.tm_min:02d}")
     expected = now + 60 * minutes + (24 * 3600 if minutes < 0 else 0)
     assert expected - 61 <= deadline <= expected
+
+
+# -- latency on members as initialised (no checkpoint) ----------------------------------------------
+
+def test_latency_can_time_members_as_initialised_without_checkpoints(family, tmp_path):
+    """``--weights init`` builds each member as ``train`` starts it (deterministic: its recipe's seed), needs no
+    checkpoint, and records that the weights were not trained; a name outside the family is refused."""
+    from tools.train import build_model
+
+    model = es.initialised("d128", 0)
+    again = build_model(es.FAMILY[-1].config(), vocab_size=es.VOCAB, eos_id=0)
+    assert es.FAMILY[-1].name == "d128" and model.config.hidden_size == 128
+    assert all(a.equal(b) for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True))
+    schedule = tmp_path / "tau.json"
+    schedule.write_text(json.dumps({"tau": [0.2] * 6}))
+    timing = ["latency", "--weights", "init", "--runs", str(tmp_path / "no-runs"), "--results", str(tmp_path / "r"),
+              "--members", "d128", "--one-x", "d128", "--ks", "1,2", "--schedule", str(schedule),
+              "--prompt-text", str(family / "test.txt"), "--rounds", "1", "--steps", "1", "--batches", "1",
+              "--prompt-tokens", "8", "--no-kernels"]
+    es.main(timing)
+    doc = json.loads((tmp_path / "r" / "latency.json").read_text())
+    assert doc["conditions"]["weights"] == "init" and doc["conditions"]["checkpoint_steps"] == {"d128": 0}
+    assert doc["conditions"]["tau"] == [0.2] * 6 and doc["conditions"]["schedule"] == "tau.json"
+    assert set(doc["rounds"][0]["times_ms"]) == {"d128 K=1 B=1", "d128 K=2 B=1"}
+    with pytest.raises(SystemExit, match="checkpoint"):  # as trained, the same command needs the checkpoints
+        es.main([*timing[:1], *timing[3:]])
+    with pytest.raises(SystemExit, match="t48 is not in the family"):
+        es.main([*timing[:10], "t48", *timing[11:]])
+
+
+def test_train_runs_the_members_asked_for_in_the_family_order(tmp_path, monkeypatch):
+    """``train --members`` (one driver per core) trains only those, in the family's order, and refuses others."""
+    with pytest.raises(SystemExit, match="d999 not in the family"):
+        es.main(["train", "--members", "d128,d999"])
+    (tmp_path / "train.bin").write_bytes(b"")
+    trained = []
+    monkeypatch.setattr(es, "DATA", tmp_path)
+    monkeypatch.setattr(es, "finished", lambda member: False)
+    monkeypatch.setattr(es, "train_member", lambda member, threads, deadline: trained.append(member.name) or 0)
+    monkeypatch.setattr(es, "export", lambda member, threads: {"steps_done": 0, "final_val_loss": None})
+    with pytest.raises(SystemExit) as done:
+        es.main(["train", "--members", "d128,d256"])
+    assert done.value.code == 0 and trained == ["d256", "d128"]
