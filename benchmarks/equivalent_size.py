@@ -379,13 +379,19 @@ def run_fit(args) -> dict:
     names = by_size([n.strip() for n in args.members.split(",")]) if args.members else by_size(
         [m.name for m in FAMILY])
     variants = dict(parse_variant(v) for v in args.variant)
+    replicates = dict(parse_variant(v, "--replicate", "d128=benchmarks/results/equivalent_size_seed1",
+                                    "a second run of the member") for v in args.replicate)
     doc = fit.fit_all(args.results, names, args.one_x, sorted({1, *parse_list(args.ks)}), args.resamples, args.seed,
-                      variants)
+                      variants, replicates)
     measure_write(args.results / "fit.json", doc)
     for text, part in doc["texts"].items():
         for axis, fitted in part["axes"].items():
             curve = fitted["curves"][fitted["chosen"]]
             print(f"{text} / {axis}: {fitted['chosen']} {curve['params']} (AICc {fitted['aicc']})")
+            for member, again in curve["replicates"].items():
+                print(f"  a second run of {member}: equivalent {again['equivalent_again']:.4g} against "
+                      f"{again['equivalent_first']:.4g}, ratio {again['ratio']:.3f} "
+                      f"[{again['ratio_ci95'][0]:.3f}, {again['ratio_ci95'][1]:.3f}]")
             for p in curve["points"] + [{**q, "K": f"{name} K={q['K']}"} for name, points in curve["variants"].items()
                                         for q in points]:
                 print(f"  K={p['K']:<3} nll {p['nll']:.5f}  equivalent {p['equivalent']:.4g} "
@@ -396,14 +402,14 @@ def run_fit(args) -> dict:
     return doc
 
 
-def parse_variant(text: str) -> tuple[str, Path]:
-    """--variant NAME=DIR: the results folder of a fine-tuned 1x (its own ``evaluate --results DIR``)."""
+def parse_variant(text: str, option: str = "--variant", example: str = "roe-aware=benchmarks/results/"
+                  "equivalent_size_roe_aware", what: str = "the fine-tuned 1x") -> tuple[str, Path]:
+    """NAME=DIR (``--variant``, ``--replicate``): the folder of another model's own ``evaluate --results DIR``."""
     name, sep, folder = text.partition("=")
     if not sep or not name or not folder:
-        raise SystemExit(f"--variant takes NAME=DIR (e.g. roe-aware=benchmarks/results/equivalent_size_roe_aware), "
-                         f"got {text!r}")
+        raise SystemExit(f"{option} takes NAME=DIR (e.g. {example}), got {text!r}")
     if not Path(folder).is_dir():
-        raise SystemExit(f"--variant {name}: no folder {folder} (evaluate the fine-tuned 1x with --results {folder})")
+        raise SystemExit(f"{option} {name}: no folder {folder} (evaluate {what} with --results {folder})")
     return name, Path(folder)
 
 
@@ -519,6 +525,9 @@ def main(argv: list[str] | None = None) -> None:
     p_fit.add_argument("--variant", action="append", default=[], metavar="NAME=DIR",
                        help="a fine-tuned 1x evaluated into DIR (evaluate --runs ... --results DIR), placed on the "
                             "family's curve at every K (repeatable: RoE-aware training and its control)")
+    p_fit.add_argument("--replicate", action="append", default=[], metavar="MEMBER=DIR",
+                       help="a second training run of MEMBER (another seed) evaluated into DIR at K = 1: where it "
+                            "lands on the curve against the first run (training noise; repeatable)")
     p_lat = sub.add_parser("latency", help="decode step of every member at K=1 and of RoE-K on the 1x, one process")
     add_measure_options(p_lat, members_help="comma-separated; default: the whole family (refused if one is missing)")
     p_lat.add_argument("--rounds", type=int, default=5)

@@ -135,6 +135,8 @@ class Series:
     one_x: str  # the member RoE runs on
     # fine-tuned versions of the 1x (RoE-aware training and its control) -> their NLLs [K, N] at roe_ks
     variants: dict[str, np.ndarray] = field(default_factory=dict)
+    # a second training run of a member (another seed) -> its NLLs [N] at K = 1: the family's training noise
+    replicates: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def interval(values: np.ndarray) -> list[float]:
@@ -165,6 +167,10 @@ def fit_axis(series: Series, axis: str, resamples: int = 2000, seed: int = 0) ->
             name: equivalents(curve, theta, theta_RP, nll_KN.mean(axis=1), w_RN @ nll_KN.T, series.roe_ks, x_ref,
                               curves[curve.name]["measured_range"])
             for name, nll_KN in series.variants.items()}
+        curves[curve.name]["replicates"] = {
+            member: replicate_ratio(curve, theta, theta_RP, series.nll_MN[series.members.index(member)], again_N,
+                                    w_RN, x_ref)
+            for member, again_N in series.replicates.items()}
         if curve is PowerLaw:  # an exponent at the end of its grid: the data do not pin it down
             curves[curve.name]["alpha_at_grid_edge"] = bool(theta[0, 2] in (ALPHAS[0], ALPHAS[-1]))
     chosen = min(scores, key=lambda name: (scores[name], CURVES[name].n_params))
@@ -210,6 +216,18 @@ def equivalents(curve, theta_1P, theta_RP, nll_K, nll_RK, ks: list[int], x_ref: 
     return points
 
 
+def replicate_ratio(curve, theta_1P, theta_RP, first_N, again_N, w_RN, x_ref: float) -> dict:
+    """Where a second training run of a member lands on the curve against the first: the ratio of their
+    equivalent sizes, with its interval over the same window resamples (training noise, in the units of RoE's
+    equivalent size)."""
+    nll_2 = np.array([first_N.mean(), again_N.mean()])
+    eq_12 = np.exp(curve.inverse(theta_1P, nll_2[None])) * x_ref
+    eq_R2 = np.exp(curve.inverse(theta_RP, w_RN @ np.stack([first_N, again_N]).T)) * x_ref
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return {"equivalent_first": float(eq_12[0, 0]), "equivalent_again": float(eq_12[0, 1]),
+                "ratio": float(eq_12[0, 1] / eq_12[0, 0]), "ratio_ci95": interval(eq_R2[:, 1] / eq_R2[:, 0])}
+
+
 def summary_rows(series: Series) -> dict:
     """Mean NLL and its SE sd/sqrt(N) for every member; for RoE also the paired change against K = 1."""
     n = series.nll_MN.shape[1]
@@ -235,7 +253,11 @@ def summary_rows(series: Series) -> dict:
                          "delta_vs_K1": float(gain.mean()), "delta_se": se(gain),
                          "gain_change": float((gain - base_gain).mean()), "gain_change_se": se(gain - base_gain)})
         variants[name] = rows
-    return {"windows": n, "members": members, "roe": roe, "variants": variants}
+    replicates = {member: {"nll": float(again_N.mean()), "se": se(again_N),
+                           "delta_vs_first": float((again_N - first_N).mean()), "delta_se": se(again_N - first_N)}
+                  for member, again_N in series.replicates.items()
+                  for first_N in [series.nll_MN[series.members.index(member)]]}
+    return {"windows": n, "members": members, "roe": roe, "variants": variants, "replicates": replicates}
 
 
 # -- from the measured units to fit.json and the report -----------------------------------------
@@ -246,11 +268,12 @@ PAPER = {"K": 32, "ratio_to_1x": 1.5, "source": "arXiv 2509.17238: a 7B MoE with
 
 
 def load_series(results, members: list[str], one_x: str, ks: list[int], text: str,
-                variants: dict | None = None) -> Series:
+                variants: dict | None = None, replicates: dict | None = None) -> Series:
     """The paired per-window NLLs of one text; refuses missing members or K, and units scored on other windows.
 
     ``variants``: name -> the results folder of a fine-tuned 1x (``evaluate --results DIR`` of its run),
-    scored at the same K on the same windows.
+    scored at the same K on the same windows. ``replicates``: member -> the results folder of a second training
+    run of it (another seed), scored at K = 1 on the same windows.
     """
     from benchmarks.equivalent_size_measure import read_unit
 
@@ -260,12 +283,15 @@ def load_series(results, members: list[str], one_x: str, ks: list[int], text: st
     units = {(m, 1): read_unit(results, m, text, 1) for m in members}
     units |= {(one_x, K): read_unit(results, one_x, text, K) for K in ks}
     extra = {(name, K): read_unit(folder, one_x, text, K) for name, folder in (variants or {}).items() for K in ks}
+    again = {m: read_unit(folder, m, text, 1) for m, folder in (replicates or {}).items()}
     missing = [f"{m} K={K}" for (m, K), unit in units.items() if unit is None]
     missing += [f"{name}: {one_x} K={K} in {variants[name]}" for (name, K), unit in extra.items() if unit is None]
+    missing += [f"a second run of {m}: {m} K=1 in {replicates[m]}" for m, unit in again.items() if unit is None]
+    missing += [f"a second run of {m}, which is not fitted" for m in again if m not in members]
     if missing:
         raise SystemExit(f"no finished {text} evaluation of {missing} in {results}: run `equivalent_size.py "
                          "evaluate` for them (or fit fewer with --members)")
-    prints = {unit["meta"]["fingerprint"] for unit in (*units.values(), *extra.values())}
+    prints = {unit["meta"]["fingerprint"] for unit in (*units.values(), *extra.values(), *again.values())}
     if len(prints) > 1:
         raise SystemExit(f"the {text} units were scored on different windows ({sorted(prints)}): not paired; "
                          "rescore them with one set of evaluate options")
@@ -277,18 +303,21 @@ def load_series(results, members: list[str], one_x: str, ks: list[int], text: st
     return Series(members=members, steps={m: steps[(m, 1)] for m in members}, sizes=sizes,
                   nll_MN=np.array([units[(m, 1)]["nll"] for m in members]), roe_ks=ks,
                   roe_KN=np.array([units[(one_x, K)]["nll"] for K in ks]), one_x=one_x,
-                  variants={name: np.array([extra[(name, K)]["nll"] for K in ks]) for name in variants or {}})
+                  variants={name: np.array([extra[(name, K)]["nll"] for K in ks]) for name in variants or {}},
+                  replicates={m: np.array(unit["nll"]) for m, unit in again.items()})
 
 
 def fit_all(results, members: list[str], one_x: str, ks: list[int], resamples: int = 2000, seed: int = 0,
-            variants: dict | None = None) -> dict:
+            variants: dict | None = None, replicates: dict | None = None) -> dict:
     """fit.json: per text, the member and RoE means and, per size axis, both curves and the equivalent sizes
-    (also of each fine-tuned 1x in ``variants``: name -> its results folder)."""
+    (also of each fine-tuned 1x in ``variants``: name -> its results folder; and of a second training run of a
+    member in ``replicates``: member -> its results folder)."""
     if len(members) < 3:
         raise SystemExit(f"a curve with uncertainty needs at least 3 members, got {members}")
-    out = {"members": members, "one_x": one_x, "ks": sorted(ks), "variants": sorted(variants or {}), "texts": {}}
+    out = {"members": members, "one_x": one_x, "ks": sorted(ks), "variants": sorted(variants or {}),
+           "replicates": sorted(replicates or {}), "texts": {}}
     for text in TEXTS:
-        series = load_series(results, members, one_x, ks, text, variants)
+        series = load_series(results, members, one_x, ks, text, variants, replicates)
         out["texts"][text] = {**summary_rows(series),
                               "axes": {axis: fit_axis(series, axis, resamples, seed) for axis in AXES}}
     return out
@@ -339,8 +368,12 @@ def report(fit: dict, latency: dict | None) -> dict:
                 point[text] = {**{k: v for k, v in summary.items() if k != "K"},
                                **placed(axes, "variants", name, j)}
             variants[name].append(point)
+    replicates = {member: {text: {**fit["texts"][text]["replicates"][member],
+                                  **placed(fit["texts"][text]["axes"], "replicates", member)} for text in TEXTS}
+                  for member in fit.get("replicates", [])}
     curves = {text: {axis: fit_summary(a) for axis, a in fit["texts"][text]["axes"].items()} for text in TEXTS}
-    return {"family": family, "roe": roe, "variants": variants, "fits": curves, "paper": PAPER,
+    return {"family": family, "roe": roe, "variants": variants, "replicates": replicates, "fits": curves,
+            "paper": PAPER,
             "windows": {text: fit["texts"][text]["windows"] for text in TEXTS},
             "bootstrap": {"resamples": test["axes"]["params"]["resamples"], "seed": test["axes"]["params"]["seed"],
                           "unit": "windows, the same resample for every member and K"},
@@ -398,6 +431,10 @@ def plot(fit: dict, doc: dict, path) -> None:
         shown = [q for q in points if math.isfinite(q["equivalent"])]
         left.plot([q["equivalent"] for q in shown], [q["nll"] for q in shown], "D", color=color, ms=4,
                   label=f"{name}: its K=1..{shown[-1]['K'] if shown else ''} at their equivalent sizes")
+    sizes = {m["member"]: m["params"] for m in doc["family"]}
+    for i, (member, again) in enumerate(doc.get("replicates", {}).items()):
+        left.errorbar([sizes[member]], [again["test"]["nll"]], yerr=[1.96 * again["test"]["se"]], fmt="o",
+                      mfc="none", color="k", label="a second seed of a member (training noise)" if i == 0 else None)
     left.set(xscale="log", xlabel="total parameters", ylabel="test NLL (nats/token)", title="NLL against size")
     left.legend(fontsize=7)
     batches = (doc["latency_conditions"] or {}).get("batches", [])
@@ -416,8 +453,9 @@ def plot(fit: dict, doc: dict, path) -> None:
             for r, m in zip(rows, ms):
                 right.annotate(r.get("member") if "nll_test" in r else f"K={r['K']}", (m, nll(r)), fontsize=7,
                                textcoords="offset points", xytext=(3, 3), color=color)
+    untrained = (doc["latency_conditions"] or {}).get("weights") == "init"
     right.set(xscale="log", xlabel="decode step (ms, median)", ylabel="test NLL (nats/token)",
-              title="quality against latency")
+              title="quality against latency" + (" (steps timed on the shapes, untrained)" if untrained else ""))
     right.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -302,6 +302,55 @@ def test_fit_places_an_evaluated_fine_tune_and_refuses_one_scored_on_other_windo
         es.main([*common, "--variant", f"tuned={other}"])
 
 
+# -- a second training run of a member (training noise) on the family's curve ----------------------
+
+def test_a_second_run_of_a_member_is_placed_against_the_first():
+    """A second run equal to the first lands at ratio 1 exactly (same resamples); one whose every window is the
+    line's step from 1x to 1.2x the member's size lands at 1.2x, with an interval around it."""
+    series = synthetic(5)
+    first_N = series.nll_MN[1]
+    step = -0.15 * math.log(1.2)  # the true line's change from the member's size to 1.2 times it
+    again = {"m1": first_N + step + np.random.default_rng(1).normal(0, 0.05, len(first_N)), "m3": series.nll_MN[3]}
+    out = fit.fit_axis(fit.Series(**{**series.__dict__, "replicates": again}), "params", resamples=300)
+    placed = out["curves"]["log-linear"]["replicates"]
+    assert placed["m3"]["ratio"] == 1 and placed["m3"]["ratio_ci95"] == [1, 1]
+    slope = out["curves"]["log-linear"]["params"]["b"]
+    shift = float((again["m1"] - first_N).mean())
+    assert placed["m1"]["ratio"] == pytest.approx(math.exp(shift / slope), rel=1e-9)
+    assert placed["m1"]["ratio_ci95"][0] < 1.2 < placed["m1"]["ratio_ci95"][1] < 1.6
+    rows = fit.summary_rows(fit.Series(**{**series.__dict__, "replicates": again}))["replicates"]
+    assert rows["m1"]["delta_vs_first"] == pytest.approx(shift) and 0 < rows["m1"]["delta_se"] < 0.01
+
+
+def test_fit_places_a_second_run_and_refuses_one_it_cannot_pair(family, evaluated, tmp_path):
+    import shutil
+
+    from conftest import tiny_tokenizer
+
+    results, again = tmp_path / "results", tmp_path / "again"
+    shutil.copytree(evaluated, results)
+    write_member(tmp_path / "again-runs", "t32", 32, len(tiny_tokenizer()), seed=7)  # t32 with another seed
+    es.main(evaluate_args(family, again, "t32", "--runs", str(tmp_path / "again-runs")))
+    common = ["fit", "--results", str(results), "--members", ",".join(MEMBERS), "--one-x", "t48", "--ks", "1,2",
+              "--resamples", "20"]
+    doc = es.main([*common, "--replicate", f"t32={again}"]) or json.loads((results / "fit.json").read_text())
+    assert doc["replicates"] == ["t32"]
+    first = json.loads(measure.unit_path(results, "t32", "test", 1).read_text())["nll"]
+    second = json.loads(measure.unit_path(again, "t32", "test", 1).read_text())["nll"]
+    row = doc["texts"]["test"]["replicates"]["t32"]
+    assert row["delta_vs_first"] == pytest.approx(np.mean(second) - np.mean(first)) and row["delta_vs_first"] != 0
+    reported = fit.report(doc, None)["replicates"]["t32"]
+    assert set(reported) == {"test", "unseen"}  # the tiny random family's NLL need not fall: its ratio may be NaN
+    assert reported["test"]["params"]["curve"] == doc["texts"]["test"]["axes"]["params"]["chosen"]
+    assert reported["unseen"]["delta_vs_first"] == doc["texts"]["unseen"]["replicates"]["t32"]["delta_vs_first"]
+    with pytest.raises(SystemExit, match="t99, which is not fitted"):
+        es.main([*common, "--replicate", f"t99={again}"])
+    with pytest.raises(SystemExit, match="a second run of t64"):
+        es.main([*common, "--replicate", f"t64={again}"])
+    with pytest.raises(SystemExit, match="--replicate takes NAME=DIR"):
+        es.main([*common, "--replicate", str(again)])
+
+
 # -- the training driver's deadline ---------------------------------------------------------------
 
 @pytest.mark.parametrize("minutes", [-2, 2])
