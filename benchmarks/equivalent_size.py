@@ -42,7 +42,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,6 +71,16 @@ class Member:
 
     name: str
     hidden_size: int
+    seed: int = RECIPE["seed"]  # another seed is a second run of the same size: training noise (`train --seed`)
+
+    @property
+    def run_dir(self) -> Path:
+        """runs/family/<name>; another seed's run: runs/seed<seed>/<name> (`evaluate --runs runs/seed<seed>`)."""
+        return RUNS / self.name if self.seed == RECIPE["seed"] else RUNS.parent / f"seed{self.seed}" / self.name
+
+    @property
+    def label(self) -> str:
+        return self.name if self.seed == RECIPE["seed"] else f"{self.name}-seed{self.seed}"
 
     @property
     def num_heads(self) -> int:
@@ -83,7 +93,7 @@ class Member:
     def config(self, total_steps: int = TOTAL_STEPS):
         from tools.train import TrainConfig
 
-        return TrainConfig(**RECIPE, hidden_size=self.hidden_size, num_heads=self.num_heads,
+        return TrainConfig(**{**RECIPE, "seed": self.seed}, hidden_size=self.hidden_size, num_heads=self.num_heads,
                            intermediate_size=self.intermediate_size, total_steps=total_steps)
 
 
@@ -196,7 +206,7 @@ def conditions(threads: int) -> dict:
 def train_args(member: Member, threads: int) -> list[str]:
     """The tools.train command line of a member (always --resume: a re-run continues)."""
     args = [sys.executable, "-m", "tools.train", "--data", str(DATA), "--tokenizer", str(TOKENIZER),
-            "--out", str(RUNS / member.name), "--resume", "--threads", str(threads)]
+            "--out", str(member.run_dir), "--resume", "--threads", str(threads)]
     for field, value in asdict(member.config()).items():
         args += [f"--{field.replace('_', '-')}", str(value)]
     return args
@@ -204,7 +214,7 @@ def train_args(member: Member, threads: int) -> list[str]:
 
 def check_recipe(member: Member) -> None:
     """Refuse a run directory started with another recipe (its schedule would silently change)."""
-    run = RUNS / member.name
+    run = member.run_dir
     recipe = run / "recipe.json"
     wanted = asdict(member.config())
     if recipe.exists():
@@ -219,7 +229,7 @@ def check_recipe(member: Member) -> None:
 
 def run_records(member: Member) -> list[dict]:
     """The run's log.jsonl with each step once: a resumed run logs again the steps after its last checkpoint."""
-    path = RUNS / member.name / "log.jsonl"
+    path = member.run_dir / "log.jsonl"
     by_step: dict[int, dict] = {}
     for line in path.read_text().splitlines() if path.exists() else []:
         record = json.loads(line)
@@ -229,7 +239,7 @@ def run_records(member: Member) -> list[dict]:
 
 def finished(member: Member) -> bool:
     records = run_records(member)
-    final = RUNS / member.name / "final" / "model.safetensors"
+    final = member.run_dir / "final" / "model.safetensors"
     return final.exists() and bool(records) and records[-1]["step"] >= TOTAL_STEPS
 
 
@@ -238,7 +248,8 @@ def export(member: Member, threads: int) -> dict:
     records = run_records(member)
     vals = [r for r in records if "val_loss" in r]
     last = records[-1] if records else {"step": 0, "min": 0.0, "tokens": 0}
-    doc = {"member": member.name, "hidden_size": member.hidden_size, "num_heads": member.num_heads,
+    doc = {"member": member.name, **({"seed": member.seed} if member.label != member.name else {}),
+           "hidden_size": member.hidden_size, "num_heads": member.num_heads,
            "intermediate_size": member.intermediate_size, **parameter_counts(member),
            "recipe": asdict(member.config()), "token_budget": TOTAL_STEPS * RECIPE["batch_size"] * RECIPE["seq_len"],
            "finished": finished(member), "steps_done": last["step"], "tokens_seen": last["tokens"],
@@ -246,7 +257,7 @@ def export(member: Member, threads: int) -> dict:
            "s_per_step": round(60 * last["min"] / last["step"], 3) if last["step"] else None,
            "final_val_loss": vals[-1]["val_loss"] if vals else None, "threads": threads, "log": records}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{member.name}.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (RESULTS / f"{member.label}.json").write_text(json.dumps(doc, indent=1) + "\n")
     return doc
 
 
@@ -266,7 +277,7 @@ def train_member(member: Member, threads: int, deadline: float | None) -> int:
     under way and exits 143 (or dies at once, losing nothing, if it was still loading).
     """
     check_recipe(member)
-    log = (RUNS / member.name / "train.log").open("a")
+    log = (member.run_dir / "train.log").open("a")
     log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())} launch\n")
     log.flush()
     child = subprocess.Popen(train_args(member, threads), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -276,15 +287,17 @@ def train_member(member: Member, threads: int, deadline: float | None) -> int:
             try:
                 return child.wait(timeout=None if deadline is None else max(1.0, deadline - time.time()))
             except subprocess.TimeoutExpired:
-                print(f"{time.strftime('%H:%M:%S')} {member.name}: deadline, stopping at the next step", flush=True)
+                print(f"{time.strftime('%H:%M:%S')} {member.label}: deadline, stopping at the next step", flush=True)
                 child.send_signal(signal.SIGTERM)
                 deadline = None
     finally:
         signal.signal(signal.SIGTERM, previous)
 
 
-def train_family(threads: int, deadline: float | None = None, members: str | None = None) -> int:
-    """Train the family (or ``members``, comma-separated: e.g. one driver per core) in FAMILY's order."""
+def train_family(threads: int, deadline: float | None = None, members: str | None = None,
+                 seed: int | None = None) -> int:
+    """Train the family (or ``members``, comma-separated: e.g. one driver per core) in FAMILY's order; with
+    ``seed``, second runs of them with that seed instead (``Member.run_dir``)."""
     family = FAMILY
     if members:
         names = members.split(",")
@@ -292,22 +305,26 @@ def train_family(threads: int, deadline: float | None = None, members: str | Non
         if unknown:
             raise SystemExit(f"--members: {', '.join(unknown)} not in the family ({', '.join(m.name for m in FAMILY)})")
         family = [m for m in FAMILY if m.name in names]
+    if seed is not None:
+        family = [replace(m, seed=seed) for m in family]
     if not (DATA / "train.bin").exists():
         raise SystemExit(f"no {DATA}/train.bin: python -m tools.corpus --out data/corpus && python -m "
                          "tools.tokenizer --corpus data/corpus --existing roe/assets/default --out data/tokenizer "
                          "--encode --tokens data/tokens")
     for member in family:
         if finished(member):
-            print(f"{member.name}: finished", flush=True)
+            print(f"{member.label}: finished", flush=True)
+            if not (RESULTS / f"{member.label}.json").exists():
+                export(member, threads)
             continue
         if deadline is not None and time.time() >= deadline:
-            print(f"{time.strftime('%H:%M:%S')} deadline: {member.name} not started", flush=True)
+            print(f"{time.strftime('%H:%M:%S')} deadline: {member.label} not started", flush=True)
             return 0
-        print(f"{time.strftime('%H:%M:%S')} {member.name}: training (log: {RUNS / member.name / 'train.log'})",
+        print(f"{time.strftime('%H:%M:%S')} {member.label}: training (log: {member.run_dir / 'train.log'})",
               flush=True)
         code = train_member(member, threads, deadline)
         doc = export(member, threads)
-        print(f"{time.strftime('%H:%M:%S')} {member.name}: exit {code}, step {doc['steps_done']}/{TOTAL_STEPS}, "
+        print(f"{time.strftime('%H:%M:%S')} {member.label}: exit {code}, step {doc['steps_done']}/{TOTAL_STEPS}, "
               f"val {doc['final_val_loss']}", flush=True)
         if code != 0:
             return code
@@ -503,6 +520,9 @@ def main(argv: list[str] | None = None) -> None:
                          help="stop (checkpointed) at the next such UTC time, e.g. before the session ends")
     p_train.add_argument("--members", default=None,
                          help="comma-separated members to train (default: the whole family, in its order)")
+    p_train.add_argument("--seed", type=int, default=None,
+                         help=f"a second run with another seed (the recipe's is {RECIPE['seed']}): in runs/seed<N>/, "
+                              "its log in benchmarks/results/family/<member>-seed<N>.json")
     sub.add_parser("status", help="how far each member got")
     p_eval = sub.add_parser("evaluate", help="per-window NLL of every member; tau calibration and RoE-K on the 1x")
     add_measure_options(p_eval, members_help="comma-separated (each must be finished); default: every finished one")
@@ -553,7 +573,7 @@ def main(argv: list[str] | None = None) -> None:
         print(markdown_table(doc, doc["steps_that_fit"]))
         print(json.dumps(doc))
     elif args.command == "train":
-        raise SystemExit(train_family(args.threads, args.until and utc_deadline(args.until), args.members))
+        raise SystemExit(train_family(args.threads, args.until and utc_deadline(args.until), args.members, args.seed))
     elif args.command == "status":
         status()
     else:

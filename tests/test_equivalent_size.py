@@ -400,8 +400,12 @@ def test_train_runs_the_members_asked_for_in_the_family_order(tmp_path, monkeypa
     trained = []
     monkeypatch.setattr(es, "DATA", tmp_path)
     monkeypatch.setattr(es, "finished", lambda member: False)
-    monkeypatch.setattr(es, "train_member", lambda member, threads, deadline: trained.append(member.name) or 0)
+    monkeypatch.setattr(es, "train_member", lambda member, threads, deadline: trained.append(member.label) or 0)
     monkeypatch.setattr(es, "export", lambda member, threads: {"steps_done": 0, "final_val_loss": None})
     with pytest.raises(SystemExit) as done:
         es.main(["train", "--members", "d128,d256"])
     assert done.value.code == 0 and trained == ["d256", "d128"]
+    trained.clear()
+    with pytest.raises(SystemExit):
+        es.main(["train", "--members", "d128", "--seed", "1"])
+    assert trained == ["d128-seed1"]

@@ -81,3 +81,26 @@ def test_a_run_started_with_another_recipe_is_refused(tmp_path, monkeypatch):
     recipe.write_text(json.dumps({**json.loads(recipe.read_text()), "total_steps": es.TOTAL_STEPS // 2}))
     with pytest.raises(SystemExit, match="total_steps"):
         es.check_recipe(member)
+
+
+def test_a_second_seed_is_the_same_recipe_in_its_own_run(tmp_path, monkeypatch):
+    """``train --seed 1``: the member's recipe with only the seed changed, in runs/seed1/<member>, its log in
+    <member>-seed1.json, so it never resumes, or overwrites, the family's own run of that size."""
+    from dataclasses import asdict, replace
+
+    monkeypatch.setattr(es, "RUNS", tmp_path / "runs" / "family")
+    monkeypatch.setattr(es, "RESULTS", tmp_path / "results")
+    member = es.FAMILY[-1]
+    again = replace(member, seed=1)
+    first, second = asdict(member.config()), asdict(again.config())
+    assert {k for k in first if first[k] != second[k]} == {"seed"} and second["seed"] == 1
+    assert again.run_dir == tmp_path / "runs" / "seed1" / member.name and member.run_dir != again.run_dir
+    command = es.train_args(again, threads=1)
+    assert command[command.index("--out") + 1] == str(again.run_dir)
+    assert command[command.index("--seed") + 1] == "1"
+    again.run_dir.mkdir(parents=True)
+    (again.run_dir / "log.jsonl").write_text(json.dumps({"step": 10, "min": 0.5, "tokens": 40960, "loss": 5.0}) + "\n")
+    doc = es.export(again, threads=1)
+    assert doc["seed"] == 1 and doc["steps_done"] == 10
+    assert json.loads((tmp_path / "results" / f"{member.name}-seed1.json").read_text()) == doc
+    assert not (tmp_path / "results" / f"{member.name}.json").exists()
