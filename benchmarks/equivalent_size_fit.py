@@ -412,7 +412,7 @@ def plot(fit: dict, doc: dict, path) -> None:
 
     axes_doc = fit["texts"]["test"]["axes"]["params"]
     curve = axes_doc["curves"][axes_doc["chosen"]]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    fig, (left, right, ratios) = plt.subplots(1, 3, figsize=(18, 4.8))
     band = curve["band"]
     left.fill_between(band["x"], band["lo"], band["hi"], alpha=0.25, label="95% band (bootstrap over windows)")
     left.plot(band["x"], band["mid"], label=f"fit: {axes_doc['chosen']}")
@@ -457,6 +457,33 @@ def plot(fit: dict, doc: dict, path) -> None:
     right.set(xscale="log", xlabel="decode step (ms, median)", ylabel="test NLL (nats/token)",
               title="quality against latency" + (" (steps timed on the shapes, untrained)" if untrained else ""))
     right.legend(fontsize=7)
+    plot_ratios(ratios, doc)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_ratios(ax, doc: dict) -> None:
+    """RoE-K's equivalent size over the 1x member's own point, against K, on both texts; the paper's 1.5x at
+    K = 32; a second seed of a member against its first run (training noise) as a band around 1."""
+    for text, color, shift in (("test", "tab:red", 0.97), ("unseen", "tab:orange", 1.03)):
+        rows = [(p["K"], p[text]["params"]) for p in doc["roe"] if p["K"] > 1]
+        ks = [k * shift for k, _ in rows]  # side by side, not on top of each other
+        mid = [r["ratio_on_curve"] for _, r in rows]
+        ax.errorbar(ks, mid, yerr=[[m - r["ratio_on_curve_ci95"][0] for m, (_, r) in zip(mid, rows)],
+                                   [r["ratio_on_curve_ci95"][1] - m for m, (_, r) in zip(mid, rows)]],
+                    marker="o", color=color, capsize=2, label=f"RoE-K on {doc['roe'][0]['member']}, {text}")
+        for i, (member, again) in enumerate(doc.get("replicates", {}).items()):
+            lo, hi = again[text]["params"]["ratio_ci95"]
+            ax.axhspan(min(lo, 1 / hi), max(hi, 1 / lo), color=color, alpha=0.12,
+                       label=f"a second seed of {member}, {text}: {again[text]['params']['ratio']:.3f}x "
+                             f"({lo:.3f}-{hi:.3f})" if i == 0 else None)
+    paper = doc["paper"]
+    ax.plot([paper["K"]], [paper["ratio_to_1x"]], "*", ms=12, color="tab:blue",
+            label=f"paper: {paper['ratio_to_1x']}x at K = {paper['K']} (extrapolated)")
+    ax.axhline(1, color="k", lw=0.6)
+    ax.set(xscale="log", xlabel="roster size K", ylabel="equivalent size / the 1x member's own",
+           title="RoE's equivalent size (total parameters)")
+    ax.set_xticks([2, 4, 8, 16, 32], labels=["2", "4", "8", "16", "32"])
+    ax.minorticks_off()
+    ax.legend(fontsize=7, loc="center left")

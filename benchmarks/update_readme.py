@@ -7,8 +7,9 @@ Each table sits between `<!-- begin NAME -->` and `<!-- end NAME -->` markers in
 page of docs/ (a table may appear in several); NAME is the stem of its JSON file: models (roe models
 --json), eval_* (roe eval --json), bench_* (roe bench --json), tasks (roe tasks --json), calibrate_*
 (roe calibrate --json), serve_load (benchmarks/serve_load.py), profile (benchmarks/profile_step.py),
-vllm_cost (benchmarks/vllm_cost.py); `NAME.summary` is a one-sentence summary of the same JSON
-(vllm_cost only). A marker with no JSON result, or of no known kind, is an error:
+vllm_cost (benchmarks/vllm_cost.py), equivalent_size (benchmarks/equivalent_size.py report);
+`NAME.summary` is a one-sentence summary of the same JSON (vllm_cost only), `NAME.roe` its RoE points
+(equivalent_size only). A marker with no JSON result, or of no known kind, is an error:
 a table between markers is never hand-typed.
 """
 
@@ -178,10 +179,76 @@ def vllm_cost_summary(doc: dict) -> str:
             f"(CPU time, median of within-round ratios); KV bytes {same}.")
 
 
+def _step(cell: dict | None) -> str:
+    if cell is None:
+        return ""
+    ci = cell["ci95"]
+    return f"{cell['median']:.1f}" + (f" ({ci[0]:.1f}-{ci[1]:.1f})" if ci else "")
+
+
+def _timing(doc: dict) -> str:
+    c = doc["latency_conditions"] or {}
+    if not c:
+        return "Decode steps: not measured."
+    weights = ("the members' shapes as initialised (untrained: the same arithmetic, other routing)"
+               if c.get("weights") == "init" else "the trained checkpoints")
+    return (f"Decode step: median ms (95% CI) of {c['steps_per_round']} steps x {doc['latency_rounds']} interleaved "
+            f"rounds after a {c['prompt_tokens']}-token prompt, {c['threads']} thread, {c['dtype']}, torch "
+            f"{c['torch']}, timed on {weights}.")
+
+
+def equivalent_size_table(doc: dict) -> str:
+    """The family of benchmarks/equivalent_size.py: sizes, held-out NLL on both texts, decode step at K = 1."""
+    one_x = doc["roe"][0]["member"]
+    base = next(m["params"] for m in doc["family"] if m["member"] == one_x)
+    w = doc["windows"]
+    lines = [f"Held-out NLL (nats/token +- SE) on {w['test']} windows of the test split and {w['unseen']} of "
+             f"English no member saw, 256 tokens each. {_timing(doc)}", "",
+             "| member | params | x 1x | active params | test NLL | unseen NLL | step B=1 (ms) | step B=8 (ms) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {m['member']} | {m['params'] / 1e6:.2f} M | {m['params'] / base:.2f} | "
+              f"{m['active_params'] / 1e6:.2f} M | {m['nll_test']:.4f} +- {m['se_test']:.4f} | "
+              f"{m['nll_unseen']:.4f} +- {m['se_unseen']:.4f} | "
+              f"{_step(m.get('step_ms_b1'))} | {_step(m.get('step_ms_b8'))} |" for m in doc["family"]]
+    return "\n".join(lines)
+
+
+def equivalent_size_roe_table(doc: dict) -> str:
+    """RoE-K on the 1x member: its paired change, its equivalent size relative to the 1x's own point, its step."""
+    one_x = doc["roe"][0]["member"]
+    k1 = next(m for m in doc["family"] if m["member"] == one_x)
+    fits = doc["fits"]
+    slope = "; ".join(f"{text}: {fits[text]['params']['chosen']}, b = "
+                      f"{fits[text]['params'][fits[text]['params']['chosen']]['params'].get('b', float('nan')):.3f}"
+                      for text in ("test", "unseen"))
+    lines = [f"RoE-K on {one_x}, paired per window against its K = 1. Equivalent size: the total parameters at "
+             f"which the family's fitted curve ({slope} per e-fold of parameters) reaches RoE-K's NLL, over "
+             f"where {one_x}'s own K = 1 lands on it (95% CI: {doc['bootstrap']['resamples']} bootstrap resamples "
+             "of windows). The paper reads 1.5x at K = 32.", "",
+             "| K | test: change | test: equivalent size | unseen: change | unseen: equivalent size | "
+             "step B=1 (ms) | x K=1 | step B=8 (ms) | x K=1 |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+    def size(part: dict) -> str:
+        on = part["params"]
+        return f"{on['ratio_on_curve']:.4f}x ({on['ratio_on_curve_ci95'][0]:.4f}-{on['ratio_on_curve_ci95'][1]:.4f})"
+
+    def ratio(point: dict, batch: int) -> str:
+        cell, base = point.get(f"step_ms_b{batch}"), k1.get(f"step_ms_b{batch}")
+        return f"{cell['median'] / base['median']:.2f}" if cell and base else ""
+
+    for p in (q for q in doc["roe"] if q["K"] > 1):
+        t, u = p["test"], p["unseen"]
+        lines.append(f"| {p['K']} | {t['delta_vs_K1']:+.5f} +- {t['delta_se']:.5f} | {size(t)} | "
+                     f"{u['delta_vs_K1']:+.5f} +- {u['delta_se']:.5f} | {size(u)} | {_step(p.get('step_ms_b1'))} | "
+                     f"{ratio(p, 1)} | {_step(p.get('step_ms_b8'))} | {ratio(p, 8)} |")
+    return "\n".join(lines)
+
+
 RENDER = {"models": lambda d: markdown_table(d["rows"]), "eval": eval_table, "bench": bench_table,
           "tasks": tasks_table, "calibrate": calibrate_table, "serve": serve_table, "profile": profile_table,
-          "vllm_cost": vllm_cost_table}
-SUMMARY = {"vllm_cost": vllm_cost_summary}
+          "vllm_cost": vllm_cost_table, "equivalent_size": equivalent_size_table}
+PARTS = {"": RENDER, "summary": {"vllm_cost": vllm_cost_summary}, "roe": {"equivalent_size": equivalent_size_roe_table}}
 
 
 def pages() -> list[Path]:
@@ -195,15 +262,19 @@ def render(name: str) -> str | None:
     finished: the page keeps the text it has)."""
     stem, _, part = name.partition(".")
     kind = next((k for k in RENDER if stem.startswith(k)), None)
-    renderers = {"": RENDER, "summary": SUMMARY}.get(part, {})
+    renderers = PARTS.get(part, {})
     path = RESULTS / f"{stem}.json"
     if kind not in renderers or not path.exists():
         raise SystemExit(f"update_readme: no JSON result renders the table {name!r} ({path.name})")
-    lines = path.read_text().strip().splitlines()
-    if not lines:
+    text = path.read_text().strip()
+    if not text:
         print(f"skipped {path.name}: empty (its command failed or has not finished)")
         return None
-    return renderers[kind](json.loads(lines[-1]))
+    try:  # JSON lines (the last run is the last line), or one indented document (equivalent_size)
+        doc = json.loads(text.splitlines()[-1])
+    except json.JSONDecodeError:
+        doc = json.loads(text)
+    return renderers[kind](doc)
 
 
 BLOCK = re.compile(r"^(<!-- begin (\S+) -->\n).*?^(<!-- end \2 -->)$", re.S | re.M)
