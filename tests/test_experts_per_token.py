@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 
 import roe
 from roe import families, reference
+from roe.adapters.base import outputs_equal
 
 OWN_K = families.TOP_K
 K_FIELDS = ("num_experts_per_tok", "moe_topk", "top_k_experts")  # where each family's config keeps k
@@ -79,6 +80,27 @@ def test_dial_equals_the_model_built_with_k(name, k, prompt):
     torch.testing.assert_close(got_SV, want_SV, rtol=0, atol=0)
     assert (got_SV - own_SV).abs().max() > 1e-5, f"experts_per_token={k} changed nothing"
     assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_kolibri1_gates_the_gathered_logits_call_by_call(k):
+    """Kolibri1's router takes the sigmoid of the gathered [T, k] logits. The CPU sigmoid gives a
+    tensor's tail elements (numel mod 2 vector widths) the scalar loop, which differs from the
+    vectorised body in the last bit, so sigmoid-then-gather broke bit-exactness for a few calls
+    in a hundred on one machine and not another. 5 tokens: the [5, k] weights are all tail, the
+    [5, 8] scores are not; many calls make a last-bit difference certain to show."""
+    model = families.build("kolibri1")
+    rebuilt = build_with_k("kolibri1", k, model) if k != OWN_K else model
+    with roe.roster(model, clean(k)) as r:
+        slot = r.slots[0]
+    router, want_router = slot.module, rebuilt.get_submodule(slot.path)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _ in range(200):
+            hidden_TD = 10 * torch.randn(5, model.config.hidden_size, generator=gen)
+            output = router(hidden_TD)
+            got = slot.rule.reroute(router, output, torch.zeros_like(output[0]), False, (hidden_TD,), {})
+            assert outputs_equal(got, want_router(hidden_TD))
 
 
 @pytest.mark.parametrize("name", DIALLED)

@@ -92,8 +92,12 @@ class SigmoidBias(Rule):
     def normalise(self, router, weights_TA):
         return weights_TA / (weights_TA.sum(dim=-1, keepdim=True) + self.renorm_eps)
 
+    def chosen_scores(self, router, logits_TE, idx_TA):
+        """The scores of the chosen experts [T, A]: all scores, then gathered (these routers' order)."""
+        return self.scores(router, logits_TE).gather(-1, idx_TA)
+
     def weights(self, router, logits_TE, idx_TA):
-        weights_TA = self.scores(router, logits_TE).gather(-1, idx_TA)
+        weights_TA = self.chosen_scores(router, logits_TE, idx_TA)
         if self.renorm_eps is not None:
             weights_TA = self.normalise(router, weights_TA)
         return weights_TA if self.scale is None else weights_TA * getattr(router, self.scale)
