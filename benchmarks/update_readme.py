@@ -224,7 +224,7 @@ def equivalent_size_roe_table(doc: dict) -> str:
     lines = [f"RoE-K on {one_x}, paired per window against its K = 1. Equivalent size: the total parameters at "
              f"which the family's fitted curve ({slope} per e-fold of parameters) reaches RoE-K's NLL, over "
              f"where {one_x}'s own K = 1 lands on it (95% CI: {doc['bootstrap']['resamples']} bootstrap resamples "
-             "of windows). The paper reads 1.5x at K = 32.", "",
+             f"of windows). The paper reads {doc['paper']['ratio_to_1x']}x at K = {doc['paper']['K']}.", "",
              "| K | test: change | test: equivalent size | unseen: change | unseen: equivalent size | "
              "step B=1 (ms) | x K=1 | step B=8 (ms) | x K=1 |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

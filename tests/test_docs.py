@@ -100,3 +100,19 @@ def test_the_vllm_cost_summary_is_the_json_s_k8_ratios():
         assert f"{target['cpu_ratio']:.2f}x at batch {batch.removeprefix('B=')}" in text
     doc["rows"][1]["kv_bytes"] = [1]  # a K whose KV bytes differ from plain's must not read "the same"
     assert "NOT the same" in update_readme.vllm_cost_summary(doc)
+
+
+def test_the_equivalent_size_tables_are_the_report_s_figures():
+    """The family's table and the RoE table come from the indented report JSON, cell for cell."""
+    doc = update_readme.json.loads((update_readme.RESULTS / "equivalent_size.json").read_text())
+    family = update_readme.regenerate("<!-- begin equivalent_size -->\nstale\n<!-- end equivalent_size -->\n")
+    roe = update_readme.regenerate("<!-- begin equivalent_size.roe -->\nstale\n<!-- end equivalent_size.roe -->\n")
+    assert "stale" not in family and "stale" not in roe
+    for member in doc["family"]:
+        assert f"| {member['member']} | {member['params'] / 1e6:.2f} M |" in family
+        assert f"| {member['nll_test']:.4f} +- {member['se_test']:.4f} |" in family
+    for point in (p for p in doc["roe"] if p["K"] > 1):
+        on_curve = point["unseen"]["params"]
+        assert (f"| {point['K']} | {point['test']['delta_vs_K1']:+.5f} +- {point['test']['delta_se']:.5f} |" in roe
+                and f"| {on_curve['ratio_on_curve']:.4f}x ({on_curve['ratio_on_curve_ci95'][0]:.4f}-" in roe)
+    assert f"{doc['paper']['ratio_to_1x']}x at K = {doc['paper']['K']}" in roe
