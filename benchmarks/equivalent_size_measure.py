@@ -322,7 +322,7 @@ def latency(runs: Path, names: list[str], roe_member: str, results: Path, tokeni
         models = {name: (init(name, tokenizer.eos_token_id).eval(), 0) for name in wanted}
     else:
         models = {name: load_member(runs / name, tokenizer.eos_token_id, allow_unfinished) for name in wanted}
-    tau = json.loads(schedule.read_text())["tau"] if schedule.is_file() else None
+    tau = read_tau(schedule) if schedule.is_file() else None
     if kernels:
         prepare_kernels()  # built or loaded now: compiling must not land in a timed step
     configs = latency_configs(names, roe_member, ks)
@@ -349,6 +349,17 @@ def latency(runs: Path, names: list[str], roe_member: str, results: Path, tokeni
         write_json(path, doc)
     bar.close()
     return summarise_latency(doc)
+
+
+def read_tau(schedule: Path) -> list[float]:
+    """The per-layer temperatures of a schedule file (``roe calibrate``'s or ``evaluate``'s), or a clear refusal."""
+    try:
+        tau = json.loads(schedule.read_text())["tau"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+        raise SystemExit(f"{schedule}: not a schedule with a 'tau' list ({type(error).__name__}: {error})") from None
+    if not (isinstance(tau, list) and tau and all(isinstance(t, (int, float)) and t >= 0 for t in tau)):
+        raise SystemExit(f"{schedule}: 'tau' must be a list of temperatures >= 0, got {tau!r}")
+    return tau
 
 
 def machine(threads: int) -> dict:

@@ -390,6 +390,11 @@ def test_latency_can_time_members_as_initialised_without_checkpoints(family, tmp
         es.main([*timing[:1], *timing[3:]])
     with pytest.raises(SystemExit, match="t48 is not in the family"):
         es.main([*timing[:10], "t48", *timing[11:]])
+    for bad, reason in (("{not json", "not a schedule"), ('{"taus": [0.2]}', "not a schedule"),
+                        ('{"tau": [0.2, -1]}', "temperatures >= 0")):
+        schedule.write_text(bad)
+        with pytest.raises(SystemExit, match=reason):
+            es.main([*timing[:6], str(tmp_path / "r2"), *timing[7:]])
 
 
 def test_train_runs_the_members_asked_for_in_the_family_order(tmp_path, monkeypatch):
