@@ -395,8 +395,8 @@ def run_fit(args) -> dict:
 
     names = by_size([n.strip() for n in args.members.split(",")]) if args.members else by_size(
         [m.name for m in FAMILY])
-    variants = dict(parse_variant(v) for v in args.variant)
-    replicates = dict(parse_variant(v, "--replicate", "d128=benchmarks/results/equivalent_size_seed1",
+    variants = dict(parse_named_dir(v) for v in args.variant)
+    replicates = dict(parse_named_dir(v, "--replicate", "d128=benchmarks/results/equivalent_size_seed1",
                                     "a second run of the member") for v in args.replicate)
     doc = fit.fit_all(args.results, names, args.one_x, sorted({1, *parse_list(args.ks)}), args.resamples, args.seed,
                       variants, replicates)
@@ -419,7 +419,7 @@ def run_fit(args) -> dict:
     return doc
 
 
-def parse_variant(text: str, option: str = "--variant", example: str = "roe-aware=benchmarks/results/"
+def parse_named_dir(text: str, option: str = "--variant", example: str = "roe-aware=benchmarks/results/"
                   "equivalent_size_roe_aware", what: str = "the fine-tuned 1x") -> tuple[str, Path]:
     """NAME=DIR (``--variant``, ``--replicate``): the folder of another model's own ``evaluate --results DIR``."""
     name, sep, folder = text.partition("=")
@@ -432,14 +432,12 @@ def parse_variant(text: str, option: str = "--variant", example: str = "roe-awar
 
 def initialised(name: str, eos_id: int):
     """A family member as ``train`` starts it (its recipe's seed), untrained: ``latency --weights init``."""
-    from tools.train import build_model
+    from benchmarks.equivalent_size_measure import member_model
 
     shapes = {m.name: m for m in FAMILY}
     if name not in shapes:
         raise SystemExit(f"--weights init: {name} is not in the family ({', '.join(shapes)})")
-    model = build_model(shapes[name].config(), vocab_size=VOCAB, eos_id=eos_id)
-    model.config.output_router_logits = False
-    return model
+    return member_model(shapes[name].config(), VOCAB, eos_id)
 
 
 def run_latency(args) -> dict:

@@ -253,10 +253,11 @@ def summary_rows(series: Series) -> dict:
                          "delta_vs_K1": float(gain.mean()), "delta_se": se(gain),
                          "gain_change": float((gain - base_gain).mean()), "gain_change_se": se(gain - base_gain)})
         variants[name] = rows
-    replicates = {member: {"nll": float(again_N.mean()), "se": se(again_N),
-                           "delta_vs_first": float((again_N - first_N).mean()), "delta_se": se(again_N - first_N)}
-                  for member, again_N in series.replicates.items()
-                  for first_N in [series.nll_MN[series.members.index(member)]]}
+    replicates = {}
+    for member, again_N in series.replicates.items():
+        change_N = again_N - series.nll_MN[series.members.index(member)]
+        replicates[member] = {"nll": float(again_N.mean()), "se": se(again_N),
+                              "delta_vs_first": float(change_N.mean()), "delta_se": se(change_N)}
     return {"windows": n, "members": members, "roe": roe, "variants": variants, "replicates": replicates}
 
 

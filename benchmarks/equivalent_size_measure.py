@@ -87,7 +87,7 @@ def load_member(run: Path, eos_id: int, allow_unfinished: bool = False):
     NOTE: the fp32 checkpoint, not ``final/`` (fp16 safetensors): the family is compared at the
     precision it was trained in, and the checkpoint exists for unfinished members too.
     """
-    from tools.train import TrainConfig, build_model
+    from tools.train import TrainConfig
 
     state = checkpoint_state(run)
     if not (allow_unfinished or is_finished(state)):
@@ -95,10 +95,18 @@ def load_member(run: Path, eos_id: int, allow_unfinished: bool = False):
                          "(train it to the end, or pass --allow-unfinished for a look that is not a result)")
     cfg = TrainConfig(**state["config"])
     vocab = state["model"]["model.embed_tokens.weight"].shape[0]
-    model = build_model(cfg, vocab_size=vocab, eos_id=eos_id)
-    model.load_state_dict(state["model"])
+    return member_model(cfg, vocab, eos_id, state["model"]), state["step"]
+
+
+def member_model(cfg, vocab_size: int, eos_id: int, weights: dict | None = None):
+    """A member built from its tools.train config, in eval mode: its checkpoint's ``weights``, or as initialised."""
+    from tools.train import build_model
+
+    model = build_model(cfg, vocab_size=vocab_size, eos_id=eos_id)
+    if weights is not None:
+        model.load_state_dict(weights)
     model.config.output_router_logits = False  # no router logits or aux loss in scoring and decoding
-    return model.eval(), state["step"]
+    return model.eval()
 
 
 def parameter_counts(model) -> dict:
@@ -319,7 +327,7 @@ def latency(runs: Path, names: list[str], roe_member: str, results: Path, tokeni
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     prompt_P = torch.from_numpy(text_tokens(tokenizer, prompt_text)[:prompt_tokens])
     if init:
-        models = {name: (init(name, tokenizer.eos_token_id).eval(), 0) for name in wanted}
+        models = {name: (init(name, tokenizer.eos_token_id), 0) for name in wanted}
     else:
         models = {name: load_member(runs / name, tokenizer.eos_token_id, allow_unfinished) for name in wanted}
     tau = read_tau(schedule) if schedule.is_file() else None

@@ -217,12 +217,15 @@ def equivalent_size_roe_table(doc: dict) -> str:
     """RoE-K on the 1x member: its paired change, its equivalent size relative to the 1x's own point, its step."""
     one_x = doc["roe"][0]["member"]
     k1 = next(m for m in doc["family"] if m["member"] == one_x)
-    fits = doc["fits"]
-    slope = "; ".join(f"{text}: {fits[text]['params']['chosen']}, b = "
-                      f"{fits[text]['params'][fits[text]['params']['chosen']]['params'].get('b', float('nan')):.3f}"
-                      for text in ("test", "unseen"))
+    def shape(text: str) -> str:  # the chosen curve on total parameters: its slope, or its exponent
+        fitted = doc["fits"][text]["params"]
+        params = fitted[fitted["chosen"]]["params"]
+        return f"{text}: {fitted['chosen']}, " + (f"b = {params['b']:.3f} per e-fold" if "b" in params else
+                                                  f"alpha = {params['alpha']:.3f}")
+
+    slope = "; ".join(shape(text) for text in ("test", "unseen"))
     lines = [f"RoE-K on {one_x}, paired per window against its K = 1. Equivalent size: the total parameters at "
-             f"which the family's fitted curve ({slope} per e-fold of parameters) reaches RoE-K's NLL, over "
+             f"which the family's fitted curve ({slope}) reaches RoE-K's NLL, over "
              f"where {one_x}'s own K = 1 lands on it (95% CI: {doc['bootstrap']['resamples']} bootstrap resamples "
              f"of windows). The paper reads {doc['paper']['ratio_to_1x']}x at K = {doc['paper']['K']}.", "",
              "| K | test: change | test: equivalent size | unseen: change | unseen: equivalent size | "
